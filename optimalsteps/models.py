@@ -1,0 +1,244 @@
+"""The model contract, classifier-free guidance, and `load_model(spec)`.
+
+A model is any callable `model(x, t, **cond)` with attributes `process` ("flow" | "vp" | "ve", or a
+`NoiseProcess`) and `prediction` ("x0" | "eps" | "v" | "velocity"); `x` is `[B, ...]` and `t` a tensor
+`[B]` in the process's native time. Optional attributes: `sample_shape` (the shape of one sample, used
+when noise must be drawn), `data_samples(n, generator)` (true data, for distribution metrics),
+`spec` (the string it was loaded from).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import torch
+
+from .errors import OptimalStepsError
+from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
+
+
+class Model(Protocol):
+    process: Any
+    prediction: str
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor: ...
+
+
+def model_process(model: Any) -> NoiseProcess:
+    if not hasattr(model, "process") or not hasattr(model, "prediction"):
+        raise OptimalStepsError("a model needs attributes 'process' and 'prediction' (see optimalsteps.models)")
+    check_prediction(model.prediction)
+    return get_process(model.process)
+
+
+def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
+    """The model's clean-data estimate at states x [B, ...] and times t [B], in x's dtype.
+
+    The model may run in a lower precision; its output is brought back to the state dtype before any
+    arithmetic. A non-finite or wrongly shaped output is reported with the time at which it happened.
+    """
+    process = model_process(model)
+    t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+    if t.dim() == 0:
+        t = t.expand(x.shape[0])
+    out = model(x, t.to(x.dtype), **(cond or {}))
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise OptimalStepsError(
+            f"model returned shape {shape} for input shape {tuple(x.shape)} at t={_times_text(t)}"
+        )
+    out = out.to(x.dtype)
+    if not torch.isfinite(out).all():
+        raise OptimalStepsError(f"model returned NaN/inf at t={_times_text(t)}")
+    x0, _ = to_x0_eps(model.prediction, out, x, t, process)
+    return x0
+
+
+def index_cond(cond: dict | None, index: torch.Tensor) -> dict | None:
+    """The conditions of the samples at `index` (per-sample tensors are indexed on their first dimension)."""
+    if not cond:
+        return cond
+    # a first dimension of 1 is broadcast by the model and stays as it is
+    return {
+        k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1 else v
+        for k, v in cond.items()
+    }
+
+
+def _times_text(t: torch.Tensor) -> str:
+    values = sorted({round(float(v), 6) for v in t.flatten()[:1000]})
+    if len(values) <= 3:
+        return ", ".join(f"{v:g}" for v in values)
+    return f"{values[0]:g}..{values[-1]:g}"
+
+
+class CFGModel:
+    """Classifier-free guidance: out = uncond + scale * (cond - uncond), one batched call of 2B.
+
+    `cond` and `uncond` are dicts of per-sample condition tensors (first dimension B for `cond`; `uncond`
+    tensors may have first dimension 1 and are broadcast). Conditions passed at call time override `cond`.
+    """
+
+    def __init__(self, model: Any, guidance_scale: float, cond_key: str = "labels", uncond_value: Any = None):
+        self.model = model
+        self.process = model.process
+        self.prediction = model.prediction
+        self.guidance_scale = float(guidance_scale)
+        self.cond_key = cond_key
+        self.uncond_value = uncond_value
+        for attr in ("sample_shape", "data_samples", "num_classes", "spec"):
+            if hasattr(model, attr):
+                setattr(self, attr, getattr(model, attr))
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        if self.guidance_scale == 1.0 or self.cond_key not in cond:
+            return self.model(x, t, **cond)
+        c = cond[self.cond_key]
+        u = self.uncond_value
+        if u is None:
+            raise OptimalStepsError("CFGModel needs an unconditional value (uncond_value)")
+        u = torch.as_tensor(u, device=c.device, dtype=c.dtype)
+        if u.dim() < c.dim() or u.shape[0] != c.shape[0]:
+            u = u.expand(c.shape) if u.dim() == c.dim() else u.expand(c.shape[:1] + u.shape)
+        rest = {k: v for k, v in cond.items() if k != self.cond_key}
+        both = self.model(torch.cat([x, x]), torch.cat([t, t]), **{self.cond_key: torch.cat([c, u])}, **rest)
+        out_c, out_u = both.chunk(2)
+        return out_u + self.guidance_scale * (out_c - out_u)
+
+
+# ----------------------------------------------------------------------------------- load_model
+
+# name -> (one-line description, loader taking keyword options). Filled by the modules that own them.
+def _builtin_models() -> dict[str, tuple[str, Callable[..., Any]]]:
+    models: dict[str, tuple[str, Callable[..., Any]]] = {}
+    try:
+        from . import nets  # trained digit models (present once weights are committed)
+
+        models.update(nets.BUILTIN_MODELS)
+    except ImportError:
+        pass
+    return models
+
+
+def _parse_options(text: str) -> dict[str, str]:
+    options = {}
+    for part in filter(None, text.split(",")):
+        if "=" not in part:
+            raise OptimalStepsError(f"model option {part!r} is not key=value")
+        key, value = part.split("=", 1)
+        options[key.strip()] = value.strip()
+    return options
+
+
+def load_model(spec: str) -> Any:
+    """A model from a spec string (the CLI's --model).
+
+    - `gmm:FILE.json` or `gmm:dim=64,components=8,seed=0,process=flow`: exact Gaussian mixture
+    - `empirical:DATASET[,process=flow]`: the exact denoiser of a finite dataset (digits, mnist)
+    - `python:FILE.py:NAME`: NAME() from a user file returns a model
+    - a built-in name (`optimalsteps models` lists them)
+    """
+    if not isinstance(spec, str) or not spec:
+        raise OptimalStepsError("empty model spec")
+    kind, _, rest = spec.partition(":")
+    if kind == "gmm":
+        from .mixture import GaussianMixture
+
+        if rest.endswith(".json") or Path(rest).is_file():
+            model = GaussianMixture.from_json(rest)
+        else:
+            options = _parse_options(rest)
+            allowed = {"dim", "components", "seed", "process", "spread", "std"}
+            unknown = set(options) - allowed
+            if unknown:
+                raise OptimalStepsError(f"unknown gmm option(s) {sorted(unknown)}; known: {sorted(allowed)}")
+            try:
+                model = GaussianMixture.random(
+                    dim=int(options.get("dim", 64)),
+                    components=int(options.get("components", 8)),
+                    seed=int(options.get("seed", 0)),
+                    process=options.get("process", "flow"),
+                    spread=float(options.get("spread", 1.0)),
+                    std=float(options.get("std", 0.3)),
+                )
+            except ValueError as exc:
+                if isinstance(exc, OptimalStepsError):
+                    raise
+                raise OptimalStepsError(f"bad gmm option in {spec!r}: {exc}") from None
+    elif kind == "python":
+        model = _load_python_model(rest)
+    elif kind == "empirical":
+        from .empirical import load_empirical
+
+        name, _, opts = rest.partition(",")
+        model = load_empirical(name, **_parse_options(opts))
+    else:
+        builtins = _builtin_models()
+        name, _, opts = spec.partition(":")
+        if name not in builtins:
+            known = ["gmm:...", "empirical:...", "python:FILE.py:NAME", "diffusers:ID (CLI)"] + sorted(builtins)
+            raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
+        model = builtins[name][1](**_parse_options(opts))
+    model_process(model)
+    try:
+        model.spec = spec
+    except AttributeError:
+        pass
+    return model
+
+
+def _load_python_model(rest: str) -> Any:
+    path, sep, name = rest.rpartition(":")
+    if not sep or not path or not name:
+        raise OptimalStepsError(f"python model spec must be python:FILE.py:NAME, got python:{rest}")
+    file = Path(path)
+    if not file.is_file():
+        raise OptimalStepsError(f"python model file not found: {path}")
+    module_spec = importlib.util.spec_from_file_location(f"optimalsteps_user_{file.stem}", file)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except Exception as exc:  # the user's file: report, do not crash
+        raise OptimalStepsError(f"could not import {path}: {type(exc).__name__}: {exc}") from None
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise OptimalStepsError(f"{path} has no callable {name!r}")
+    return factory()
+
+
+def sample_shape(model: Any) -> tuple[int, ...]:
+    shape = getattr(model, "sample_shape", None)
+    if shape is None:
+        raise OptimalStepsError("the model has no sample_shape; pass noise explicitly (--noise FILE.npy)")
+    return tuple(int(s) for s in shape)
+
+
+def draw_noise(model: Any, count: int, seed: int, dtype: torch.dtype = torch.float32,
+               device: torch.device | str = "cpu") -> torch.Tensor:
+    """Standard normal noise [count, *sample_shape], deterministic given the seed (drawn on the CPU)."""
+    if count < 1:
+        raise OptimalStepsError(f"number of samples must be at least 1, got {count}")
+    generator = torch.Generator().manual_seed(int(seed))
+    return torch.randn((count,) + sample_shape(model), generator=generator, dtype=torch.float64).to(
+        dtype=dtype, device=device
+    )
+
+
+def load_json(path: str | Path, what: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise OptimalStepsError(f"{what} not found: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise OptimalStepsError(f"{what} {path} is not valid JSON: {exc}") from None
+
+
+def finite_positive(value: float, what: str) -> float:
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise OptimalStepsError(f"{what} must be positive and finite, got {value}")
+    return value
