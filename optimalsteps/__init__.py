@@ -7,9 +7,14 @@ from .mixture import GaussianMixture
 from .models import CFGModel, draw_noise, load_model, predict_x0
 from .processes import DiscreteDDPM, NoiseProcess, convert_prediction, convert_state, convert_times, get_process
 from .schedules import CLOSED_FORMS, Schedule, closed_form
+from .search import SearchResult, search
+from .calibration import AmplitudeCalibration
 from .solvers import SOLVERS, SampleResult, sample, solver_step
 
 __all__ = [
+    "AmplitudeCalibration",
+    "SearchResult",
+    "search",
     "CFGModel",
     "CLOSED_FORMS",
     "DiscreteDDPM",

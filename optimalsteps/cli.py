@@ -155,12 +155,19 @@ def save_array(path: str, array: torch.Tensor, force: bool) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     from .solvers import sample
 
+    from .schedules import check_writable
+
+    check_writable(args.out, args.force)
     model = guided(load_model_from_args(args), args)
-    process = model.process
-    schedule = schedule_from_args(args.schedule, process, args.steps)
+    schedule = schedule_from_args(args.schedule, model.process, args.steps)
+    calibration = None
+    if args.calibrate:
+        from .calibration import AmplitudeCalibration
+
+        calibration = AmplitudeCalibration.from_schedule(schedule, args.calibrate)
     noise = noise_from_args(args, model)
     cond = cond_from_args(args, model, noise.shape[0])
-    result = sample(model, noise, schedule, solver=args.solver, cond=cond, progress=True)
+    result = sample(model, noise, schedule, solver=args.solver, cond=cond, calibration=calibration, progress=True)
     if args.out:
         save_array(args.out, result.samples, args.force)
     print(f"sampled {noise.shape[0]} x {list(noise.shape[1:])} with {args.solver} on {schedule.steps} steps "
@@ -181,6 +188,64 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
     else:
         print(json.dumps(schedule.to_dict(), indent=2))
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .schedules import check_writable
+    from .search import search
+
+    check_writable(args.out, args.force)
+    model, noise, cond, metadata = search_inputs(args)
+    teacher = None
+    if args.teacher_schedule:
+        from .baselines import make_schedule
+
+        teacher = make_schedule(args.teacher_schedule, model.process, args.teacher_steps)
+    result = search(model, noise, steps=args.steps, teacher_steps=args.teacher_steps, solver=args.solver,
+                    teacher_schedule=teacher, cond=cond, cost=args.cost, aggregate=args.aggregate,
+                    reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed)
+    result.schedule.metadata.update(metadata)
+    result.schedule.save(args.out, overwrite=args.force)
+    schedule = result.schedule
+    print(f"schedule ({schedule.steps} steps, {args.solver}): " + ", ".join(f"{v:.4g}" for v in schedule.times.tolist()))
+    print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
+    print(f"cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.cost:.4g}   "
+          f"NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    print(f"wrote {args.out}")
+
+
+def search_inputs(args: argparse.Namespace):
+    """(model, noise, cond, metadata) for search / compare: a diffusers pipeline or a plain model spec."""
+    if args.model.startswith("diffusers:"):
+        from .diffusers import load_diffusers_model
+
+        return load_diffusers_model(args)
+    model = guided(load_model_from_args(args), args)
+    noise = noise_from_args(args, model)
+    cond = cond_from_args(args, model, noise.shape[0])
+    return model, noise, cond, {}
+
+
+def add_search_command(sub: Any) -> None:
+    from .search import AGGREGATES, COSTS
+    from .solvers import SOLVERS
+
+    p = sub.add_parser("search", help="search the optimal schedule (OSS dynamic programming)")
+    add_model_args(p)
+    add_noise_args(p, samples_default=8)
+    p.add_argument("--steps", type=_positive_int, required=True, help="student steps M")
+    p.add_argument("--teacher-steps", type=_positive_int, default=200, help="teacher steps N (default 200)")
+    p.add_argument("--teacher-schedule", default=None,
+                   help="named teacher grid (default: uniform for flow/vp, karras for ve)")
+    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    p.add_argument("--cost", default="xt", choices=COSTS)
+    p.add_argument("--aggregate", default="joint", choices=AGGREGATES)
+    p.add_argument("--reference-compat", action="store_true",
+                   help="reproduce the released code's semantics (docs/search.md)")
+    p.add_argument("--max-batch", type=_positive_int, default=4096, help="largest batch of one model call")
+    p.add_argument("--out", required=True, help="schedule file to write (.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_search)
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -207,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--schedule", default="uniform", help="a schedule file (.json) or a built-in name")
     p.add_argument("--steps", type=_positive_int, default=None, help="number of steps (default 10 for a name)")
     p.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    p.add_argument("--calibrate", default=None, choices=["scale", "affine"],
+                   help="amplitude calibration from a searched schedule's statistics (off by default)")
     p.add_argument("--out", default=None, help="write the final samples to this .npy file")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_sample)
@@ -222,6 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the model specs")
     p.set_defaults(func=cmd_models)
 
+    add_search_command(sub)
     # further subcommands: one add_*_command(sub) function each, below
     return parser
 

@@ -40,7 +40,7 @@ class NoiseProcess:
     @property
     def name(self) -> str:
         if self.kind == "ve" and self.sigma_max != 80.0:
-            return f"ve(sigma_max={self.sigma_max:g})"
+            return f"ve(sigma_max={self.sigma_max!r})"
         return self.kind
 
     def alpha(self, t) -> torch.Tensor:

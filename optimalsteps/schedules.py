@@ -229,6 +229,12 @@ def loglinear_interp(values: np.ndarray, count: int) -> np.ndarray:
     return np.exp(new)[::-1].copy()
 
 
+def check_writable(path: str | Path | None, overwrite: bool = False) -> None:
+    """Refuse early, before any work, to replace a file the user has."""
+    if path and Path(path).exists() and not overwrite:
+        raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
+
+
 def write_text(path: Path, text: str, overwrite: bool = False) -> None:
     write_bytes(path, text.encode(), overwrite)
 
@@ -236,8 +242,7 @@ def write_text(path: Path, text: str, overwrite: bool = False) -> None:
 def write_bytes(path: Path, data: bytes, overwrite: bool = False) -> None:
     """Write a file atomically, refusing to replace an existing one unless asked."""
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
+    check_writable(path, overwrite)
     if path.parent and not path.parent.exists():
         path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -262,20 +267,38 @@ def _jsonable(value: Any) -> Any:
 
 
 # ---------------------------------------------------------------------------------- closed forms
+# Each closed form returns M start-to-low times; `_finish` pins the first to the process start (a sampler
+# starts from pure noise there) and appends the clean end. Noise levels given as VE sigmas (sigma/alpha)
+# map to any process by matched SNR.
 
 def _finish(process: NoiseProcess, times: torch.Tensor, name: str, options: dict) -> Schedule:
     """Schedule from M start-to-low times: the first is pinned to the process start, the clean end appended."""
     times = times.clone()
     times[0] = process.t_start
     full = torch.cat([times, torch.tensor([process.t_clean], dtype=torch.float64)])
+    _check_distinct(full, process, name)
     return Schedule(full, process, metadata={"baseline": name, **options})
+
+
+def _check_distinct(times: torch.Tensor, process: NoiseProcess, name: str) -> None:
+    """Times clamped onto the process start (noise levels above its largest) collapse steps: say so."""
+    # convert_times clamps noise levels above the process's largest to (about) its start
+    clamped = int((times[1:] >= times[:-1] * (1 - 1e-9)).sum())
+    if clamped:
+        top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+        raise OptimalStepsError(
+            f"{name}: {clamped} of its {len(times) - 1} steps start at or above the largest noise level of process "
+            f"{process.name} (sigma {top:.4g}); use fewer steps or other options")
 
 
 def _sigma_range(process: NoiseProcess, sigma_min: float, sigma_max: float | None) -> tuple[float, float]:
     top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
     if sigma_max is None:
         sigma_max = top if math.isfinite(top) else SIGMA_MAX_FALLBACK
-    return float(sigma_min), float(min(sigma_max, top))
+    lo, hi = float(sigma_min), float(min(sigma_max, top))
+    if not (0 < lo < hi):
+        raise OptimalStepsError(f"need 0 < sigma_min < sigma_max, got sigma_min={lo:g}, sigma_max={hi:g}")
+    return lo, hi
 
 
 def _from_ve(process: NoiseProcess, sigmas: torch.Tensor) -> torch.Tensor:
@@ -326,11 +349,19 @@ def flux_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int = 4096
     return base_shift + slope * (image_seq_len - base_seq_len)
 
 
-def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float | None = None) -> Schedule:
-    """Uniform flow time shifted as SD3 (static `shift`) or Flux (`mu`); mapped by SNR for vp / ve."""
+def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float | None = None,
+          image_seq_len: int | None = None) -> Schedule:
+    """Flow times linspace(1, 1/M, M) shifted as SD3 (static `shift`) or Flux (`mu`, or `mu` from the latent
+    sequence length `image_seq_len`: 4096 tokens = 1024x1024 gives 1.15), then 0; mapped by SNR for vp / ve."""
     from .processes import FLOW
 
     process, steps = get_process(process), check_steps(steps)
+    if image_seq_len is not None:
+        if mu is not None:
+            raise OptimalStepsError("shift: give mu or image_seq_len, not both")
+        mu = flux_mu(int(image_seq_len))
+    if mu is None and not (shift is not None and shift > 0 and math.isfinite(shift)):
+        raise OptimalStepsError(f"shift must be a positive number, got {shift!r}")
     flow = time_shift(torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64)[:-1], shift, mu)
     times = convert_times(flow, FLOW, process)
     options = {"mu": mu} if mu is not None else {"shift": shift}
@@ -339,30 +370,42 @@ def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float
 
 def kl_optimal(process: ProcessLike, steps: int, sigma_min: float = SIGMA_MIN,
                sigma_max: float | None = None) -> Schedule:
-    """Align Your Steps Thm 3.1 (c = 1): linear in arctan(sigma) from sigma_max to sigma_min, then 0."""
+    """Align Your Steps Thm 3.1 (c = 1): linear in arctan(sigma) from sigma_max to sigma_min, then 0.
+
+    sigma_max defaults to the process's own largest noise level, infinite for flow (arctan = pi/2)."""
     process, steps = get_process(process), check_steps(steps)
     top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
     hi = top if sigma_max is None else min(float(sigma_max), top)
+    if not (0 < sigma_min < hi):
+        raise OptimalStepsError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min:g}, sigma_max={hi:g}")
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     angles = (1 - ramp) * math.atan(hi) + ramp * math.atan(sigma_min)
     sigmas = torch.tan(angles)
     sigmas[0] = hi  # tan(pi/2) is not exactly inf in floating point
     times = _from_ve(process, sigmas) if math.isfinite(hi) else torch.cat(
         [torch.tensor([process.t_start], dtype=torch.float64), _from_ve(process, sigmas[1:])])
-    return _finish(process, times, "kl-optimal", {"sigma_min": sigma_min})
+    return _finish(process, times, "kl-optimal", {"sigma_min": sigma_min, "sigma_max": hi})
 
 
-def beta(process: ProcessLike, steps: int, a: float = 0.6, b: float = 0.6) -> Schedule:
-    """ComfyUI's beta schedule: Beta(a, b) quantiles of 1 - i/M as fractions of native time, then 0.
+def beta(process: ProcessLike, steps: int, a: float = 0.6, b: float = 0.6, sigma_min: float = SIGMA_MIN) -> Schedule:
+    """ComfyUI's beta schedule: Beta(a, b) quantiles of 1 - i/M as fractions of the model's timestep axis, then 0.
 
-    ComfyUI rounds the quantiles onto a 1000-entry timestep table and drops repeats; here time is
-    continuous, so no rounding is needed."""
+    The axis is native time for flow and vp; for ve it is log sigma from sigma_min to the process's largest
+    sigma, as ComfyUI spaces the timestep table of continuous-EDM models. ComfyUI rounds the quantiles
+    onto a 1000-entry table and drops repeats; here time is continuous, so no rounding is needed."""
     from scipy.stats import beta as beta_dist
 
     process, steps = get_process(process), check_steps(steps)
-    quantiles = beta_dist.ppf(1.0 - np.linspace(0.0, 1.0, steps, endpoint=False), a, b)
-    times = process.t_clean + torch.as_tensor(quantiles, dtype=torch.float64) * (process.t_start - process.t_clean)
-    return _finish(process, times, "beta", {"alpha": a, "beta": b})
+    quantiles = torch.as_tensor(beta_dist.ppf(1.0 - np.linspace(0.0, 1.0, steps, endpoint=False), a, b),
+                                dtype=torch.float64)
+    options = {"alpha": a, "beta": b}
+    if process.kind == "ve":
+        lo, hi = _sigma_range(process, sigma_min, None)
+        times = _from_ve(process, torch.exp(math.log(lo) + quantiles * (math.log(hi) - math.log(lo))))
+        options["sigma_min"] = lo
+    else:
+        times = process.t_clean + quantiles * (process.t_start - process.t_clean)
+    return _finish(process, times, "beta", options)
 
 
 def cosine(process: ProcessLike, steps: int) -> Schedule:

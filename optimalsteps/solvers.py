@@ -203,7 +203,9 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     solver = get_solver(solver)
     times = schedule.times.tolist()
     started = time.perf_counter()
-    x = initial_state(process, noise, times[0])
+    # a schedule may say its noise is scaled for another time (the released OSS code starts from the raw
+    # noise at a later grid point); otherwise the state starts at sigma(first time) * noise
+    x = initial_state(process, noise, schedule.metadata.get("noise_scale_time", times[0]))
     trajectory = [x] if return_trajectory else []
     x0_prev, t_prev, nfe = None, None, 0
     steps = range(len(times) - 1)

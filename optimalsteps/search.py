@@ -1,0 +1,562 @@
+"""Optimal Stepsize Distillation: choose M of a teacher's N grid points by dynamic programming.
+
+The teacher runs once on the search noise with the student's solver. Cell (k, j) of the DP holds the
+best student state at teacher index j reached in exactly k student steps (grid indices run from the
+start, 0, to the clean end, N) and the source index it came from. A transition i -> j is one student
+step with the chosen solver, scored against the teacher's state at j; each cell keeps its argmin, and
+the schedule is the path traced back from (M, N).
+
+Efficiency: one batched model call per layer evaluates every reachable source state of every sample;
+since a solver step is linear in (state, x0, previous x0), the squared distance of every
+(source, target) pair expands into a few Gram and matrix products, so no N^2 candidate states are ever
+built: only the winning state of each cell is. Memory is O(N * B * D).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import OptimalStepsError
+from .models import index_cond, model_process, predict_x0
+from .processes import NoiseProcess
+from .schedules import Schedule, check_steps, karras, uniform
+from .solvers import (get_solver, heun_coefficients, initial_state, nfe_per_trajectory, solver_step,
+                      update_coefficients)
+
+COSTS = ("xt", "x0")
+AGGREGATES = ("joint", "median")
+
+
+@dataclass
+class SearchResult:
+    schedule: Schedule
+    indices: list[int]  # teacher-grid indices of the schedule, start -> clean end
+    per_sample: Optional[list[Schedule]]  # per-sample schedules (median aggregation), else None
+    per_sample_indices: Optional[list[list[int]]]
+    cost_table: torch.Tensor  # [M+1, N+1] best cost per cell (joint) or [B, M+1, N+1] (per sample); inf = unreachable
+    cost: float  # the DP's recorded final cost (mean over samples)
+    nfe: int  # model evaluations spent, per sample state, teacher included
+    teacher_nfe: int
+    seconds: float
+    teacher: Schedule
+    teacher_samples: torch.Tensor
+    amplitude: dict[str, list[float]] = field(default_factory=dict)  # teacher quantiles per grid index
+
+
+def default_teacher_schedule(process: NoiseProcess, teacher_steps: int) -> Schedule:
+    """The default teacher grid: uniform native time for flow / vp, Karras rho = 7 (80 -> 0.002, then 0) for ve."""
+    if process.kind == "ve":
+        return karras(process, teacher_steps, sigma_min=0.002, sigma_max=min(80.0, process.t_start))
+    return uniform(process, teacher_steps)
+
+
+teacher_schedule = default_teacher_schedule
+
+
+@dataclass
+class Teacher:
+    states: torch.Tensor  # [B, N+1, ...] the teacher trajectory at every grid point
+    x0: torch.Tensor  # [B, N+1, ...] the teacher's clean estimate at every grid point (the state itself at the end)
+    nfe: int  # per sample
+
+
+def run_teacher(model: Any, noise: torch.Tensor, teacher: Schedule, solver: str, cond: dict | None = None,
+                progress: bool = False, max_batch: int = 4096, storage_dtype: torch.dtype | None = None) -> Teacher:
+    """The teacher trajectory with the student's solver, keeping its states and clean estimates."""
+    process = model_process(model)
+    times = teacher.times.tolist()
+    x = initial_state(process, noise, times[0])
+    dtype = storage_dtype or x.dtype
+    states = torch.empty((x.shape[0], len(times)) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
+    x0s = torch.empty_like(states)
+    states[:, 0] = x
+    x0_prev, t_prev, nfe = None, None, 0
+    for i in tqdm(range(len(times) - 1), desc="teacher", disable=not progress, leave=False):
+        try:
+            x0 = _predict_chunked(model, x, torch.full((x.shape[0],), times[i], dtype=torch.float64), cond, max_batch)
+            out = solver_step(solver, model, x, times[i], times[i + 1], x0=x0, x0_prev=x0_prev, t_prev=t_prev,
+                              cond=cond)
+        except OptimalStepsError as exc:
+            raise OptimalStepsError(f"teacher step {i + 1} of {len(times) - 1}: {exc}") from None
+        x0s[:, i] = x0
+        x, x0_prev, t_prev, nfe = out.x, x0, times[i], nfe + out.nfe + 1
+        states[:, i + 1] = x
+    x0s[:, -1] = x
+    return Teacher(states, x0s, nfe)
+
+
+def _predict_chunked(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None, max_batch: int,
+                     rows: torch.Tensor | None = None) -> torch.Tensor:
+    """predict_x0 in chunks of at most max_batch states; `rows` maps each state to its sample's condition."""
+    out = []
+    for start in range(0, x.shape[0], max_batch):
+        stop = min(start + max_batch, x.shape[0])
+        sub_cond = cond
+        if cond:
+            idx = rows[start:stop] if rows is not None else torch.arange(start, stop)
+            sub_cond = index_cond(cond, idx)
+        out.append(predict_x0(model, x[start:stop], t[start:stop], sub_cond))
+    return torch.cat(out) if len(out) > 1 else out[0]
+
+
+def amplitude_statistics(states: torch.Tensor, low: float = 0.05, high: float = 0.95) -> dict[str, list[float]]:
+    """Per grid index, the mean over samples of each sample's low / high quantile of its state (sec. 3.4)."""
+    flat = states.reshape(states.shape[0], states.shape[1], -1).to(torch.float32)
+    q = torch.quantile(flat, torch.tensor([low, high], dtype=torch.float32), dim=-1)  # [2, B, N+1]
+    return {"q05": q[0].mean(0).tolist(), "q95": q[1].mean(0).tolist()}
+
+
+# ------------------------------------------------------------------------------------ the DP
+
+
+@dataclass
+class _Layer:
+    """The DP's states after k steps: one per (sample, grid index); `valid` marks reachable cells."""
+
+    states: torch.Tensor  # [B, N+1, D] flattened
+    x0_prev: Optional[torch.Tensor]  # [B, N+1, D] the clean estimate the last step used (multistep solvers)
+    t_prev: torch.Tensor  # [B, N+1] the time that estimate was made at (nan: none)
+    x0_cache: Optional[torch.Tensor]  # [B, N+1, D] the model's estimate at the cell's state, if already known
+    valid: torch.Tensor  # [N+1] bool
+
+
+def _cost_view(x: torch.Tensor, cost_channels: Optional[Sequence[int]], cost_frames: Optional[Sequence[int]],
+               sample_shape: tuple[int, ...]) -> torch.Tensor:
+    """The part of flattened states [..., D] that the cost sees: chosen channels (dim 0 of a sample) and
+    frames (dim 1 of a 4-d [C, F, H, W] sample), as the authors' video search does."""
+    if cost_channels is None and cost_frames is None:
+        return x
+    lead = x.shape[:-1]
+    view = x.reshape(lead + tuple(sample_shape))
+    nd = len(lead)
+    if cost_channels is not None:
+        view = view.index_select(nd, torch.as_tensor(list(cost_channels), device=x.device))
+    if cost_frames is not None:
+        view = view.index_select(nd + 1, torch.as_tensor(list(cost_frames), device=x.device))
+    return view.reshape(lead + (-1,))
+
+
+def _pair_costs(coeffs: list[torch.Tensor], vectors: list[torch.Tensor], targets: torch.Tensor,
+                targets_sq: torch.Tensor) -> torch.Tensor:
+    """Mean squared distance between sum_a c_a[b,i,j] v_a[b,i] and targets[b,j] for every (b, i, j),
+    by expanding the square: Gram terms per source and one batched matrix product per vector."""
+    dim = targets.shape[-1]
+    cost = targets_sq[:, None, :].clone()
+    for a, (ca, va) in enumerate(zip(coeffs, vectors)):
+        cost = cost - 2.0 * ca * torch.bmm(va, targets.transpose(1, 2))
+        for b in range(a, len(vectors)):
+            gram = (va * vectors[b]).sum(-1)[..., None]
+            cost = cost + (1.0 if a == b else 2.0) * ca * coeffs[b] * gram
+    return (cost / dim).clamp(min=0.0)
+
+
+def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200, solver: str = "euler",
+           teacher_schedule: Schedule | None = None, cond: dict | None = None, cost: str = "xt",
+           aggregate: str = "joint", reference_compat: bool = False, max_batch: int = 4096,
+           candidates: int = 4, cost_channels: Optional[Sequence[int]] = None,
+           cost_frames: Optional[Sequence[int]] = None, cost_dtype: torch.dtype = torch.float64,
+           progress: bool = False, seed: int | None = None) -> SearchResult:
+    """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
+
+    - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
+    - `cost`: "xt" (mean squared distance to the teacher state, the released code's) or "x0" (distance of
+      the model's clean estimate at the candidate state to the teacher's there; the `candidates` best
+      sources of each cell by xt cost are re-ranked, at one model call each).
+    - `aggregate`: "joint" (one DP, cost averaged over samples, each sample carrying its own states) or
+      "median" (a DP per sample, then the per-position median of teacher indices: the paper's OSS-ave).
+    - `reference_compat`: the authors' released semantics (see docs/search.md).
+    - Heun needs a model call at each candidate target: the `candidates` best sources of each cell by
+      the Euler predictor's cost are evaluated, so a layer costs at most (N+1) * (1 + candidates) calls.
+    """
+    started = time.perf_counter()
+    process = model_process(model)
+    solver_def = get_solver(solver)
+    steps = check_steps(steps)
+    if cost not in COSTS:
+        raise OptimalStepsError(f"unknown cost {cost!r}; known: {', '.join(COSTS)}")
+    if aggregate not in AGGREGATES:
+        raise OptimalStepsError(f"unknown aggregate {aggregate!r}; known: {', '.join(AGGREGATES)}")
+    if not isinstance(noise, torch.Tensor) or noise.dim() < 2 or noise.shape[0] < 1:
+        raise OptimalStepsError("search noise must be a tensor [B, ...] with at least one sample")
+    if not torch.isfinite(noise).all():
+        raise OptimalStepsError("search noise contains NaN or inf")
+    if candidates < 1:
+        raise OptimalStepsError(f"candidates must be at least 1, got {candidates}")
+    batch = noise.shape[0]
+    for key, value in (cond or {}).items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] not in (1, batch):
+            raise OptimalStepsError(f"condition {key!r} has {value.shape[0]} rows but there are {batch} noise samples")
+    if teacher_schedule is None:
+        teacher_steps = check_steps(teacher_steps)
+        teacher = default_teacher_schedule(process, teacher_steps)
+    else:
+        teacher = teacher_schedule if isinstance(teacher_schedule, Schedule) else Schedule(teacher_schedule, process)
+        if teacher.process.name != process.name:
+            raise OptimalStepsError(f"teacher schedule is for {teacher.process.name}, the model's process is {process.name}")
+        if abs(float(teacher.times[0]) - process.t_start) > 1e-9 * max(1.0, process.t_start):
+            raise OptimalStepsError("the teacher schedule must start at the process start")
+        teacher_steps = teacher.steps
+    if steps >= teacher_steps:
+        raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher_steps})")
+    if reference_compat and solver_def.name != "euler":
+        raise OptimalStepsError("--reference-compat reproduces the released code, which supports only the euler solver")
+
+    sample_shape = tuple(noise.shape[1:])
+    ref = _reference_dp if reference_compat else _exact_dp
+    teacher_run = run_teacher(model, noise, teacher, solver_def.name, cond, progress, max_batch)
+    ctx = _Context(model=model, process=process, solver=solver_def, times=teacher.times.to(noise.device),
+                   teacher=teacher_run, cond=cond, cost=("xt" if reference_compat else cost),
+                   per_sample=(reference_compat or aggregate == "median"), steps=steps, max_batch=max_batch,
+                   candidates=candidates, view=lambda x: _cost_view(x, cost_channels, cost_frames, sample_shape),
+                   cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape)
+    traces, cost_table, search_nfe = ref(ctx)
+
+    per_sample_indices = None
+    if ctx.per_sample:
+        per_sample_indices = [_trace(traces[b], steps, teacher_steps, reference_compat) for b in range(batch)]
+        indices = (_reference_median if reference_compat else _median)(per_sample_indices)
+        final_cost = float(cost_table[:, steps if not reference_compat else -1, teacher_steps].mean())
+    else:
+        indices = _trace(traces, steps, teacher_steps, False)
+        final_cost = float(cost_table[steps, teacher_steps])
+
+    nfe = teacher_run.nfe * batch + search_nfe
+    seconds = time.perf_counter() - started
+    amplitude = amplitude_statistics(teacher_run.states)
+    schedule = _indices_schedule(indices, teacher, solver_def.name, reference_compat)
+    schedule.metadata.update({
+        "method": "oss-reference" if reference_compat else "oss",
+        "model": getattr(model, "spec", type(model).__name__),
+        "nfe": nfe, "teacher_nfe": teacher_run.nfe * batch, "search_seconds": round(seconds, 4),
+        "teacher_steps": teacher_steps, "teacher_schedule": teacher.metadata.get("baseline", "custom"),
+        "solver": solver_def.name, "cost": ctx.cost, "aggregate": "median" if ctx.per_sample else "joint",
+        "samples": batch, "seed": seed, "steps": steps, "teacher_indices": indices, "dp_cost": final_cost,
+        "reference_compat": reference_compat,
+        "calibration": {"q05": [amplitude["q05"][i] for i in schedule.metadata.get("_grid", indices)[:-1]],
+                        "q95": [amplitude["q95"][i] for i in schedule.metadata.get("_grid", indices)[:-1]]},
+    })
+    schedule.metadata.pop("_grid", None)
+    per_sample = None
+    if per_sample_indices is not None:
+        per_sample = [_indices_schedule(ix, teacher, solver_def.name, reference_compat) for ix in per_sample_indices]
+        for s in per_sample:
+            s.metadata.pop("_grid", None)
+    return SearchResult(schedule, indices, per_sample, per_sample_indices, cost_table, final_cost, nfe,
+                        teacher_run.nfe * batch, seconds, teacher, teacher_run.states[:, -1].clone(), amplitude)
+
+
+@dataclass
+class _Context:
+    model: Any
+    process: NoiseProcess
+    solver: Any
+    times: torch.Tensor
+    teacher: Teacher
+    cond: dict | None
+    cost: str
+    per_sample: bool
+    steps: int
+    max_batch: int
+    candidates: int
+    view: Any
+    cost_dtype: torch.dtype
+    progress: bool
+    sample_shape: tuple[int, ...]
+    nfe: int = 0
+
+    def predict(self, flat_states: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Clean estimates of flattened states [R, D] of samples `rows` at times t [R]."""
+        x = flat_states.reshape((flat_states.shape[0],) + self.sample_shape)
+        self.nfe += flat_states.shape[0]
+        return _predict_chunked(self.model, x, t, self.cond, self.max_batch, rows).reshape(flat_states.shape[0], -1)
+
+
+def _source_estimates(ctx: _Context, layer: _Layer, src: torch.Tensor, label: str) -> torch.Tensor:
+    """x0 at every source cell [B, S, D]: cached where a re-ranking already evaluated it, else one batched call."""
+    batch = layer.states.shape[0]
+    if layer.x0_cache is not None:
+        return layer.x0_cache[:, src]
+    states = layer.states[:, src].reshape(batch * len(src), -1)
+    rows = torch.arange(batch, device=states.device).repeat_interleave(len(src))
+    t = ctx.times[src].repeat(batch)
+    try:
+        return ctx.predict(states, t, rows).reshape(batch, len(src), -1)
+    except OptimalStepsError as exc:
+        raise OptimalStepsError(f"search {label}: {exc}") from None
+
+
+def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_src: torch.Tensor, tgt: torch.Tensor,
+                 coefficient_solver: str):
+    """Coefficients [B|1, S, J] of every (source, target) step and its xt cost [B, S, J] (inf where j <= i)."""
+    t_src = ctx.times[src][None, :, None]
+    t_tgt = ctx.times[tgt][None, None, :]
+    t_prev = layer.t_prev[:, src][..., None] if layer.x0_prev is not None else None
+    if t_prev is not None and torch.isnan(t_prev).all():
+        t_prev = None
+    if t_prev is not None:
+        t_prev = torch.where(torch.isnan(t_prev), t_src.expand_as(t_prev), t_prev)
+    coeffs = list(update_coefficients(coefficient_solver, ctx.process, t_src, t_tgt, t_prev))
+    batch = layer.states.shape[0]
+    coeffs = [c.expand(batch, len(src), len(tgt)) if c.shape[0] == 1 else c for c in coeffs]
+    vectors = [layer.states[:, src], x0_src]
+    if layer.x0_prev is not None and t_prev is not None:
+        vectors.append(layer.x0_prev[:, src])
+    else:
+        coeffs = coeffs[:2]
+    dt = ctx.cost_dtype
+    targets = ctx.view(ctx.teacher.states[:, tgt].reshape(batch, len(tgt), -1)).to(dt)
+    cost = _pair_costs([c.to(dt) for c in coeffs], [ctx.view(v).to(dt) for v in vectors], targets,
+                       (targets * targets).sum(-1))
+    allowed = (src[:, None] < tgt[None, :]) & layer.valid[src][:, None]
+    cost = torch.where(allowed[None], cost, torch.full_like(cost, math.inf))
+    return coeffs, vectors, cost
+
+
+def _materialise(coeffs, vectors, winner: torch.Tensor) -> torch.Tensor:
+    """The state of each (b, j) stepped from its winning source winner[b, j]: [B, J, D]."""
+    out = None
+    for c, v in zip(coeffs, vectors):
+        cw = c.gather(1, winner[:, None, :]).squeeze(1)  # [B, J]
+        vw = v.gather(1, winner[..., None].expand(-1, -1, v.shape[-1]))  # [B, J, D]
+        term = cw.to(v.dtype)[..., None] * vw
+        out = term if out is None else out + term
+    return out
+
+
+def _exact_costs(ctx: _Context, states: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Realised cost [B, J] of states [B, J, D] at targets, and the model's x0 there if the cost needed it."""
+    batch = states.shape[0]
+    teacher = ctx.teacher.states[:, tgt].reshape(batch, len(tgt), -1)
+    if ctx.cost == "xt":
+        diff = ctx.view(states).to(ctx.cost_dtype) - ctx.view(teacher).to(ctx.cost_dtype)
+        return diff.pow(2).mean(-1), None
+    # x0 cost: the model's clean estimate at the candidate against the teacher's at the same grid point;
+    # at the clean end the state is its own clean estimate
+    inner = tgt < len(ctx.times) - 1
+    x0 = states.clone()
+    if bool(inner.any()):
+        jj = inner.nonzero().squeeze(1)
+        flat = states[:, jj].reshape(batch * len(jj), -1)
+        rows = torch.arange(batch, device=states.device).repeat_interleave(len(jj))
+        x0[:, jj] = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows).reshape(batch, len(jj), -1)
+    teacher_x0 = ctx.teacher.x0[:, tgt].reshape(batch, len(tgt), -1)
+    diff = ctx.view(x0).to(ctx.cost_dtype) - ctx.view(teacher_x0).to(ctx.cost_dtype)
+    return diff.pow(2).mean(-1), x0
+
+
+def _heun_correct(ctx: _Context, layer: _Layer, src: torch.Tensor, winner: torch.Tensor, tgt: torch.Tensor,
+                  x0_src: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
+    """Heun's corrector for the predicted states [B, J, D]; the step into the clean end stays Euler."""
+    batch = predicted.shape[0]
+    inner = tgt < len(ctx.times) - 1
+    if not bool(inner.any()):
+        return predicted
+    jj = inner.nonzero().squeeze(1)
+    pred = predicted[:, jj]
+    flat = pred.reshape(batch * len(jj), -1)
+    rows = torch.arange(batch, device=flat.device).repeat_interleave(len(jj))
+    x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows).reshape(batch, len(jj), -1)
+    w = winner[:, jj]
+    t = ctx.times[src][w]  # [B, J']
+    t_next = ctx.times[tgt[jj]][None].expand_as(t)
+    a_x, a_x0, a_pred, a_x0p = (c.to(pred.dtype)[..., None] for c in heun_coefficients(ctx.process, t, t_next))
+    x = layer.states[:, src].gather(1, w[..., None].expand(-1, -1, pred.shape[-1]))
+    x0 = x0_src.gather(1, w[..., None].expand(-1, -1, pred.shape[-1]))
+    out = predicted.clone()
+    out[:, jj] = a_x * x + a_x0 * x0 + a_pred * pred + a_x0p * x0_pred
+    return out
+
+
+def _choose(ctx: _Context, cost: torch.Tensor) -> torch.Tensor:
+    """Per-cell ranking of sources [B, S, J] -> [B, K, J] best first (shared across samples when joint)."""
+    batch = cost.shape[0]
+    k = min(ctx.candidates if (ctx.cost == "x0" or ctx.solver.corrector) else 1, cost.shape[1])
+    scores = cost if ctx.per_sample else cost.mean(0, keepdim=True)
+    order = torch.topk(scores, k, dim=1, largest=False).indices  # ties keep the lower index first
+    return order.expand(batch, -1, -1) if order.shape[0] == 1 else order
+
+
+def _exact_dp(ctx: _Context):
+    """The DP with exactly-k-step cells, one state per cell, starting only from the real initial state."""
+    teacher = ctx.teacher
+    batch, n_points = teacher.states.shape[:2]
+    n = n_points - 1
+    m = ctx.steps
+    flat = teacher.states.reshape(batch, n_points, -1)
+    device = flat.device
+    states = torch.zeros_like(flat)
+    states[:, 0] = flat[:, 0]
+    valid = torch.zeros(n_points, dtype=torch.bool, device=device)
+    valid[0] = True
+    layer = _Layer(states, torch.zeros_like(flat) if ctx.solver.multistep else None,
+                   torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device), None, valid)
+    table_shape = (batch, m + 1, n_points) if ctx.per_sample else (m + 1, n_points)
+    cost_table = torch.full(table_shape, math.inf, dtype=torch.float64)
+    trace_shape = (batch, m + 1, n_points)
+    traces = torch.full(trace_shape, -1, dtype=torch.long)
+    if ctx.per_sample:
+        cost_table[:, 0, 0] = 0.0
+    else:
+        cost_table[0, 0] = 0.0
+    for k in tqdm(range(1, m + 1), desc="search", disable=not ctx.progress, leave=False):
+        # a source must be reachable in k-1 steps and leave room for the remaining ones
+        src = torch.arange(k - 1, n - m + k, device=device)
+        src = src[layer.valid[src]]
+        tgt = torch.arange(k, n - m + k + 1, device=device) if k < m else torch.tensor([n], device=device)
+        layer = _advance(ctx, layer, src, tgt, f"layer {k}", cost_table, traces, k)
+    return traces if ctx.per_sample else traces[0], cost_table, ctx.nfe
+
+
+def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor, label: str,
+             cost_table: torch.Tensor, traces: torch.Tensor, k: int) -> _Layer:
+    """One DP layer: every source state takes one step to every later target; each target cell keeps its best."""
+    batch, n_points, dim = layer.states.shape
+    x0_src = _source_estimates(ctx, layer, src, label)
+    coefficient_solver = "euler" if ctx.solver.corrector else ctx.solver.name
+    coeffs, vectors, cost = _layer_costs(ctx, layer, src, x0_src, tgt, coefficient_solver)
+    ranking = _choose(ctx, cost)  # [B, K, J]
+    best_cost = best_state = best_winner = best_x0 = None
+    try:
+        for r in range(ranking.shape[1]):
+            winner = ranking[:, r]
+            state = _materialise(coeffs, vectors, winner)
+            if ctx.solver.corrector:
+                state = _heun_correct(ctx, layer, src, winner, tgt, x0_src, state)
+            realised, x0_here = _exact_costs(ctx, state, tgt)
+            feasible = torch.isfinite(cost.gather(1, winner[:, None, :]).squeeze(1))
+            realised = torch.where(feasible, realised, torch.full_like(realised, math.inf))
+            if best_cost is None:
+                best_cost, best_state, best_winner, best_x0 = realised, state, winner, x0_here
+                continue
+            score_new = realised if ctx.per_sample else realised.mean(0, keepdim=True).expand_as(realised)
+            score_old = best_cost if ctx.per_sample else best_cost.mean(0, keepdim=True).expand_as(best_cost)
+            better = score_new < score_old
+            best_cost = torch.where(better, realised, best_cost)
+            best_winner = torch.where(better, winner, best_winner)
+            best_state = torch.where(better[..., None], state, best_state)
+            if x0_here is not None:
+                best_x0 = torch.where(better[..., None], x0_here, best_x0)
+    except OptimalStepsError as exc:
+        raise OptimalStepsError(f"search {label}: {exc}") from None
+
+    reachable = torch.isfinite(best_cost if ctx.per_sample else best_cost.mean(0, keepdim=True)).any(0)
+    states = torch.zeros_like(layer.states)
+    states[:, tgt] = best_state.to(states.dtype)
+    valid = torch.zeros_like(layer.valid)
+    valid[tgt] = reachable
+    src_index = src[best_winner]  # [B, J] grid index of the winning source
+    traces[:, k, tgt] = src_index.cpu()
+    if ctx.per_sample:
+        cost_table[:, k, tgt] = best_cost.cpu()
+    else:
+        cost_table[k, tgt] = best_cost.mean(0).cpu()
+    x0_prev = None
+    if layer.x0_prev is not None:
+        x0_prev = torch.zeros_like(layer.x0_prev)
+        x0_prev[:, tgt] = x0_src.gather(1, best_winner[..., None].expand(-1, -1, dim))
+    t_prev = torch.full_like(layer.t_prev, math.nan)
+    t_prev[:, tgt] = ctx.times[src_index].to(torch.float64)
+    x0_cache = None
+    if best_x0 is not None and ctx.cost == "x0":
+        # the next layer's sources need exactly these estimates: reuse them instead of calling again
+        x0_cache = torch.zeros_like(layer.states)
+        x0_cache[:, tgt] = best_x0.to(x0_cache.dtype)
+    return _Layer(states, x0_prev, t_prev, x0_cache, valid)
+
+
+def _reference_dp(ctx: _Context):
+    """The released code's semantics, per sample: every layer may start from the raw initial state placed at
+    any grid point, cells keep the best of "at most k" steps (layers copy the previous one), and a candidate
+    replaces a cell only when strictly better."""
+    teacher = ctx.teacher
+    batch, n_points = teacher.states.shape[:2]
+    n = n_points - 1
+    m = ctx.steps
+    flat = teacher.states.reshape(batch, n_points, -1)
+    device = flat.device
+    start = flat[:, :1].expand(batch, n_points, flat.shape[-1]).clone()
+    states = start.clone()
+    best = torch.full((batch, n_points), math.inf, dtype=torch.float64)
+    trace = torch.zeros((batch, n_points), dtype=torch.long)  # untouched cells point at the start index
+    cost_table = torch.full((batch, m + 1, n_points), math.inf, dtype=torch.float64)
+    traces = torch.zeros((batch, m + 1, n_points), dtype=torch.long)
+    src = torch.arange(0, n, device=device)
+    tgt = torch.arange(1, n + 1, device=device)
+    for k in tqdm(range(1, m + 1), desc="search (reference)", disable=not ctx.progress, leave=False):
+        layer = _Layer(states, None, torch.full((batch, n_points), math.nan, dtype=torch.float64), None,
+                       torch.ones(n_points, dtype=torch.bool, device=device))
+        x0_src = _source_estimates(ctx, layer, src, f"layer {k}")
+        coeffs, vectors, cost = _layer_costs(ctx, layer, src, x0_src, tgt, "euler")
+        winner = cost.argmin(1)  # [B, J]; the lowest (noisiest) index wins ties, as in the released loop
+        state = _materialise(coeffs, vectors, winner)
+        realised, _ = _exact_costs(ctx, state, tgt)
+        better = realised.cpu() < best[:, tgt]
+        new_states = states.clone()
+        new_states[:, tgt] = torch.where(better[..., None].to(device), state.to(states.dtype), states[:, tgt])
+        best[:, tgt] = torch.where(better, realised.cpu(), best[:, tgt])
+        trace[:, tgt] = torch.where(better, src[winner].cpu(), trace[:, tgt])
+        states = new_states
+        states[:, 0] = flat[:, 0]  # the start cell is never a target: it keeps the raw initial state
+        cost_table[:, k] = best
+        traces[:, k] = trace
+    return traces, cost_table, ctx.nfe
+
+
+def _trace(trace: torch.Tensor, steps: int, n: int, reference: bool) -> list[int]:
+    """Grid indices start -> clean end, traced back from cell (steps, n) through `trace` [M+1, N+1]."""
+    path = [n]
+    for k in range(steps, 0, -1):
+        path.append(int(trace[k, path[-1]]))
+    path.reverse()
+    if not reference and (path[0] != 0 or any(b <= a for a, b in zip(path, path[1:]))):
+        raise RuntimeError(f"internal error: traced path {path} is not a valid {steps}-step path")
+    return path
+
+
+def _median(per_sample: list[list[int]]) -> list[int]:
+    """Per-position median of index lists (lower middle pair averaged down for even counts); stays strictly
+    increasing because every order statistic of strictly increasing sequences is."""
+    table = torch.tensor(per_sample, dtype=torch.long).sort(dim=0).values
+    count = table.shape[0]
+    if count % 2:
+        return table[count // 2].tolist()
+    return ((table[count // 2 - 1] + table[count // 2]) // 2).tolist()
+
+
+def _reference_median(per_sample: list[list[int]]) -> list[int]:
+    """The released code's `(l[n//2] + l[n//2 - 1]) // 2` on its own index order (clean end = 0), for any n."""
+    n = max(max(p) for p in per_sample)
+    theirs = torch.tensor([[n - i for i in p] for p in per_sample], dtype=torch.long).sort(dim=0).values
+    count = theirs.shape[0]
+    mid = (theirs[count // 2] + theirs[count // 2 - 1]) // 2
+    return [n - int(v) for v in mid]
+
+
+def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:
+    """The schedule of grid indices; in reference mode repeated (padded) start indices become zero-length
+    steps the released code would run: they are dropped here and counted in the metadata."""
+    grid = sorted(set(indices)) if reference else list(indices)
+    times = teacher.times[grid]
+    metadata: dict[str, Any] = {"_grid": grid}
+    if reference:
+        metadata["padded_steps"] = len(indices) - len(grid)
+        metadata["reference_indices"] = list(indices)
+        if grid[0] != 0:
+            # the released code starts from the raw noise at a later grid time
+            metadata["noise_scale_time"] = float(teacher.times[0])
+    return Schedule(times, teacher.process, solver=solver, metadata=metadata)
+
+
+def search_nfe_bound(steps: int, teacher_steps: int, solver: str = "euler", cost: str = "xt",
+                     candidates: int = 4) -> int:
+    """An upper bound of the model evaluations per search sample, teacher included."""
+    teacher = nfe_per_trajectory(solver, teacher_steps)
+    per_layer = teacher_steps + 1
+    extra = candidates * (teacher_steps + 1) * ((cost == "x0") + get_solver(solver).corrector)
+    return teacher + steps * (per_layer + extra)
