@@ -61,7 +61,8 @@ class GaussianMixture:
         rng = np.random.default_rng(seed)
         weights = rng.dirichlet(np.full(components, 5.0))
         means = rng.normal(size=(components, dim)) * spread
-        stds = std * np.exp(rng.uniform(-0.5, 0.5, size=(components, dim)))
+        # one std per component keeps the exact model fast (distances become matrix products)
+        stds = std * np.exp(rng.uniform(-0.5, 0.5, size=components))
         return cls(weights, means, stds, process)
 
     @classmethod
@@ -93,31 +94,52 @@ class GaussianMixture:
 
     # ------------------------------------------------------------------ the exact model
 
+    @property
+    def isotropic(self) -> bool:
+        """Each component has one std for all dimensions: distances then reduce to matrix products."""
+        return bool((self.stds == self.stds[:, :1]).all())
+
     def _marginal(self, x: torch.Tensor, t: torch.Tensor):
-        """Per-component log responsibilities and posterior means at x [B, D], t [B] (float64)."""
-        x = x.to(torch.float64)
+        """Per-component log-densities [B, K] of x_t, and the affine posterior mean of each component as
+        (scale [B, K], offset [B, K, D] or None): E[x0 | x_t, k] = scale * x_t + (1 - alpha * scale) * mu_k."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        x = x.to(dtype)
         t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1)
-        alpha = self.process.alpha(t)[:, None, None]
-        sigma = self.process.sigma(t)[:, None, None]
-        means = self.means.to(x.device)[None]
-        var0 = (self.stds.to(x.device) ** 2)[None]
-        var_t = alpha * alpha * var0 + sigma * sigma
-        diff = x[:, None, :] - alpha * means
-        log_comp = -0.5 * (diff * diff / var_t + torch.log(2 * math.pi * var_t)).sum(-1)
-        log_comp = log_comp + torch.log(self.weights.to(x.device))[None]
-        post_mean = means + alpha * var0 / var_t * diff
-        return log_comp, post_mean
+        alpha = self.process.alpha(t).to(dtype)[:, None]
+        sigma = self.process.sigma(t).to(dtype)[:, None]
+        means = self.means.to(device=x.device, dtype=dtype)
+        log_w = torch.log(self.weights).to(device=x.device, dtype=dtype)[None]
+        if self.isotropic:
+            var0 = (self.stds[:, 0] ** 2).to(device=x.device, dtype=dtype)[None]  # [1, K]
+            var_t = alpha * alpha * var0 + sigma * sigma  # [B, K]
+            sq = ((x * x).sum(-1, keepdim=True) - 2 * alpha * (x @ means.T)
+                  + alpha * alpha * (means * means).sum(-1)[None]).clamp(min=0)
+            dim = x.shape[-1]
+            log_comp = -0.5 * (sq / var_t + dim * torch.log(2 * math.pi * var_t)) + log_w
+            return log_comp, alpha * var0 / var_t
+        var0 = (self.stds ** 2).to(device=x.device, dtype=dtype)[None]
+        var_t = alpha[..., None] ** 2 * var0 + sigma[..., None] ** 2  # [B, K, D]
+        diff = x[:, None, :] - alpha[..., None] * means[None]
+        log_comp = -0.5 * (diff * diff / var_t + torch.log(2 * math.pi * var_t)).sum(-1) + log_w
+        return log_comp, alpha[..., None] * var0 / var_t
 
     def posterior_mean(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        log_comp, post_mean = self._marginal(x, t)
-        resp = torch.softmax(log_comp, dim=1)
-        return (resp[:, :, None] * post_mean).sum(1)
+        log_comp, gain = self._marginal(x, t)
+        resp = torch.softmax(log_comp, dim=1)  # [B, K]
+        x = x.to(log_comp.dtype)
+        means = self.means.to(device=x.device, dtype=x.dtype)
+        t = torch.as_tensor(t, dtype=torch.float64, device=x.device).reshape(-1)
+        alpha = self.process.alpha(t).to(x.dtype)[:, None]
+        if gain.dim() == 2:  # isotropic: sum_k r_k (g_k x + (1 - alpha g_k) mu_k)
+            return (resp * gain).sum(1, keepdim=True) * x + (resp * (1 - alpha * gain)) @ means
+        mean_k = gain * x[:, None, :] + (1 - alpha[..., None] * gain) * means[None]
+        return (resp[:, :, None] * mean_k).sum(1)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
         return self.posterior_mean(x, t).to(x.dtype)
 
     def log_prob_marginal(self, x: torch.Tensor, t) -> torch.Tensor:
-        log_comp, _ = self._marginal(x, torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]))
+        log_comp, _ = self._marginal(x.to(torch.float64), torch.as_tensor(t, dtype=torch.float64).expand(x.shape[0]))
         return torch.logsumexp(log_comp, dim=1)
 
     def log_prob(self, x0: torch.Tensor) -> torch.Tensor:
