@@ -17,12 +17,15 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 
+from . import distributed as dd
+from .checkpoint import Checkpointer, fingerprint
 from .errors import OptimalStepsError
+from .memory import allocate, check_fits, check_storage, estimate_search_bytes, storage_dtype as parse_storage_dtype
 from .models import index_cond, model_process, predict_x0
 from .processes import NoiseProcess
 from .schedules import Schedule, check_steps, karras, uniform
@@ -47,6 +50,7 @@ class SearchResult:
     teacher: Schedule
     teacher_samples: torch.Tensor
     amplitude: dict[str, list[float]] = field(default_factory=dict)  # teacher quantiles per grid index
+    refinement: Optional[Any] = None  # the refine.RefineResult of search(..., refine=True)
 
 
 def default_teacher_schedule(process: NoiseProcess, teacher_steps: int) -> Schedule:
@@ -62,19 +66,22 @@ teacher_schedule = default_teacher_schedule
 @dataclass
 class Teacher:
     states: torch.Tensor  # [B, N+1, ...] the teacher trajectory at every grid point
-    x0: torch.Tensor  # [B, N+1, ...] the teacher's clean estimate at every grid point (the state itself at the end)
+    x0: Optional[torch.Tensor]  # [B, N+1, ...] its clean estimates (the state itself at the end), if kept
     nfe: int  # per sample
 
 
 def run_teacher(model: Any, noise: torch.Tensor, teacher: Schedule, solver: str, cond: dict | None = None,
-                progress: bool = False, max_batch: int = 4096, storage_dtype: torch.dtype | None = None) -> Teacher:
-    """The teacher trajectory with the student's solver, keeping its states and clean estimates."""
+                progress: bool = False, max_batch: int = 4096, storage_dtype: torch.dtype | None = None,
+                storage: str = "memory", storage_dir: str | None = None, keep_x0: bool = True) -> Teacher:
+    """The teacher trajectory with the student's solver, keeping its states (and clean estimates) in the
+    chosen storage and precision; the teacher itself always steps in float32 or better."""
     process = model_process(model)
     times = teacher.times.tolist()
     x = initial_state(process, noise, times[0])
     dtype = storage_dtype or x.dtype
-    states = torch.empty((x.shape[0], len(times)) + tuple(x.shape[1:]), dtype=dtype, device=x.device)
-    x0s = torch.empty_like(states)
+    shape = (x.shape[0], len(times)) + tuple(x.shape[1:])
+    states = allocate(shape, dtype, x.device, storage, storage_dir, "teacher-states")
+    x0s = allocate(shape, dtype, x.device, storage, storage_dir, "teacher-x0") if keep_x0 else None
     states[:, 0] = x
     x0_prev, t_prev, nfe = None, None, 0
     for i in tqdm(range(len(times) - 1), desc="teacher", disable=not progress, leave=False):
@@ -84,10 +91,12 @@ def run_teacher(model: Any, noise: torch.Tensor, teacher: Schedule, solver: str,
                               cond=cond)
         except OptimalStepsError as exc:
             raise OptimalStepsError(f"teacher step {i + 1} of {len(times) - 1}: {exc}") from None
-        x0s[:, i] = x0
+        if x0s is not None:
+            x0s[:, i] = x0
         x, x0_prev, t_prev, nfe = out.x, x0, times[i], nfe + out.nfe + 1
         states[:, i + 1] = x
-    x0s[:, -1] = x
+    if x0s is not None:
+        x0s[:, -1] = x
     return Teacher(states, x0s, nfe)
 
 
@@ -105,11 +114,30 @@ def _predict_chunked(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | 
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
-def amplitude_statistics(states: torch.Tensor, low: float = 0.05, high: float = 0.95) -> dict[str, list[float]]:
-    """Per grid index, the mean over samples of each sample's low / high quantile of its state (sec. 3.4)."""
-    flat = states.reshape(states.shape[0], states.shape[1], -1).to(torch.float32)
-    q = torch.quantile(flat, torch.tensor([low, high], dtype=torch.float32), dim=-1)  # [2, B, N+1]
-    return {"q05": q[0].mean(0).tolist(), "q95": q[1].mean(0).tolist()}
+def amplitude_statistics(states: torch.Tensor, low: float = 0.05, high: float = 0.95,
+                         part: dd.Shard | None = None) -> dict[str, list[float]]:
+    """Per grid index, the mean over samples (of all ranks) of each sample's low / high quantile of its
+    state (paper sec. 3.4)."""
+    sums = torch.zeros(2, states.shape[1], dtype=torch.float64)
+    for b in range(states.shape[0]):  # one sample at a time: quantile copies its input
+        flat = states[b].reshape(states.shape[1], -1).to(torch.float32)
+        sums += torch.quantile(flat, torch.tensor([low, high], dtype=torch.float32, device=flat.device),
+                               dim=-1).cpu().double()
+    count = states.shape[0]
+    if part is not None and part.active:
+        sums = dd.all_reduce_sum(sums.to(_reduce_device()), part).cpu()
+        count = part.total
+    mean = sums / count
+    return {"q05": mean[0].tolist(), "q95": mean[1].tolist()}
+
+
+def _reduce_device() -> torch.device:
+    """Where collective tensors must live: the GPU for NCCL, the CPU for gloo."""
+    import torch.distributed as dist
+
+    if dd.is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 # ------------------------------------------------------------------------------------ the DP
@@ -161,7 +189,12 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
            aggregate: str = "joint", reference_compat: bool = False, max_batch: int = 4096,
            candidates: int = 4, cost_channels: Optional[Sequence[int]] = None,
            cost_frames: Optional[Sequence[int]] = None, cost_dtype: torch.dtype = torch.float64,
-           progress: bool = False, seed: int | None = None) -> SearchResult:
+           progress: bool = False, seed: int | None = None, storage: str = "memory",
+           storage_dtype: torch.dtype | str | None = None, storage_dir: str | None = None,
+           target_chunk: int | None = None, memory_limit: int | None = None, checkpoint_dir: str | None = None,
+           resume: bool = False, distributed: bool = True,
+           callback: Optional[Callable[[str, int, int], None]] = None, refine: bool = False,
+           refine_budget: int | None = None, coarse_to_fine: Any = False) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
@@ -173,6 +206,16 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     - `reference_compat`: the authors' released semantics (see docs/search.md).
     - Heun needs a model call at each candidate target: the `candidates` best sources of each cell by
       the Euler predictor's cost are evaluated, so a layer costs at most (N+1) * (1 + candidates) calls.
+    - Scale (docs/scale.md): under torch.distributed each rank searches its contiguous share of `noise`
+      and the ranks all-reduce every layer's cost table, so all take the same decisions; `storage`
+      ("memory" | "cpu" | "disk" in `storage_dir`) and `storage_dtype` keep the teacher trajectory
+      elsewhere or in lower precision; `target_chunk` bounds per-layer temporaries; the peak memory is
+      estimated first and the search refused if it cannot fit (`memory_limit` bytes, else what is free);
+      `checkpoint_dir` writes the state after the teacher and every layer, `resume` continues from it.
+    - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
+    - `coarse_to_fine` (True or a `refine.CoarseToFine`): the DP on a coarse sub-grid, then on bands around
+      its choices (far fewer model calls); `refine`: then optimise the times off the grid on the search
+      samples, within `refine_budget` model calls (docs/refine.md).
     """
     started = time.perf_counter()
     process = model_process(model)
@@ -189,6 +232,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     if candidates < 1:
         raise OptimalStepsError(f"candidates must be at least 1, got {candidates}")
     batch = noise.shape[0]
+    storage_dtype = parse_storage_dtype(storage_dtype)
+    check_storage(storage)
     for key, value in (cond or {}).items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] not in (1, batch):
             raise OptimalStepsError(f"condition {key!r} has {value.shape[0]} rows but there are {batch} noise samples")
@@ -206,34 +251,82 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
         raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher_steps})")
     if reference_compat and solver_def.name != "euler":
         raise OptimalStepsError("--reference-compat reproduces the released code, which supports only the euler solver")
+    if reference_compat and (refine or coarse_to_fine):
+        raise OptimalStepsError("--refine and --coarse-to-fine work on the exact DP, not with --reference-compat")
 
     sample_shape = tuple(noise.shape[1:])
-    ref = _reference_dp if reference_compat else _exact_dp
-    teacher_run = run_teacher(model, noise, teacher, solver_def.name, cond, progress, max_batch)
+    cost = "xt" if reference_compat else cost
+    per_sample = reference_compat or aggregate == "median"
+    part = dd.shard(batch, distributed)
+    progress = progress and part.is_main
+    local_noise = noise[part.start:part.stop]
+    local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
+
+    estimate = memory_estimate(local_noise, teacher_steps, solver_def.name, cost, storage, storage_dtype,
+                               target_chunk, cost_dtype)
+    check_fits(estimate, noise.device, memory_limit)
+
+    checkpointer = None
+    if checkpoint_dir is not None:
+        settings = {"model": str(getattr(model, "spec", type(model).__name__)), "steps": steps,
+                    "teacher_steps": teacher_steps, "teacher_times": fingerprint(teacher.times),
+                    "samples": batch, "seed": seed, "noise": fingerprint(noise), "solver": solver_def.name,
+                    "cost": cost, "aggregate": aggregate, "reference_compat": reference_compat,
+                    "candidates": candidates, "ranks": part.world}
+        checkpointer = Checkpointer(checkpoint_dir, settings, part.rank, resume)
+
+    teacher_run = None
+    if checkpointer is not None and resume:
+        saved = checkpointer.load("teacher")
+        if saved is not None:
+            place = noise.device if storage == "memory" else torch.device("cpu")
+            teacher_run = Teacher(saved["states"].to(place), None if saved["x0"] is None
+                                  else saved["x0"].to(place), int(saved["nfe"]))
+    if teacher_run is None:
+        teacher_run = run_teacher(model, local_noise, teacher, solver_def.name, local_cond, progress, max_batch,
+                                  storage_dtype, storage, storage_dir, keep_x0=(cost == "x0"))
+        if checkpointer is not None:
+            checkpointer.save("teacher", {"states": teacher_run.states.cpu(), "nfe": teacher_run.nfe,
+                                          "x0": None if teacher_run.x0 is None else teacher_run.x0.cpu()})
+    if callback is not None:
+        callback("teacher", teacher_steps, teacher_steps)
     ctx = _Context(model=model, process=process, solver=solver_def, times=teacher.times.to(noise.device),
-                   teacher=teacher_run, cond=cond, cost=("xt" if reference_compat else cost),
-                   per_sample=(reference_compat or aggregate == "median"), steps=steps, max_batch=max_batch,
-                   candidates=candidates, view=lambda x: _cost_view(x, cost_channels, cost_frames, sample_shape),
-                   cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape)
-    traces, cost_table, search_nfe = ref(ctx)
+                   teacher=teacher_run, cond=local_cond, cost=cost, per_sample=per_sample, steps=steps,
+                   max_batch=max_batch, candidates=candidates,
+                   view=lambda x: _cost_view(x, cost_channels, cost_frames, sample_shape),
+                   cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape, part=part,
+                   target_chunk=target_chunk, checkpointer=checkpointer, callback=callback,
+                   device=noise.device, start=initial_state(process, local_noise, float(teacher.times[0])))
+    fast = None
+    if coarse_to_fine:
+        from .refine import coarse_to_fine_dp
+
+        traces, cost_table, search_nfe, fast = coarse_to_fine_dp(ctx, coarse_to_fine)
+    else:
+        traces, cost_table, search_nfe = (_reference_dp if reference_compat else _exact_dp)(ctx)
 
     per_sample_indices = None
+    last_layer = steps if not reference_compat else -1
     if ctx.per_sample:
-        per_sample_indices = [_trace(traces[b], steps, teacher_steps, reference_compat) for b in range(batch)]
+        local = [_trace(traces[b], steps, teacher_steps, reference_compat) for b in range(traces.shape[0])]
+        per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
         indices = (_reference_median if reference_compat else _median)(per_sample_indices)
-        final_cost = float(cost_table[:, steps if not reference_compat else -1, teacher_steps].mean())
+        final_cost = float(ctx.sample_mean(cost_table[:, last_layer, teacher_steps]))
     else:
         indices = _trace(traces, steps, teacher_steps, False)
         final_cost = float(cost_table[steps, teacher_steps])
 
-    nfe = teacher_run.nfe * batch + search_nfe
+    nfe = int(ctx.global_sum(torch.tensor([teacher_run.nfe * (part.stop - part.start) + search_nfe],
+                                          dtype=torch.float64)))
+    teacher_nfe = teacher_run.nfe * batch
     seconds = time.perf_counter() - started
-    amplitude = amplitude_statistics(teacher_run.states)
+    amplitude = amplitude_statistics(teacher_run.states, part=part)
     schedule = _indices_schedule(indices, teacher, solver_def.name, reference_compat)
     schedule.metadata.update({
         "method": "oss-reference" if reference_compat else "oss",
         "model": getattr(model, "spec", type(model).__name__),
-        "nfe": nfe, "teacher_nfe": teacher_run.nfe * batch, "search_seconds": round(seconds, 4),
+        "nfe": nfe, "search_nfe": nfe, "teacher_nfe": teacher_nfe, "search_seconds": round(seconds, 4),
+        "ranks": part.world, "coarse_to_fine": fast,
         "teacher_steps": teacher_steps, "teacher_schedule": teacher.metadata.get("baseline", "custom"),
         "solver": solver_def.name, "cost": ctx.cost, "aggregate": "median" if ctx.per_sample else "joint",
         "samples": batch, "seed": seed, "steps": steps, "teacher_indices": indices, "dp_cost": final_cost,
@@ -242,13 +335,30 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                         "q95": [amplitude["q95"][i] for i in schedule.metadata.get("_grid", indices)[:-1]]},
     })
     schedule.metadata.pop("_grid", None)
-    per_sample = None
+    per_sample_schedules = None
     if per_sample_indices is not None:
-        per_sample = [_indices_schedule(ix, teacher, solver_def.name, reference_compat) for ix in per_sample_indices]
-        for s in per_sample:
+        per_sample_schedules = [_indices_schedule(ix, teacher, solver_def.name, reference_compat)
+                                for ix in per_sample_indices]
+        for s in per_sample_schedules:
             s.metadata.pop("_grid", None)
-    return SearchResult(schedule, indices, per_sample, per_sample_indices, cost_table, final_cost, nfe,
-                        teacher_run.nfe * batch, seconds, teacher, teacher_run.states[:, -1].clone(), amplitude)
+    teacher_out = teacher_run.states[:, -1].to(device=noise.device, dtype=torch.promote_types(noise.dtype, torch.float32))
+    result = SearchResult(schedule, indices, per_sample_schedules, per_sample_indices, cost_table, final_cost, nfe,
+                          teacher_nfe, seconds, teacher, teacher_out, amplitude)
+    if refine:
+        from .refine import refine_search_result
+
+        result = refine_search_result(model, noise, result, solver_def.name, refine_budget, cond, max_batch, progress)
+    return result
+
+
+def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", cost: str = "xt",
+                    storage: str = "memory", storage_dtype: torch.dtype | str | None = None,
+                    target_chunk: int | None = None, cost_dtype: torch.dtype = torch.float64) -> dict[str, int]:
+    """Peak bytes a search of these (this rank's) noise samples will hold, by place (device, host, disk)."""
+    return estimate_search_bytes(noise.shape[0], noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
+                                 cost == "x0", check_storage(storage), parse_storage_dtype(storage_dtype) or
+                                 torch.float32, torch.promote_types(noise.dtype, torch.float32), target_chunk,
+                                 cost_dtype)
 
 
 @dataclass
@@ -268,7 +378,37 @@ class _Context:
     cost_dtype: torch.dtype
     progress: bool
     sample_shape: tuple[int, ...]
+    part: dd.Shard
+    target_chunk: Optional[int]
+    checkpointer: Optional[Checkpointer]
+    callback: Optional[Callable[[str, int, int], None]]
+    device: torch.device
+    start: torch.Tensor  # the initial states of this rank's samples, exact (not from lower-precision storage)
     nfe: int = 0
+    cells: Optional[torch.Tensor] = None  # [M+1, N+1] bool: the only cells the DP may fill (coarse to fine)
+
+    def global_sum(self, local: torch.Tensor) -> torch.Tensor:
+        if not self.part.active:
+            return local
+        return dd.all_reduce_sum(local.to(_reduce_device()), self.part).to(local.device)
+
+    def sample_mean(self, per_sample: torch.Tensor) -> torch.Tensor:
+        """The mean over all samples of all ranks of a per-sample tensor [B_local, ...]."""
+        return self.global_sum(per_sample.to(torch.float64).sum(0)) / self.part.total
+
+    def teacher_rows(self, tgt: torch.Tensor, which: str = "states") -> torch.Tensor:
+        """Teacher states (or clean estimates) at grid indices tgt, flattened [B, J, D], on the compute
+        device in float32 or better, wherever and however they are stored."""
+        store = self.teacher.states if which == "states" else self.teacher.x0
+        rows = store[:, tgt.to(store.device)]
+        dtype = torch.promote_types(rows.dtype, torch.float32)
+        return rows.to(device=self.device, dtype=dtype).reshape(rows.shape[0], len(tgt), -1)
+
+    def after_layer(self, k: int, payload: dict[str, Any]) -> None:
+        if self.checkpointer is not None:
+            self.checkpointer.save(f"layer-{k:04d}", {"k": k, "nfe": self.nfe, **payload})
+        if self.callback is not None:
+            self.callback("layer", k, self.steps)
 
     def predict(self, flat_states: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Clean estimates of flattened states [R, D] of samples `rows` at times t [R]."""
@@ -310,9 +450,14 @@ def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_src: torch.
     else:
         coeffs = coeffs[:2]
     dt = ctx.cost_dtype
-    targets = ctx.view(ctx.teacher.states[:, tgt].reshape(batch, len(tgt), -1)).to(dt)
-    cost = _pair_costs([c.to(dt) for c in coeffs], [ctx.view(v).to(dt) for v in vectors], targets,
-                       (targets * targets).sum(-1))
+    wide = [ctx.view(v).to(dt) for v in vectors]
+    chunk = ctx.target_chunk or len(tgt)
+    pieces = []
+    for lo in range(0, len(tgt), chunk):
+        targets = ctx.view(ctx.teacher_rows(tgt[lo:lo + chunk])).to(dt)
+        pieces.append(_pair_costs([c[..., lo:lo + chunk].to(dt) for c in coeffs], wide, targets,
+                                  (targets * targets).sum(-1)))
+    cost = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
     allowed = (src[:, None] < tgt[None, :]) & layer.valid[src][:, None]
     cost = torch.where(allowed[None], cost, torch.full_like(cost, math.inf))
     return coeffs, vectors, cost
@@ -332,7 +477,7 @@ def _materialise(coeffs, vectors, winner: torch.Tensor) -> torch.Tensor:
 def _exact_costs(ctx: _Context, states: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Realised cost [B, J] of states [B, J, D] at targets, and the model's x0 there if the cost needed it."""
     batch = states.shape[0]
-    teacher = ctx.teacher.states[:, tgt].reshape(batch, len(tgt), -1)
+    teacher = ctx.teacher_rows(tgt)
     if ctx.cost == "xt":
         diff = ctx.view(states).to(ctx.cost_dtype) - ctx.view(teacher).to(ctx.cost_dtype)
         return diff.pow(2).mean(-1), None
@@ -345,7 +490,7 @@ def _exact_costs(ctx: _Context, states: torch.Tensor, tgt: torch.Tensor) -> tupl
         flat = states[:, jj].reshape(batch * len(jj), -1)
         rows = torch.arange(batch, device=states.device).repeat_interleave(len(jj))
         x0[:, jj] = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows).reshape(batch, len(jj), -1)
-    teacher_x0 = ctx.teacher.x0[:, tgt].reshape(batch, len(tgt), -1)
+    teacher_x0 = ctx.teacher_rows(tgt, "x0")
     diff = ctx.view(x0).to(ctx.cost_dtype) - ctx.view(teacher_x0).to(ctx.cost_dtype)
     return diff.pow(2).mean(-1), x0
 
@@ -377,39 +522,47 @@ def _choose(ctx: _Context, cost: torch.Tensor) -> torch.Tensor:
     """Per-cell ranking of sources [B, S, J] -> [B, K, J] best first (shared across samples when joint)."""
     batch = cost.shape[0]
     k = min(ctx.candidates if (ctx.cost == "x0" or ctx.solver.corrector) else 1, cost.shape[1])
-    scores = cost if ctx.per_sample else cost.mean(0, keepdim=True)
+    scores = cost if ctx.per_sample else ctx.sample_mean(cost)[None]
     order = torch.topk(scores, k, dim=1, largest=False).indices  # ties keep the lower index first
     return order.expand(batch, -1, -1) if order.shape[0] == 1 else order
 
 
 def _exact_dp(ctx: _Context):
     """The DP with exactly-k-step cells, one state per cell, starting only from the real initial state."""
-    teacher = ctx.teacher
-    batch, n_points = teacher.states.shape[:2]
-    n = n_points - 1
-    m = ctx.steps
-    flat = teacher.states.reshape(batch, n_points, -1)
-    device = flat.device
-    states = torch.zeros_like(flat)
-    states[:, 0] = flat[:, 0]
+    batch = ctx.start.shape[0]
+    n_points = len(ctx.times)
+    n, m = n_points - 1, ctx.steps
+    device = ctx.device
+    flat_start = ctx.start.reshape(batch, -1)
+    states = torch.zeros((batch, n_points, flat_start.shape[1]), dtype=flat_start.dtype, device=device)
+    states[:, 0] = flat_start
     valid = torch.zeros(n_points, dtype=torch.bool, device=device)
     valid[0] = True
-    layer = _Layer(states, torch.zeros_like(flat) if ctx.solver.multistep else None,
+    layer = _Layer(states, torch.zeros_like(states) if ctx.solver.multistep else None,
                    torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device), None, valid)
     table_shape = (batch, m + 1, n_points) if ctx.per_sample else (m + 1, n_points)
     cost_table = torch.full(table_shape, math.inf, dtype=torch.float64)
-    trace_shape = (batch, m + 1, n_points)
-    traces = torch.full(trace_shape, -1, dtype=torch.long)
-    if ctx.per_sample:
-        cost_table[:, 0, 0] = 0.0
-    else:
-        cost_table[0, 0] = 0.0
-    for k in tqdm(range(1, m + 1), desc="search", disable=not ctx.progress, leave=False):
+    traces = torch.full((batch, m + 1, n_points), -1, dtype=torch.long)
+    cost_table[..., 0, 0] = 0.0
+    done = 0
+    if ctx.checkpointer is not None:
+        done, saved = ctx.checkpointer.latest_layer(m)
+        if saved is not None:
+            layer = _Layer(**{key: (value.to(device) if isinstance(value, torch.Tensor) else value)
+                              for key, value in saved["layer"].items()})
+            cost_table, traces, ctx.nfe = saved["cost_table"], saved["traces"], int(saved["nfe"])
+    for k in tqdm(range(done + 1, m + 1), desc="search", disable=not ctx.progress, leave=False,
+                  initial=done, total=m):
         # a source must be reachable in k-1 steps and leave room for the remaining ones
         src = torch.arange(k - 1, n - m + k, device=device)
         src = src[layer.valid[src]]
         tgt = torch.arange(k, n - m + k + 1, device=device) if k < m else torch.tensor([n], device=device)
+        if ctx.cells is not None:
+            tgt = tgt[ctx.cells[k, tgt]]
         layer = _advance(ctx, layer, src, tgt, f"layer {k}", cost_table, traces, k)
+        ctx.after_layer(k, {"layer": {key: (value.cpu() if isinstance(value, torch.Tensor) else value)
+                                      for key, value in vars(layer).items()},
+                            "cost_table": cost_table, "traces": traces})
     return traces if ctx.per_sample else traces[0], cost_table, ctx.nfe
 
 
@@ -421,7 +574,7 @@ def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor,
     coefficient_solver = "euler" if ctx.solver.corrector else ctx.solver.name
     coeffs, vectors, cost = _layer_costs(ctx, layer, src, x0_src, tgt, coefficient_solver)
     ranking = _choose(ctx, cost)  # [B, K, J]
-    best_cost = best_state = best_winner = best_x0 = None
+    best_cost = best_state = best_winner = best_x0 = best_score = None
     try:
         for r in range(ranking.shape[1]):
             winner = ranking[:, r]
@@ -431,12 +584,13 @@ def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor,
             realised, x0_here = _exact_costs(ctx, state, tgt)
             feasible = torch.isfinite(cost.gather(1, winner[:, None, :]).squeeze(1))
             realised = torch.where(feasible, realised, torch.full_like(realised, math.inf))
+            # joint: a candidate is judged by its mean over all samples (of all ranks)
+            score = realised if ctx.per_sample else ctx.sample_mean(realised)[None].expand_as(realised)
             if best_cost is None:
-                best_cost, best_state, best_winner, best_x0 = realised, state, winner, x0_here
+                best_cost, best_state, best_winner, best_x0, best_score = realised, state, winner, x0_here, score
                 continue
-            score_new = realised if ctx.per_sample else realised.mean(0, keepdim=True).expand_as(realised)
-            score_old = best_cost if ctx.per_sample else best_cost.mean(0, keepdim=True).expand_as(best_cost)
-            better = score_new < score_old
+            better = score < best_score
+            best_score = torch.where(better, score, best_score)
             best_cost = torch.where(better, realised, best_cost)
             best_winner = torch.where(better, winner, best_winner)
             best_state = torch.where(better[..., None], state, best_state)
@@ -445,7 +599,7 @@ def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor,
     except OptimalStepsError as exc:
         raise OptimalStepsError(f"search {label}: {exc}") from None
 
-    reachable = torch.isfinite(best_cost if ctx.per_sample else best_cost.mean(0, keepdim=True)).any(0)
+    reachable = torch.isfinite(best_score).any(0)
     states = torch.zeros_like(layer.states)
     states[:, tgt] = best_state.to(states.dtype)
     valid = torch.zeros_like(layer.valid)
@@ -455,7 +609,7 @@ def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor,
     if ctx.per_sample:
         cost_table[:, k, tgt] = best_cost.cpu()
     else:
-        cost_table[k, tgt] = best_cost.mean(0).cpu()
+        cost_table[k, tgt] = best_score[0].cpu()
     x0_prev = None
     if layer.x0_prev is not None:
         x0_prev = torch.zeros_like(layer.x0_prev)
@@ -474,21 +628,26 @@ def _reference_dp(ctx: _Context):
     """The released code's semantics, per sample: every layer may start from the raw initial state placed at
     any grid point, cells keep the best of "at most k" steps (layers copy the previous one), and a candidate
     replaces a cell only when strictly better."""
-    teacher = ctx.teacher
-    batch, n_points = teacher.states.shape[:2]
-    n = n_points - 1
-    m = ctx.steps
-    flat = teacher.states.reshape(batch, n_points, -1)
-    device = flat.device
-    start = flat[:, :1].expand(batch, n_points, flat.shape[-1]).clone()
-    states = start.clone()
+    batch = ctx.start.shape[0]
+    n_points = len(ctx.times)
+    n, m = n_points - 1, ctx.steps
+    device = ctx.device
+    flat_start = ctx.start.reshape(batch, 1, -1)
+    states = flat_start.expand(batch, n_points, flat_start.shape[-1]).clone()
     best = torch.full((batch, n_points), math.inf, dtype=torch.float64)
     trace = torch.zeros((batch, n_points), dtype=torch.long)  # untouched cells point at the start index
     cost_table = torch.full((batch, m + 1, n_points), math.inf, dtype=torch.float64)
     traces = torch.zeros((batch, m + 1, n_points), dtype=torch.long)
+    done = 0
+    if ctx.checkpointer is not None:
+        done, saved = ctx.checkpointer.latest_layer(m)
+        if saved is not None:
+            states, best, trace = saved["states"].to(device), saved["best"], saved["trace"]
+            cost_table, traces, ctx.nfe = saved["cost_table"], saved["traces"], int(saved["nfe"])
     src = torch.arange(0, n, device=device)
     tgt = torch.arange(1, n + 1, device=device)
-    for k in tqdm(range(1, m + 1), desc="search (reference)", disable=not ctx.progress, leave=False):
+    for k in tqdm(range(done + 1, m + 1), desc="search (reference)", disable=not ctx.progress, leave=False,
+                  initial=done, total=m):
         layer = _Layer(states, None, torch.full((batch, n_points), math.nan, dtype=torch.float64), None,
                        torch.ones(n_points, dtype=torch.bool, device=device))
         x0_src = _source_estimates(ctx, layer, src, f"layer {k}")
@@ -502,9 +661,11 @@ def _reference_dp(ctx: _Context):
         best[:, tgt] = torch.where(better, realised.cpu(), best[:, tgt])
         trace[:, tgt] = torch.where(better, src[winner].cpu(), trace[:, tgt])
         states = new_states
-        states[:, 0] = flat[:, 0]  # the start cell is never a target: it keeps the raw initial state
+        states[:, 0] = flat_start[:, 0]  # the start cell is never a target: it keeps the raw initial state
         cost_table[:, k] = best
         traces[:, k] = trace
+        ctx.after_layer(k, {"states": states.cpu(), "best": best, "trace": trace, "cost_table": cost_table,
+                            "traces": traces})
     return traces, cost_table, ctx.nfe
 
 

@@ -1,0 +1,106 @@
+"""Where the search keeps its large tensors, and how much memory it will need before it starts.
+
+The teacher trajectory is N+1 latents per sample: for video latents that is tens of GB. It can live on the
+compute device ("memory"), in (pinned) host memory ("cpu") or in a memory-mapped file ("disk"), in a
+lower precision (`storage_dtype`: bfloat16 / float16) while costs are still computed in float32 or better.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import OptimalStepsError
+
+STORAGES = ("memory", "cpu", "disk")
+STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                  "float64": torch.float64}
+
+
+def storage_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in STORAGE_DTYPES:
+        raise OptimalStepsError(f"unknown storage dtype {name!r}; known: {', '.join(STORAGE_DTYPES)}")
+    return STORAGE_DTYPES[name]
+
+
+def check_storage(storage: str) -> str:
+    if storage not in STORAGES:
+        raise OptimalStepsError(f"unknown storage {storage!r}; known: {', '.join(STORAGES)}")
+    return storage
+
+
+def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, storage: str,
+             directory: str | Path | None = None, name: str = "trajectory") -> torch.Tensor:
+    """An uninitialised tensor in the chosen storage."""
+    if check_storage(storage) == "memory":
+        return torch.empty(shape, dtype=dtype, device=device)
+    if storage == "cpu":
+        pin = device.type == "cuda" and torch.cuda.is_available()
+        return torch.empty(shape, dtype=dtype, pin_memory=pin)
+    if directory is None:
+        raise OptimalStepsError("storage 'disk' needs a directory (--storage-dir)")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"{name}.{os.getpid()}.bin"
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    with open(path, "wb") as handle:
+        handle.truncate(numel * torch.empty((), dtype=dtype).element_size())
+    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).reshape(shape)
+
+
+def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, multistep: bool, x0_cost: bool,
+                          storage: str, trajectory_dtype: torch.dtype, state_dtype: torch.dtype,
+                          target_chunk: int | None, cost_dtype: torch.dtype = torch.float64) -> dict[str, int]:
+    """Bytes the search will hold at its peak, by place: the teacher trajectory (and its clean estimates
+    for the x0 cost) where it is stored, and on the compute device two layers of DP states (plus their
+    previous clean estimates for multistep solvers) and the largest per-layer temporaries."""
+    traj = grid_points * samples * sample_numel * torch.empty((), dtype=trajectory_dtype).element_size()
+    traj *= 2 if x0_cost else 1
+    state = grid_points * samples * sample_numel * torch.empty((), dtype=state_dtype).element_size()
+    layers = state * (2 + (2 if multistep else 0) + (2 if x0_cost else 0))
+    chunk = min(target_chunk or grid_points, grid_points)
+    wide = torch.empty((), dtype=cost_dtype).element_size()
+    # sources' states and estimates in the cost dtype, one chunk of teacher targets, winners being built
+    temporaries = (3 * grid_points + chunk) * samples * sample_numel * wide + 2 * chunk * samples * sample_numel * 4
+    temporaries += 4 * samples * grid_points * chunk * wide
+    out = {"device": layers + temporaries, "host": 0, "disk": 0}
+    out[{"memory": "device", "cpu": "host", "disk": "disk"}[storage]] += traj
+    return out
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Free memory on the device (None where unknown)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def format_bytes(count: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if count < 1024 or unit == "TiB":
+            return f"{count:.1f} {unit}" if unit != "B" else f"{count} B"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_fits(estimate: dict[str, int], device: torch.device, limit: int | None = None) -> None:
+    """Refuse, before any model call, a search whose estimate exceeds the limit or what is free."""
+    need = estimate["device"] + (estimate["host"] if device.type == "cpu" else 0)
+    have = limit if limit is not None else available_bytes(device)
+    if have is not None and need > have:
+        where = "the limit" if limit is not None else f"free on {device}"
+        raise OptimalStepsError(
+            f"the search needs about {format_bytes(need)} on {device} but {format_bytes(have)} is {where}; "
+            "use --storage cpu or disk, --storage-dtype bfloat16, fewer --samples, a cost subset, "
+            "or a smaller --target-chunk"
+        )
