@@ -177,12 +177,54 @@ def cmd_sample(args: argparse.Namespace) -> None:
         print(f"wrote {args.out}")
 
 
-def cmd_schedule(args: argparse.Namespace) -> None:
-    from .baselines import make_schedule
-    from .processes import get_process
+def _option_value(text: str) -> Any:
+    """A --option value: a number, true/false, none, or the text itself."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    return None if lowered in ("none", "null") else text
 
-    process = get_process(args.process)
-    schedule = make_schedule(args.name, process, args.steps)
+
+def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
+    """KEY=VALUE pairs into keyword options (dashes in keys become underscores)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptimalStepsError(f"{flag} {pair!r} is not KEY=VALUE")
+        options[key.strip().replace("-", "_")] = _option_value(value.strip())
+    return options
+
+
+def cmd_schedule(args: argparse.Namespace) -> None:
+    from .baselines import describe, make_schedule, schedule_names
+    from .schedules import check_writable, parse_process
+
+    if args.name == "list":
+        for name in schedule_names():
+            print(f"{name:<12}{describe(name)}")
+        return
+    if args.steps is None:
+        raise OptimalStepsError("--steps is required")
+    check_writable(args.out, args.force)
+    options = parse_options(args.option)
+    if args.family:
+        options["family"] = args.family
+    process = parse_process(args.process) if args.process else None
+    model = noise = cond = None
+    metadata: dict[str, Any] = {}
+    if args.model:
+        model, noise, cond, metadata = search_inputs(args)
+    elif process is None:
+        process = parse_process("flow")
+    schedule = make_schedule(args.name, process, args.steps, model=model, noise=noise, cond=cond,
+                             solver=args.solver, progress=model is not None, **options)
+    schedule.metadata.update(metadata)
     if args.out:
         schedule.save(args.out, overwrite=args.force)
         print(f"wrote {args.out}")
@@ -190,20 +232,116 @@ def cmd_schedule(args: argparse.Namespace) -> None:
         print(json.dumps(schedule.to_dict(), indent=2))
 
 
-def cmd_search(args: argparse.Namespace) -> None:
+def add_schedule_command(sub: Any) -> None:
+    from .solvers import SOLVERS
+
+    p = sub.add_parser("schedule", help="print or write a named schedule (`optimalsteps schedule list` names them)")
+    p.add_argument("name", help="a schedule name, or `list`")
+    p.add_argument("--process", default=None, help="flow, vp, ve or ve(sigma_max=S) (default: the model's, else flow)")
+    p.add_argument("--steps", type=_positive_int, default=None)
+    p.add_argument("--family", default=None, help="model family of a published table (ays: sd15, sdxl, svd; "
+                                                  "oss-table: flux, wan, chroma)")
+    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS), help="the solver dm / oss are made for")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a method option, e.g. rho=5, mu=1.15, coeff=1.2, teacher_steps=100 (repeatable)")
+    p.add_argument("--model", default=None, help="model spec, needed by the searched schedules (gits, boss, oss)")
+    p.add_argument("--label", type=int, default=None, help="class label for a class-conditional model")
+    p.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale")
+    add_noise_args(p, samples_default=8)
+    add_diffusers_args(p)
+    p.add_argument("--out", default=None, help="write the schedule to this .json file (default: print it)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.set_defaults(func=cmd_schedule)
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from .compare import compare, report_paths, write_report
     from .schedules import check_writable
-    from .search import search
+
+    for path in report_paths(args.out):
+        check_writable(path, args.force)
+    options: dict[str, dict[str, Any]] = {}
+    for pair in args.option:
+        name, dot, rest = pair.partition(".")
+        if not dot:
+            raise OptimalStepsError(f"--option {pair!r} is not NAME.KEY=VALUE (e.g. shift.mu=1.15)")
+        options.setdefault(name, {}).update(parse_options([rest]))
+    model, noise, cond, metadata = search_inputs(args)
+    eval_cond = None
+    if cond and getattr(model, "num_classes", None) is not None and not args.model.startswith("diffusers:"):
+        eval_cond = cond_from_args(args, model, args.eval_samples)
+    elif cond and args.model.startswith("diffusers:"):  # the encoded prompts, cycled over the evaluation samples
+        from .models import index_cond
+
+        eval_cond = index_cond(cond, torch.arange(args.eval_samples) % noise.shape[0])
+    result = compare(model, args.steps, args.solvers, args.schedules, samples=noise.shape[0],
+                     eval_samples=args.eval_samples, seed=args.seed, eval_seed=args.eval_seed,
+                     teacher_steps=args.teacher_steps, cond=cond, eval_cond=eval_cond, noise=noise, options=options,
+                     max_batch=args.max_batch, progress=True)
+    if metadata:
+        result.reference["model_metadata"] = metadata
+    paths = write_report(result, args.out, overwrite=args.force)
+    for solver in args.solvers:
+        for steps in sorted(set(args.steps)):
+            block = [r for r in result.rows if r["solver"] == solver and r["steps"] == steps]
+            best = min(block, key=lambda r: r["mse"])
+            print(f"{solver:>8} {steps:>3} steps: lowest MSE vs teacher {best['schedule']} ({best['mse']:.4g})")
+    print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
+
+
+def add_compare_command(sub: Any) -> None:
+    from .compare import DEFAULT_SCHEDULES
+    from .solvers import SOLVERS
+
+    p = sub.add_parser("compare", help="compare schedules against the teacher on fresh noise (tables and plots)")
+    add_model_args(p)
+    add_noise_args(p, samples_default=8)  # the search noise
+    add_diffusers_args(p)
+    p.add_argument("--steps", type=_int_list, default=[3, 5, 8, 10], help="step counts (default 3,5,8,10)")
+    p.add_argument("--solvers", type=_name_list, default=["euler", "dpmpp2m"],
+                   help=f"comma-separated, from {', '.join(sorted(SOLVERS))} (default euler,dpmpp2m)")
+    p.add_argument("--schedules", type=_name_list, default=list(DEFAULT_SCHEDULES),
+                   help=f"comma-separated names (default {','.join(DEFAULT_SCHEDULES)}; `optimalsteps schedule list`)")
+    p.add_argument("--eval-samples", type=_positive_int, default=512, help="fresh evaluation samples (default 512)")
+    p.add_argument("--eval-seed", type=int, default=None, help="seed of the evaluation noise (default seed + 1000003)")
+    p.add_argument("--teacher-steps", type=_positive_int, default=200, help="teacher steps N (default 200)")
+    p.add_argument("--option", action="append", default=[], metavar="NAME.KEY=VALUE",
+                   help="an option of one schedule, e.g. shift.mu=1.15 or oss.cost=x0 (repeatable)")
+    p.add_argument("--max-batch", type=_positive_int, default=4096, help="largest batch of one model call")
+    p.add_argument("--out", required=True, help="directory for results.json/.csv/.md and plots")
+    p.add_argument("--force", action="store_true", help="overwrite existing result files")
+    p.set_defaults(func=cmd_compare)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from .memory import format_bytes
+    from .schedules import check_writable
+    from .search import memory_estimate, search
 
     check_writable(args.out, args.force)
+    if args.resume and not args.checkpoint:
+        raise OptimalStepsError("--resume needs the --checkpoint directory of the search to continue")
     model, noise, cond, metadata = search_inputs(args)
     teacher = None
     if args.teacher_schedule:
         from .baselines import make_schedule
 
         teacher = make_schedule(args.teacher_schedule, model.process, args.teacher_steps)
+    elif hasattr(model, "teacher_schedule"):  # a diffusers pipeline: its own shifted / trained-range grid
+        teacher = model.teacher_schedule(args.teacher_steps)
+    main_rank = init_distributed(noise.device)
+    estimate = memory_estimate(noise, args.teacher_steps, args.solver, args.cost, args.storage, args.storage_dtype,
+                               args.target_chunk)
+    if main_rank:
+        print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
     result = search(model, noise, steps=args.steps, teacher_steps=args.teacher_steps, solver=args.solver,
                     teacher_schedule=teacher, cond=cond, cost=args.cost, aggregate=args.aggregate,
-                    reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed)
+                    reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed,
+                    storage=args.storage, storage_dtype=args.storage_dtype, storage_dir=args.storage_dir,
+                    target_chunk=args.target_chunk, memory_limit=args.memory_limit,
+                    checkpoint_dir=args.checkpoint, resume=args.resume)
+    if not main_rank:  # under torchrun only rank 0 writes and reports
+        return
     result.schedule.metadata.update(metadata)
     result.schedule.save(args.out, overwrite=args.force)
     schedule = result.schedule
@@ -214,16 +352,87 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"wrote {args.out}")
 
 
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True on the rank that writes output."""
+    import os
+
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from .distributed import backend_for
+
+        dist.init_process_group(backend_for(device))
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def _bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "kb": 10**3, "mb": 10**6,
+             "gb": 10**9, "tb": 10**12, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    number = text.strip().lower().rstrip("bitkmg")
+    unit = text.strip().lower()[len(number):]
+    try:
+        value = float(number) * units[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"expected a size such as 8GiB or 512MiB, got {text!r}") from None
+    return int(value)
+
+
+def add_scale_args(parser: argparse.ArgumentParser) -> None:
+    from .memory import STORAGE_DTYPES, STORAGES
+
+    group = parser.add_argument_group("scale (docs/scale.md)")
+    group.add_argument("--storage", default="memory", choices=STORAGES,
+                       help="where the teacher trajectory lives: the compute device, host memory, or a file")
+    group.add_argument("--storage-dir", default=None, help="directory of the memory-mapped trajectory (--storage disk)")
+    group.add_argument("--storage-dtype", default=None, choices=sorted(STORAGE_DTYPES),
+                       help="precision of the stored trajectory (costs are computed in float32 or better)")
+    group.add_argument("--target-chunk", type=_positive_int, default=None,
+                       help="targets per cost chunk (bounds per-layer temporaries)")
+    group.add_argument("--memory-limit", type=_bytes, default=None,
+                       help="refuse a search estimated to need more than this (default: what is free)")
+    group.add_argument("--checkpoint", default=None, help="directory of checkpoints after the teacher and each layer")
+    group.add_argument("--resume", action="store_true", help="continue the search in --checkpoint")
+
+
 def search_inputs(args: argparse.Namespace):
     """(model, noise, cond, metadata) for search / compare: a diffusers pipeline or a plain model spec."""
     if args.model.startswith("diffusers:"):
-        from .diffusers import load_diffusers_model
-
-        return load_diffusers_model(args)
+        return diffusers_search_inputs(args)
     model = guided(load_model_from_args(args), args)
     noise = noise_from_args(args, model)
     cond = cond_from_args(args, model, noise.shape[0])
     return model, noise, cond, {}
+
+
+def add_diffusers_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("diffusers pipelines",
+                                      "--model diffusers:PATH_OR_ID[,dtype=bfloat16][,device=cuda]")
+    group.add_argument("--prompt", action="append", default=None,
+                       help="a prompt (repeatable; DiT: a class id or label); --samples latents are spread over them")
+    group.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
+    group.add_argument("--negative-prompt", default=None, help="the negative prompt of classifier-free guidance")
+    group.add_argument("--height", type=_positive_int, default=None, help="image height (default: the pipeline's)")
+    group.add_argument("--width", type=_positive_int, default=None, help="image width (default: the pipeline's)")
+
+
+def diffusers_search_inputs(args: argparse.Namespace):
+    """(model, noise, cond, metadata) of --model diffusers:PATH_OR_ID with its prompts, guidance and resolution."""
+    from .diffusers import load_diffusers_model
+
+    if getattr(args, "noise", None):
+        raise OptimalStepsError("--noise does not apply to a diffusers pipeline: it draws its latents from --seed")
+    if getattr(args, "label", None) is not None:
+        raise OptimalStepsError("--label does not apply to a diffusers pipeline: give DiT classes as --prompt")
+    prompts = list(getattr(args, "prompt", None) or [])
+    if getattr(args, "prompts_file", None):
+        try:
+            lines = Path(args.prompts_file).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise OptimalStepsError(f"cannot read --prompts-file {args.prompts_file}: {exc}") from None
+        prompts += [line.strip() for line in lines if line.strip()]
+    return load_diffusers_model(args.model[len("diffusers:"):], prompts, getattr(args, "guidance", None),
+                                getattr(args, "height", None), getattr(args, "width", None), args.seed, args.samples,
+                                negative_prompt=getattr(args, "negative_prompt", None))
 
 
 def add_search_command(sub: Any) -> None:
@@ -233,6 +442,7 @@ def add_search_command(sub: Any) -> None:
     p = sub.add_parser("search", help="search the optimal schedule (OSS dynamic programming)")
     add_model_args(p)
     add_noise_args(p, samples_default=8)
+    add_diffusers_args(p)
     p.add_argument("--steps", type=_positive_int, required=True, help="student steps M")
     p.add_argument("--teacher-steps", type=_positive_int, default=200, help="teacher steps N (default 200)")
     p.add_argument("--teacher-schedule", default=None,
@@ -245,6 +455,7 @@ def add_search_command(sub: Any) -> None:
     p.add_argument("--max-batch", type=_positive_int, default=4096, help="largest batch of one model call")
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    add_scale_args(p)
     p.set_defaults(func=cmd_search)
 
 
@@ -278,18 +489,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("schedule", help="print or write a built-in schedule")
-    p.add_argument("name")
-    p.add_argument("--process", default="flow")
-    p.add_argument("--steps", type=_positive_int, required=True)
-    p.add_argument("--out", default=None)
-    p.add_argument("--force", action="store_true")
-    p.set_defaults(func=cmd_schedule)
+    add_schedule_command(sub)
 
     p = sub.add_parser("models", help="list the model specs")
     p.set_defaults(func=cmd_models)
 
     add_search_command(sub)
+    add_compare_command(sub)
     # further subcommands: one add_*_command(sub) function each, below
     return parser
 

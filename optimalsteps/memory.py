@@ -66,9 +66,10 @@ def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, mul
     layers = state * (2 + (2 if multistep else 0) + (2 if x0_cost else 0))
     chunk = min(target_chunk or grid_points, grid_points)
     wide = torch.empty((), dtype=cost_dtype).element_size()
-    # sources' states and estimates in the cost dtype, one chunk of teacher targets, winners being built
-    temporaries = (3 * grid_points + chunk) * samples * sample_numel * wide + 2 * chunk * samples * sample_numel * 4
-    temporaries += 4 * samples * grid_points * chunk * wide
+    # the sources' clean estimates; a block of sources' vectors and one of teacher targets in the cost
+    # dtype; the candidate being built and the cell's best so far; the small [B, S, J] cost tables
+    temporaries = grid_points * samples * sample_numel * 4 + 4 * chunk * samples * sample_numel * wide
+    temporaries += 2 * grid_points * samples * sample_numel * 4 + 6 * samples * grid_points * grid_points * wide
     out = {"device": layers + temporaries, "host": 0, "disk": 0}
     out[{"memory": "device", "cpu": "host", "disk": "disk"}[storage]] += traj
     return out

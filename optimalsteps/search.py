@@ -450,14 +450,16 @@ def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_src: torch.
     else:
         coeffs = coeffs[:2]
     dt = ctx.cost_dtype
-    wide = [ctx.view(v).to(dt) for v in vectors]
-    chunk = ctx.target_chunk or len(tgt)
-    pieces = []
+    # blocks of sources x targets bound the wide (cost dtype) copies to chunk * B * D each
+    chunk = ctx.target_chunk or max(len(tgt), len(src))
+    cost = torch.empty((batch, len(src), len(tgt)), dtype=dt, device=ctx.device)
     for lo in range(0, len(tgt), chunk):
         targets = ctx.view(ctx.teacher_rows(tgt[lo:lo + chunk])).to(dt)
-        pieces.append(_pair_costs([c[..., lo:lo + chunk].to(dt) for c in coeffs], wide, targets,
-                                  (targets * targets).sum(-1)))
-    cost = torch.cat(pieces, dim=-1) if len(pieces) > 1 else pieces[0]
+        targets_sq = (targets * targets).sum(-1)
+        for so in range(0, len(src), chunk):
+            wide = [ctx.view(v[:, so:so + chunk]).to(dt) for v in vectors]
+            cost[:, so:so + chunk, lo:lo + chunk] = _pair_costs(
+                [c[:, so:so + chunk, lo:lo + chunk].to(dt) for c in coeffs], wide, targets, targets_sq)
     allowed = (src[:, None] < tgt[None, :]) & layer.valid[src][:, None]
     cost = torch.where(allowed[None], cost, torch.full_like(cost, math.inf))
     return coeffs, vectors, cost
