@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -28,7 +29,7 @@ from .models import model_process
 from .processes import FLOW, NoiseProcess, ProcessLike, convert_times, get_process
 from .schedules import (CLOSED_FORMS, SIGMA_MAX_FALLBACK, SIGMA_MIN, Schedule, check_steps, karras,
                         loglinear_interp, uniform)
-from .solvers import get_solver, update_coefficients
+from .solvers import get_solver, nfe_per_trajectory, update_coefficients
 
 # ------------------------------------------------------------------------------- published tables
 
@@ -55,12 +56,14 @@ class Table:
 
 _AYS_SOURCE = ("Align Your Steps (Sabour, Fidler, Kreis, ICML 2024), 10-step tables from the project's how-to page "
                "research.nvidia.com/labs/toronto-ai/AlignYourSteps/howto.html, as shipped in ComfyUI "
-               "comfy_extras/nodes_align_your_steps.py (diffusers AysSchedules rounds them to 3 decimals)")
+               "comfy_extras/nodes_align_your_steps.py (SD1.5 / SDXL: Stable Diffusion's sigmas at AYS's timesteps)")
 _OSS_SOURCE = ("the OSS authors' tables in ComfyUI's OptimalStepsScheduler, comfy_extras/nodes_optimalsteps.py "
                "(PR #7584, April 2025; Chroma added later by others), searched with Euler in flow time")
 
 TABLES: dict[str, Table] = {t.name: t for t in (
-    # VE sigmas of Stable Diffusion's discrete VP schedule (sigma_max 14.6146 = DDPM timestep 999)
+    # VE sigmas of Stable Diffusion's discrete VP schedule at AYS's published integer timesteps (SD1.5: 999, 850,
+    # 736, 645, 545, 455, 343, 233, 124, 24, 0; SDXL: 999, 845, 730, 587, 443, 310, 193, 116, 53, 13, 0), as
+    # ComfyUI ships them; AYS's continuous sigmas (diffusers AysSchedules, 3 decimals) differ by at most 1.4%
     Table("ays", "sd15", (14.6146412293, 6.4745760956, 3.8636745985, 2.6946151520, 1.8841921177, 1.3943805092,
                           0.9642583904, 0.6523686016, 0.3977456272, 0.1515232662, 0.0291671582),
           "ve", True, _AYS_SOURCE + "; Stable Diffusion 1.5"),
@@ -152,6 +155,7 @@ def table_schedule(name: str, process: ProcessLike, steps: int, family: str | No
                                 f"({shown}); it was made for {'flow' if table.space == 'flow' else 'VE-sigma'} models")
     if table.pin_start if pin_start is None else pin_start:
         times[0] = process.t_start
+    times[-1] = process.t_clean
     metadata = {"baseline": table.name, "source": table.source, "native_steps": table.steps,
                 "levels": levels.tolist(), "level_space": table.space}
     if steps != table.steps:
@@ -252,11 +256,12 @@ class LocalMethod:
 
 LOCAL_METHODS = {
     # GITS defaults (launch.sh): polynomial rho = 7 grid of 61 timestamps, iPNDM teacher (here DPM-Solver++(2M),
-    # the library's highest-order multistep solver), metric "dev", coeff 1.15, 256 warm-up samples (here: the noise given)
-    "gits": LocalMethod(lambda p, n: karras(p, n), 60, "dpmpp2m", "dev", 1.15,
+    # the library's highest-order multistep solver), metric "dev", coeff 1.15, 256 warm-up samples (here: the
+    # noise given)
+    "gits": LocalMethod(karras, 60, "dpmpp2m", "dev", 1.15,
                         "Chen et al. 2024, On the Trajectory Regularity of ODE-based Diffusion Sampling"),
     # BOSS defaults: Euler trajectories on a 100-interval uniform grid, summed squared L2, shortest path of K edges
-    "boss": LocalMethod(lambda p, n: uniform(p, n), 100, "euler", "l2sq", 1.0,
+    "boss": LocalMethod(uniform, 100, "euler", "l2sq", 1.0,
                         "Nguyen et al. 2024, Bellman Optimal Stepsize Straightening of Flow-Matching Models"),
 }
 
@@ -287,7 +292,7 @@ def local_schedules(name: str, model: Any, noise: torch.Tensor, steps: Sequence[
             "baseline": name, "paper": method.paper, "teacher_steps": n, "teacher_solver": solver,
             "teacher_schedule": teacher.metadata.get("baseline"), "metric": metric, "coeff": coeff,
             "teacher_indices": path, "samples": int(noise.shape[0]), "search_seconds": round(seconds, 4),
-            "nfe": int(noise.shape[0]) * n})
+            "nfe": int(noise.shape[0]) * nfe_per_trajectory(solver, n)})
     return out
 
 
@@ -296,11 +301,12 @@ def local_schedules(name: str, model: Any, noise: torch.Tensor, steps: Sequence[
 DM_TRUNCATE = 3  # the released optimiser bounds the first steps' errors separately (no cancellation) below this
 
 
-def _h0(h):
+# the exponential integrator's integrals of e^lambda times polynomials: H0(h) = e^h - 1, H1(h) = h e^h - H0(h)
+def _h0(h: float) -> float:
     return np.expm1(h)
 
 
-def _h1(h):
+def _h1(h: float) -> float:
     return np.exp(h) * h - np.expm1(h)
 
 
@@ -383,8 +389,11 @@ def dm(process: ProcessLike, steps: int, solver: str = "euler", order: int | Non
         def objective(inner_lam: np.ndarray) -> float:
             return dm_objective(np.concatenate([[lam_start], inner_lam, [lam_end]]), order)
 
-        result = minimize(objective, lam0[1:-1], method="trust-constr", constraints=[constraint],
-                          options={"maxiter": 2000})
+        with warnings.catch_warnings():
+            # trust-constr's quasi-Newton update warns on flat stretches of the bound; harmless here
+            warnings.simplefilter("ignore", UserWarning)
+            result = minimize(objective, lam0[1:-1], method="trust-constr", constraints=[constraint],
+                              options={"maxiter": 2000})
         lam[1:-1] = np.maximum.accumulate(result.x)  # the solver may violate the constraints by rounding
     times = process.t_from_log_snr(torch.as_tensor(lam, dtype=torch.float64))
     times[0] = process.t_start
@@ -416,20 +425,31 @@ def check_name(name: str) -> str:
     raise OptimalStepsError(f"unknown schedule {name!r}; known: {', '.join(schedule_names())}")
 
 
+_DESCRIPTIONS = {
+    "uniform": "uniform in native time",
+    "logsnr": "uniform in log-SNR from sigma_max to sigma_min, then 0 (k-diffusion's exponential)",
+    "karras": "EDM rho = 7 from sigma_max to sigma_min, then 0 (k-diffusion's get_sigmas_karras)",
+    "shift": "SD3 / Flux time shift of uniform flow time (shift=3, or mu= / image_seq_len=)",
+    "beta": "ComfyUI's beta schedule: Beta(0.6, 0.6) quantiles of the timestep axis",
+    "kl-optimal": "Align Your Steps Thm 3.1: linear in arctan(sigma)",
+    "cosine": "uniform in the time of the cosine noise schedule",
+    "oss": "Optimal Stepsize Distillation search (optimalsteps.search); needs a model",
+    "gits": "GITS, " + LOCAL_METHODS["gits"].paper + "; needs a model",
+    "boss": "BOSS, " + LOCAL_METHODS["boss"].paper + "; needs a model",
+    "dm": "DM, Xue et al. 2024, Accelerating Diffusion Sampling with Optimized Time Steps (no model needed)",
+}
+
+
 def describe(name: str) -> str:
     """One line about a named schedule."""
     check_name(name)
-    if name in CLOSED_FORMS:
-        return (inspect.getdoc(CLOSED_FORMS[name]) or name).splitlines()[0]
     if name in TABLES:
-        return TABLES[name].source
+        table = TABLES[name]
+        who = "Align Your Steps" if table.method == "ays" else "the OSS authors' ComfyUI"
+        return f"{who} table for {table.family}, {table.steps} steps ({table.space} levels)"
     if name in TABLE_METHODS:
         return f"{TABLE_METHODS[name]} table; family= one of {', '.join(_families(name))}"
-    if name in LOCAL_METHODS:
-        return LOCAL_METHODS[name].paper
-    if name == "dm":
-        return "Xue et al. 2024, Accelerating Diffusion Sampling with Optimized Time Steps (no model needed)"
-    return "Optimal Stepsize Distillation search (optimalsteps.search)"
+    return _DESCRIPTIONS.get(name, name)
 
 
 def make_schedule(name: str, process: ProcessLike | None, steps: int, model: Any = None,

@@ -295,7 +295,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                    max_batch=max_batch, candidates=candidates,
                    view=lambda x: _cost_view(x, cost_channels, cost_frames, sample_shape),
                    cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape, part=part,
-                   target_chunk=target_chunk, checkpointer=checkpointer, callback=callback,
+                   chunk=target_chunk, storage=storage, storage_dir=storage_dir, checkpointer=checkpointer,
+                   callback=callback,
                    device=noise.device, start=initial_state(process, local_noise, float(teacher.times[0])))
     fast = None
     if coarse_to_fine:
@@ -379,7 +380,9 @@ class _Context:
     progress: bool
     sample_shape: tuple[int, ...]
     part: dd.Shard
-    target_chunk: Optional[int]
+    chunk: Optional[int]  # sources / targets per block (None: all at once)
+    storage: str
+    storage_dir: Optional[str]
     checkpointer: Optional[Checkpointer]
     callback: Optional[Callable[[str, int, int], None]]
     device: torch.device
@@ -404,6 +407,13 @@ class _Context:
         dtype = torch.promote_types(rows.dtype, torch.float32)
         return rows.to(device=self.device, dtype=dtype).reshape(rows.shape[0], len(tgt), -1)
 
+    def layer_store(self, name: str, shape: torch.Size) -> torch.Tensor:
+        """A [B, N+1, D] store of DP states, in the chosen storage (float32 or better: states stay exact)."""
+        dtype = self.start.dtype
+        if self.storage == "memory":
+            return torch.zeros(shape, dtype=dtype, device=self.device)
+        return allocate(tuple(shape), dtype, self.device, self.storage, self.storage_dir, f"dp-{name}")
+
     def after_layer(self, k: int, payload: dict[str, Any]) -> None:
         if self.checkpointer is not None:
             self.checkpointer.save(f"layer-{k:04d}", {"k": k, "nfe": self.nfe, **payload})
@@ -417,23 +427,41 @@ class _Context:
         return _predict_chunked(self.model, x, t, self.cond, self.max_batch, rows).reshape(flat_states.shape[0], -1)
 
 
+def _rows(store: torch.Tensor, grid: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
+    """store[b, grid[b, j]] for every (b, j) ([B, J] grid indices), or store[:, grid] for a 1-d grid:
+    a [B, J, D] block on the compute device, wherever the store lives."""
+    if grid.dim() == 1:
+        out = store[:, grid.to(store.device)]
+    else:
+        b = torch.arange(store.shape[0], device=store.device)[:, None].expand(grid.shape)
+        out = store[b, grid.to(store.device)]
+    return out.to(device=device, dtype=dtype or out.dtype)
+
+
 def _source_estimates(ctx: _Context, layer: _Layer, src: torch.Tensor, label: str) -> torch.Tensor:
-    """x0 at every source cell [B, S, D]: cached where a re-ranking already evaluated it, else one batched call."""
-    batch = layer.states.shape[0]
+    """The store [B, N+1, D] holding x0 at every source cell: the re-ranking's cache where it evaluated them
+    already, else batched model calls over blocks of sources."""
     if layer.x0_cache is not None:
-        return layer.x0_cache[:, src]
-    states = layer.states[:, src].reshape(batch * len(src), -1)
-    rows = torch.arange(batch, device=states.device).repeat_interleave(len(src))
-    t = ctx.times[src].repeat(batch)
+        return layer.x0_cache
+    batch = layer.states.shape[0]
+    store = ctx.layer_store("x0-src", layer.states.shape)
+    chunk = ctx.chunk or len(src)
     try:
-        return ctx.predict(states, t, rows).reshape(batch, len(src), -1)
+        for lo in range(0, len(src), chunk):
+            block = src[lo:lo + chunk]
+            states = _rows(layer.states, block, ctx.device).reshape(batch * len(block), -1)
+            rows = torch.arange(batch, device=ctx.device).repeat_interleave(len(block))
+            x0 = ctx.predict(states, ctx.times[block].repeat(batch), rows).reshape(batch, len(block), -1)
+            store[:, block.to(store.device)] = x0.to(store.device, store.dtype)
     except OptimalStepsError as exc:
         raise OptimalStepsError(f"search {label}: {exc}") from None
+    return store
 
 
-def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_src: torch.Tensor, tgt: torch.Tensor,
+def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_store: torch.Tensor, tgt: torch.Tensor,
                  coefficient_solver: str):
-    """Coefficients [B|1, S, J] of every (source, target) step and its xt cost [B, S, J] (inf where j <= i)."""
+    """Coefficients [B, S, J] of every (source, target) step, the stores of the vectors they multiply
+    (indexed by grid point), and the xt cost [B, S, J] of every step (inf where not allowed)."""
     t_src = ctx.times[src][None, :, None]
     t_tgt = ctx.times[tgt][None, None, :]
     t_prev = layer.t_prev[:, src][..., None] if layer.x0_prev is not None else None
@@ -444,34 +472,33 @@ def _layer_costs(ctx: _Context, layer: _Layer, src: torch.Tensor, x0_src: torch.
     coeffs = list(update_coefficients(coefficient_solver, ctx.process, t_src, t_tgt, t_prev))
     batch = layer.states.shape[0]
     coeffs = [c.expand(batch, len(src), len(tgt)) if c.shape[0] == 1 else c for c in coeffs]
-    vectors = [layer.states[:, src], x0_src]
+    stores = [layer.states, x0_store]
     if layer.x0_prev is not None and t_prev is not None:
-        vectors.append(layer.x0_prev[:, src])
+        stores.append(layer.x0_prev)
     else:
         coeffs = coeffs[:2]
     dt = ctx.cost_dtype
     # blocks of sources x targets bound the wide (cost dtype) copies to chunk * B * D each
-    chunk = ctx.target_chunk or max(len(tgt), len(src))
+    chunk = ctx.chunk or max(len(tgt), len(src))
     cost = torch.empty((batch, len(src), len(tgt)), dtype=dt, device=ctx.device)
     for lo in range(0, len(tgt), chunk):
         targets = ctx.view(ctx.teacher_rows(tgt[lo:lo + chunk])).to(dt)
         targets_sq = (targets * targets).sum(-1)
         for so in range(0, len(src), chunk):
-            wide = [ctx.view(v[:, so:so + chunk]).to(dt) for v in vectors]
+            wide = [ctx.view(_rows(store, src[so:so + chunk], ctx.device, dt)) for store in stores]
             cost[:, so:so + chunk, lo:lo + chunk] = _pair_costs(
                 [c[:, so:so + chunk, lo:lo + chunk].to(dt) for c in coeffs], wide, targets, targets_sq)
     allowed = (src[:, None] < tgt[None, :]) & layer.valid[src][:, None]
     cost = torch.where(allowed[None], cost, torch.full_like(cost, math.inf))
-    return coeffs, vectors, cost
+    return coeffs, stores, cost
 
 
-def _materialise(coeffs, vectors, winner: torch.Tensor) -> torch.Tensor:
-    """The state of each (b, j) stepped from its winning source winner[b, j]: [B, J, D]."""
+def _materialise(coeffs: list[torch.Tensor], vectors: list[torch.Tensor], winner: torch.Tensor) -> torch.Tensor:
+    """The states [B, J, D] stepped from the winning sources: `vectors` are the winners' rows [B, J, D],
+    `winner` [B, J] their positions among the layer's sources (the coefficients' dimension 1)."""
     out = None
     for c, v in zip(coeffs, vectors):
-        cw = c.gather(1, winner[:, None, :]).squeeze(1)  # [B, J]
-        vw = v.gather(1, winner[..., None].expand(-1, -1, v.shape[-1]))  # [B, J, D]
-        term = cw.to(v.dtype)[..., None] * vw
+        term = c.gather(1, winner[:, None, :]).squeeze(1).to(v.dtype)[..., None] * v
         out = term if out is None else out + term
     return out
 
@@ -479,9 +506,8 @@ def _materialise(coeffs, vectors, winner: torch.Tensor) -> torch.Tensor:
 def _exact_costs(ctx: _Context, states: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Realised cost [B, J] of states [B, J, D] at targets, and the model's x0 there if the cost needed it."""
     batch = states.shape[0]
-    teacher = ctx.teacher_rows(tgt)
     if ctx.cost == "xt":
-        diff = ctx.view(states).to(ctx.cost_dtype) - ctx.view(teacher).to(ctx.cost_dtype)
+        diff = ctx.view(states).to(ctx.cost_dtype) - ctx.view(ctx.teacher_rows(tgt)).to(ctx.cost_dtype)
         return diff.pow(2).mean(-1), None
     # x0 cost: the model's clean estimate at the candidate against the teacher's at the same grid point;
     # at the clean end the state is its own clean estimate
@@ -497,9 +523,10 @@ def _exact_costs(ctx: _Context, states: torch.Tensor, tgt: torch.Tensor) -> tupl
     return diff.pow(2).mean(-1), x0
 
 
-def _heun_correct(ctx: _Context, layer: _Layer, src: torch.Tensor, winner: torch.Tensor, tgt: torch.Tensor,
-                  x0_src: torch.Tensor, predicted: torch.Tensor) -> torch.Tensor:
-    """Heun's corrector for the predicted states [B, J, D]; the step into the clean end stays Euler."""
+def _heun_correct(ctx: _Context, x: torch.Tensor, x0: torch.Tensor, t_src: torch.Tensor, tgt: torch.Tensor,
+                  predicted: torch.Tensor) -> torch.Tensor:
+    """Heun's corrector for the predicted states [B, J, D] stepped from (x, x0) at times t_src [B, J]; the
+    step into the clean end stays Euler."""
     batch = predicted.shape[0]
     inner = tgt < len(ctx.times) - 1
     if not bool(inner.any()):
@@ -509,14 +536,11 @@ def _heun_correct(ctx: _Context, layer: _Layer, src: torch.Tensor, winner: torch
     flat = pred.reshape(batch * len(jj), -1)
     rows = torch.arange(batch, device=flat.device).repeat_interleave(len(jj))
     x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows).reshape(batch, len(jj), -1)
-    w = winner[:, jj]
-    t = ctx.times[src][w]  # [B, J']
+    t = t_src[:, jj]
     t_next = ctx.times[tgt[jj]][None].expand_as(t)
     a_x, a_x0, a_pred, a_x0p = (c.to(pred.dtype)[..., None] for c in heun_coefficients(ctx.process, t, t_next))
-    x = layer.states[:, src].gather(1, w[..., None].expand(-1, -1, pred.shape[-1]))
-    x0 = x0_src.gather(1, w[..., None].expand(-1, -1, pred.shape[-1]))
     out = predicted.clone()
-    out[:, jj] = a_x * x + a_x0 * x0 + a_pred * pred + a_x0p * x0_pred
+    out[:, jj] = a_x * x[:, jj] + a_x0 * x0[:, jj] + a_pred * pred + a_x0p * x0_pred
     return out
 
 
@@ -536,11 +560,12 @@ def _exact_dp(ctx: _Context):
     n, m = n_points - 1, ctx.steps
     device = ctx.device
     flat_start = ctx.start.reshape(batch, -1)
-    states = torch.zeros((batch, n_points, flat_start.shape[1]), dtype=flat_start.dtype, device=device)
-    states[:, 0] = flat_start
+    shape = torch.Size((batch, n_points, flat_start.shape[1]))
+    states = ctx.layer_store("states-0", shape)
+    states[:, 0] = flat_start.to(states.device)
     valid = torch.zeros(n_points, dtype=torch.bool, device=device)
     valid[0] = True
-    layer = _Layer(states, torch.zeros_like(states) if ctx.solver.multistep else None,
+    layer = _Layer(states, ctx.layer_store("x0-prev-0", shape) if ctx.solver.multistep else None,
                    torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device), None, valid)
     table_shape = (batch, m + 1, n_points) if ctx.per_sample else (m + 1, n_points)
     cost_table = torch.full(table_shape, math.inf, dtype=torch.float64)
@@ -550,7 +575,8 @@ def _exact_dp(ctx: _Context):
     if ctx.checkpointer is not None:
         done, saved = ctx.checkpointer.latest_layer(m)
         if saved is not None:
-            layer = _Layer(**{key: (value.to(device) if isinstance(value, torch.Tensor) else value)
+            layer = _Layer(**{key: (value.to(device) if isinstance(value, torch.Tensor) and
+                                    (ctx.storage == "memory" or value.dim() < 3) else value)
                               for key, value in saved["layer"].items()})
             cost_table, traces, ctx.nfe = saved["cost_table"], saved["traces"], int(saved["nfe"])
     for k in tqdm(range(done + 1, m + 1), desc="search", disable=not ctx.progress, leave=False,
@@ -570,60 +596,62 @@ def _exact_dp(ctx: _Context):
 
 def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor, label: str,
              cost_table: torch.Tensor, traces: torch.Tensor, k: int) -> _Layer:
-    """One DP layer: every source state takes one step to every later target; each target cell keeps its best."""
-    batch, n_points, dim = layer.states.shape
-    x0_src = _source_estimates(ctx, layer, src, label)
+    """One DP layer: every source state takes one step to every later target; each target cell keeps its
+    best. Cells are built in blocks of targets, so only a block of states is ever on the compute device."""
+    batch = layer.states.shape[0]
+    x0_store = _source_estimates(ctx, layer, src, label)
     coefficient_solver = "euler" if ctx.solver.corrector else ctx.solver.name
-    coeffs, vectors, cost = _layer_costs(ctx, layer, src, x0_src, tgt, coefficient_solver)
-    ranking = _choose(ctx, cost)  # [B, K, J]
-    best_cost = best_state = best_winner = best_x0 = best_score = None
-    try:
-        for r in range(ranking.shape[1]):
-            winner = ranking[:, r]
-            state = _materialise(coeffs, vectors, winner)
-            if ctx.solver.corrector:
-                state = _heun_correct(ctx, layer, src, winner, tgt, x0_src, state)
-            realised, x0_here = _exact_costs(ctx, state, tgt)
-            feasible = torch.isfinite(cost.gather(1, winner[:, None, :]).squeeze(1))
-            realised = torch.where(feasible, realised, torch.full_like(realised, math.inf))
-            # joint: a candidate is judged by its mean over all samples (of all ranks)
-            score = realised if ctx.per_sample else ctx.sample_mean(realised)[None].expand_as(realised)
-            if best_cost is None:
-                best_cost, best_state, best_winner, best_x0, best_score = realised, state, winner, x0_here, score
-                continue
-            better = score < best_score
-            best_score = torch.where(better, score, best_score)
-            best_cost = torch.where(better, realised, best_cost)
-            best_winner = torch.where(better, winner, best_winner)
-            best_state = torch.where(better[..., None], state, best_state)
-            if x0_here is not None:
-                best_x0 = torch.where(better[..., None], x0_here, best_x0)
-    except OptimalStepsError as exc:
-        raise OptimalStepsError(f"search {label}: {exc}") from None
-
-    reachable = torch.isfinite(best_score).any(0)
-    states = torch.zeros_like(layer.states)
-    states[:, tgt] = best_state.to(states.dtype)
-    valid = torch.zeros_like(layer.valid)
-    valid[tgt] = reachable
-    src_index = src[best_winner]  # [B, J] grid index of the winning source
-    traces[:, k, tgt] = src_index.cpu()
-    if ctx.per_sample:
-        cost_table[:, k, tgt] = best_cost.cpu()
-    else:
-        cost_table[k, tgt] = best_score[0].cpu()
-    x0_prev = None
-    if layer.x0_prev is not None:
-        x0_prev = torch.zeros_like(layer.x0_prev)
-        x0_prev[:, tgt] = x0_src.gather(1, best_winner[..., None].expand(-1, -1, dim))
-    t_prev = torch.full_like(layer.t_prev, math.nan)
-    t_prev[:, tgt] = ctx.times[src_index].to(torch.float64)
-    x0_cache = None
-    if best_x0 is not None and ctx.cost == "x0":
-        # the next layer's sources need exactly these estimates: reuse them instead of calling again
-        x0_cache = torch.zeros_like(layer.states)
-        x0_cache[:, tgt] = best_x0.to(x0_cache.dtype)
-    return _Layer(states, x0_prev, t_prev, x0_cache, valid)
+    coeffs, stores, cost = _layer_costs(ctx, layer, src, x0_store, tgt, coefficient_solver)
+    ranking = _choose(ctx, cost)  # [B, K, J] positions among the sources, best first
+    new = _Layer(ctx.layer_store(f"states-{k % 2}", layer.states.shape),
+                 ctx.layer_store(f"x0-prev-{k % 2}", layer.states.shape) if layer.x0_prev is not None else None,
+                 torch.full_like(layer.t_prev, math.nan),
+                 ctx.layer_store(f"x0-cache-{k % 2}", layer.states.shape) if ctx.cost == "x0" else None,
+                 torch.zeros_like(layer.valid))
+    chunk = ctx.chunk or len(tgt)
+    for lo in range(0, len(tgt), chunk):
+        block = tgt[lo:lo + chunk]
+        best = None  # (score, cost, position, state, x0 at the state, source x0)
+        try:
+            for r in range(ranking.shape[1]):
+                winner = ranking[:, r, lo:lo + chunk]  # [B, Jc]
+                grid = src[winner]
+                rows = [_rows(store, grid, ctx.device) for store in stores]
+                state = _materialise([c[..., lo:lo + chunk] for c in coeffs], rows, winner)
+                if ctx.solver.corrector:
+                    state = _heun_correct(ctx, rows[0], rows[1], ctx.times[grid], block, state)
+                realised, x0_here = _exact_costs(ctx, state, block)
+                feasible = torch.isfinite(cost[..., lo:lo + chunk].gather(1, winner[:, None, :]).squeeze(1))
+                realised = torch.where(feasible, realised, torch.full_like(realised, math.inf))
+                # joint: a candidate is judged by its mean over all samples (of all ranks)
+                score = realised if ctx.per_sample else ctx.sample_mean(realised)[None].expand_as(realised)
+                candidate = (score, realised, winner, state, x0_here, rows[1])
+                if best is None:
+                    best = candidate
+                    continue
+                better = score < best[0]
+                best = tuple(None if old is None else
+                             torch.where(better.reshape(better.shape + (1,) * (old.dim() - 2)), cand, old)
+                             for cand, old in zip(candidate, best))
+        except OptimalStepsError as exc:
+            raise OptimalStepsError(f"search {label}: {exc}") from None
+        score, realised, winner, state, x0_here, source_x0 = best
+        where = block.to(new.states.device)
+        new.states[:, where] = state.to(new.states.device, new.states.dtype)
+        new.valid[block] = torch.isfinite(score).any(0)
+        grid = src[winner]
+        traces[:, k, block.cpu()] = grid.cpu()
+        if ctx.per_sample:
+            cost_table[:, k, block.cpu()] = realised.cpu()
+        else:
+            cost_table[k, block.cpu()] = score[0].cpu()
+        if new.x0_prev is not None:
+            new.x0_prev[:, where] = source_x0.to(new.x0_prev.device, new.x0_prev.dtype)
+        new.t_prev[:, block] = ctx.times[grid].to(torch.float64)
+        if new.x0_cache is not None:
+            # the next layer's sources need exactly these estimates: reuse them instead of calling again
+            new.x0_cache[:, where] = x0_here.to(new.x0_cache.device, new.x0_cache.dtype)
+    return new
 
 
 def _reference_dp(ctx: _Context):
@@ -652,10 +680,10 @@ def _reference_dp(ctx: _Context):
                   initial=done, total=m):
         layer = _Layer(states, None, torch.full((batch, n_points), math.nan, dtype=torch.float64), None,
                        torch.ones(n_points, dtype=torch.bool, device=device))
-        x0_src = _source_estimates(ctx, layer, src, f"layer {k}")
-        coeffs, vectors, cost = _layer_costs(ctx, layer, src, x0_src, tgt, "euler")
+        x0_store = _source_estimates(ctx, layer, src, f"layer {k}")
+        coeffs, stores, cost = _layer_costs(ctx, layer, src, x0_store, tgt, "euler")
         winner = cost.argmin(1)  # [B, J]; the lowest (noisiest) index wins ties, as in the released loop
-        state = _materialise(coeffs, vectors, winner)
+        state = _materialise(coeffs, [_rows(store, src[winner], device) for store in stores], winner)
         realised, _ = _exact_costs(ctx, state, tgt)
         better = realised.cpu() < best[:, tgt]
         new_states = states.clone()

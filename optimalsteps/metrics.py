@@ -1,0 +1,160 @@
+"""Evaluation metrics, all in one place: sample-wise errors against a reference and distribution distances.
+
+Every function takes tensors [N, ...] (samples are flattened to vectors) and returns a Python float;
+arithmetic is float64 whatever the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import OptimalStepsError
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    x = torch.as_tensor(x)
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise OptimalStepsError(f"metrics need samples [N, ...] with N >= 1, got shape {list(x.shape)}")
+    return x.detach().to(torch.float64).cpu().reshape(x.shape[0], -1)
+
+
+def _pair(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    x, ref = _flat(x), _flat(ref)
+    if x.shape != ref.shape:
+        raise OptimalStepsError(f"samples {list(x.shape)} and reference {list(ref.shape)} differ in shape")
+    return x, ref
+
+
+# ---------------------------------------------------------------------------------- sample-wise
+
+
+def mse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample against its reference (same noise): [N] float64."""
+    x, ref = _pair(x, ref)
+    return (x - ref).pow(2).mean(1)
+
+
+def mse(x: torch.Tensor, ref: torch.Tensor) -> float:
+    """Mean squared error over all samples and elements."""
+    return float(mse_per_sample(x, ref).mean())
+
+
+def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float) -> float:
+    """Mean over samples of 10 log10(data_range^2 / MSE_i), in dB (images in [-1, 1] have data_range 2).
+
+    A sample identical to its reference counts as 300 dB rather than infinity, so the mean stays finite."""
+    if not (data_range > 0 and math.isfinite(data_range)):
+        raise OptimalStepsError(f"PSNR needs a positive data range, got {data_range}")
+    per = mse_per_sample(x, ref).clamp(min=data_range ** 2 * 1e-30)
+    return float((10.0 * torch.log10(data_range ** 2 / per)).mean())
+
+
+# ---------------------------------------------------------------------------------- distributions
+
+
+def random_projections(dim: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` directions uniform on the unit sphere of R^dim, as columns [dim, count] (deterministic)."""
+    directions = np.random.default_rng(seed).standard_normal((dim, count))
+    return directions / np.linalg.norm(directions, axis=0, keepdims=True)
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
+    """Sliced Wasserstein-2 distance: sqrt of the mean over random directions of the squared 1-D W2 between
+    the projected sample sets (POT's `ot.sliced_wasserstein_distance` when installed, else numpy)."""
+    x, y = _flat(x), _flat(y)
+    if x.shape[1] != y.shape[1]:
+        raise OptimalStepsError(f"sample dimensions differ: {x.shape[1]} vs {y.shape[1]}")
+    theta = random_projections(x.shape[1], projections, seed)
+    try:
+        import ot
+    except ImportError:
+        return sliced_wasserstein_numpy(x.numpy(), y.numpy(), theta)
+    return float(ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), projections=theta, p=2))
+
+
+def sliced_wasserstein_numpy(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> float:
+    """The same distance without POT: per direction, W2^2 between empirical measures with uniform weights is
+    the integral over quantile levels of the squared difference of the two quantile functions."""
+    px = np.sort(x @ theta, axis=0)
+    py = np.sort(y @ theta, axis=0)
+    # merge both sets of quantile breakpoints; on each piece both quantile functions are constant
+    levels = np.union1d(np.arange(1, len(px) + 1) / len(px), np.arange(1, len(py) + 1) / len(py))
+    widths = np.diff(np.concatenate([[0.0], levels]))
+    mid = levels - widths / 2
+    qx = px[np.minimum((mid * len(px)).astype(int), len(px) - 1)]
+    qy = py[np.minimum((mid * len(py)).astype(int), len(py) - 1)]
+    per_direction = (widths[:, None] * (qx - qy) ** 2).sum(0)
+    return float(math.sqrt(per_direction.mean()))
+
+
+def median_bandwidth(y: torch.Tensor) -> float:
+    """The median distance between distinct pairs of samples: the usual RBF bandwidth heuristic."""
+    y = _flat(y)
+    d = torch.cdist(y, y)
+    upper = d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)]
+    return float(upper.median()) if upper.numel() else 1.0
+
+
+def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> float:
+    """Unbiased squared maximum mean discrepancy with the RBF kernel exp(-|a-b|^2 / (2 h^2)).
+
+    h defaults to the median pairwise distance of `y`, the reference set, so that comparing several sample
+    sets against one reference uses one kernel. Can be slightly negative (unbiased) when x and y agree."""
+    x, y = _flat(x), _flat(y)
+    if x.shape[0] < 2 or y.shape[0] < 2:
+        raise OptimalStepsError("MMD needs at least 2 samples in each set")
+    h = median_bandwidth(y) if bandwidth is None else float(bandwidth)
+    if not (h > 0 and math.isfinite(h)):
+        raise OptimalStepsError(f"MMD bandwidth must be positive, got {h}")
+
+    def mean_kernel(a: torch.Tensor, b: torch.Tensor, same: bool) -> float:
+        k = torch.exp(-torch.cdist(a, b).pow(2) / (2 * h * h))
+        if same:  # drop the diagonal (i = j) terms
+            n = a.shape[0]
+            return float((k.sum() - k.diagonal().sum()) / (n * (n - 1)))
+        return float(k.mean())
+
+    return mean_kernel(x, x, True) + mean_kernel(y, y, True) - 2 * mean_kernel(x, y, False)
+
+
+def mixture_nll(mixture: Any, x: torch.Tensor) -> float:
+    """Mean negative log-likelihood of samples under a model's exact data density (`log_prob`, e.g.
+    `GaussianMixture`): low for samples where the data are; not a divergence (a collapsed set can score well)."""
+    if not hasattr(mixture, "log_prob"):
+        raise OptimalStepsError("exact NLL needs a model with an exact log_prob (a Gaussian mixture)")
+    return float(-mixture.log_prob(_flat(x)).mean())
+
+
+def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """Mean [D] and covariance [D, D] (unbiased) of a feature set [N, D]."""
+    f = _flat(features).numpy()
+    if f.shape[0] < 2:
+        raise OptimalStepsError("a covariance needs at least 2 feature vectors")
+    return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))
+
+
+def frechet_from_statistics(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
+    """|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)): the Frechet (W2) distance of two Gaussians,
+    squared (as FID reports it)."""
+    from scipy.linalg import sqrtm
+
+    mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
+    cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
+    root = sqrtm(cov1 @ cov2)
+    if not np.isfinite(root).all():
+        # a singular product: regularise both covariances a little, as FID implementations do
+        eps = 1e-6 * np.eye(cov1.shape[0])
+        root = sqrtm((cov1 + eps) @ (cov2 + eps))
+    root = np.real(root)  # rounding can leave tiny imaginary parts
+    diff = mu1 - mu2
+    return float(diff @ diff + np.trace(cov1) + np.trace(cov2) - 2 * np.trace(root))
+
+
+def frechet_distance(features_x: torch.Tensor, features_y: torch.Tensor) -> float:
+    """Frechet distance between the Gaussian fits of two feature sets [N, D] (FID when the features are
+    Inception's; the digits models supply their own)."""
+    return frechet_from_statistics(*gaussian_statistics(features_x), *gaussian_statistics(features_y))
