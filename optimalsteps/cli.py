@@ -339,7 +339,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                     reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed,
                     storage=args.storage, storage_dtype=args.storage_dtype, storage_dir=args.storage_dir,
                     target_chunk=args.target_chunk, memory_limit=args.memory_limit,
-                    checkpoint_dir=args.checkpoint, resume=args.resume)
+                    checkpoint_dir=args.checkpoint, resume=args.resume, **refine_from_args(args))
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
@@ -349,6 +349,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
     print(f"cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.cost:.4g}   "
           f"NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    print_refinement(schedule)
     print(f"wrote {args.out}")
 
 
@@ -456,7 +457,56 @@ def add_search_command(sub: Any) -> None:
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     add_scale_args(p)
+    add_refine_args(p)
     p.set_defaults(func=cmd_search)
+
+
+def add_refine_args(parser: argparse.ArgumentParser) -> None:
+    from .refine import METHODS
+
+    g = parser.add_argument_group("refinement and coarse-to-fine search (docs/refine.md)")
+    g.add_argument("--refine", action="store_true",
+                   help="then optimise the times off the grid for the final error on the search samples")
+    g.add_argument("--refine-budget", type=_positive_int, default=None,
+                   help="most model calls the refinement may spend (default: until converged, 40 per time)")
+    g.add_argument("--refine-samples", type=_positive_int, default=None,
+                   help="measure the final error on this many samples (extra ones get their own teacher run)")
+    g.add_argument("--refine-method", default="nelder-mead", choices=METHODS)
+    g.add_argument("--coarse-to-fine", action="store_true",
+                   help="DP on a coarse sub-grid, then on bands around its choices: far fewer model calls")
+    g.add_argument("--coarse-steps", type=_positive_int, default=None,
+                   help="steps of the coarse grid (default: max(2 M, N / 16))")
+
+
+def refine_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """search() keyword arguments of the refinement and coarse-to-fine options."""
+    from .refine import CoarseToFine, Refinement
+
+    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
+        raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
+    if args.coarse_steps is not None and not args.coarse_to_fine:
+        raise OptimalStepsError("--coarse-steps needs --coarse-to-fine")
+    refine = Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method, warn=False)
+    return {"refine": refine if args.refine else False, "refine_budget": args.refine_budget,
+            "coarse_to_fine": CoarseToFine(args.coarse_steps) if args.coarse_to_fine else False}
+
+
+def print_refinement(schedule: Any) -> None:
+    """The refinement's outcome (or why it was refused) and the coarse-to-fine levels, one line each."""
+    metadata = schedule.metadata
+    if metadata.get("coarse_to_fine"):
+        fast = metadata["coarse_to_fine"]
+        print(f"coarse to fine: coarse grid of {fast['coarse_steps']} steps, then "
+              + ", ".join(f"stride {lv['stride']} (±{lv['window']}, {lv['rounds']} round(s))" for lv in fast["levels"]))
+    refine = metadata.get("refine")
+    if not refine:
+        return
+    if refine.get("message"):
+        print(f"refinement skipped: {refine['message']}")
+        return
+    print(f"refined from {refine['start']}: final error on {refine['samples']} samples "
+          f"{refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
+          f"stopped: {refine['stopped']})   NFE: search {metadata['search_nfe']}, refinement {metadata['refine_nfe']}")
 
 
 def cmd_models(args: argparse.Namespace) -> None:
@@ -496,6 +546,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_command(sub)
     add_compare_command(sub)
+    from .demo import add_demo_command
+
+    add_demo_command(sub)
     # further subcommands: one add_*_command(sub) function each, below
     return parser
 

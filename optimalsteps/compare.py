@@ -21,19 +21,21 @@ from tqdm.auto import tqdm
 
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
 from .errors import OptimalStepsError
-from .metrics import mixture_nll, mmd, mse, psnr, sliced_wasserstein
+from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
 from .models import draw_noise, model_process
 from .schedules import Schedule, check_steps, write_bytes
 from .solvers import get_solver, sample
 
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
+# the OSS search refined off the grid, or with the coarse-to-fine DP (optimalsteps.refine), under their own names
+SEARCH_VARIANTS = {"oss-refined": {"refine": True}, "oss-fast": {"coarse_to_fine": True}}
 EVAL_SEED_OFFSET = 1_000_003  # evaluation noise seed = search seed + this, unless given
 
 # every row carries all of these keys; a metric that does not apply is None
-ROW_KEYS = ("schedule", "solver", "steps", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll",
+ROW_KEYS = ("schedule", "solver", "steps", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll", "fd",
             "search_seconds", "sample_seconds", "process", "times")
 # quality metrics and which direction is better (marked in results.md)
-BETTER = {"mse": min, "psnr": max, "mse_exact": min, "sw2": min, "mmd": min, "nll": min}
+BETTER = {"mse": min, "psnr": max, "mse_exact": min, "sw2": min, "mmd": min, "nll": min, "fd": min}
 REPORT_FILES = ("results.json", "results.csv", "results.md", "reference.json")
 
 
@@ -72,7 +74,7 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     if too_many:
         raise OptimalStepsError(f"step counts {too_many} are not fewer than the teacher's {teacher_steps} steps")
     solvers = list(dict.fromkeys(get_solver(s).name for s in solvers))
-    names = list(dict.fromkeys(check_name(n) for n in schedules))
+    names = list(dict.fromkeys(n if n in SEARCH_VARIANTS else check_name(n) for n in schedules))
     if not solvers or not names:
         raise OptimalStepsError("compare needs at least one solver and one schedule")
     options = options or {}
@@ -84,7 +86,7 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     eval_noise = eval_noise if eval_noise is not None else draw_noise(model, eval_samples, eval_seed)
     eval_cond = _eval_conditions(cond, eval_cond, eval_noise.shape[0])
 
-    jobs = len(solvers) + sum(len(solvers) if n in SOLVER_SPECIFIC else 1 for n in names) + \
+    jobs = len(solvers) + sum(len(solvers) if _solver_specific(n) else 1 for n in names) + \
         len(names) * len(solvers) * len(steps) + 1
     bar = tqdm(total=jobs, desc="compare", disable=not progress)
     try:
@@ -113,17 +115,20 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
         for name in names:
             # the OSS search distils the same teacher the evaluation uses; GITS and BOSS keep their papers' grids
             extra = {"teacher_steps": teacher_steps, "max_batch": max_batch} if name == "oss" else {}
-            for solver in (solvers if name in SOLVER_SPECIFIC else [None]):
+            if name in SEARCH_VARIANTS:
+                extra = {"teacher_steps": teacher_steps, "max_batch": max_batch, **SEARCH_VARIANTS[name]}
+            for solver in (solvers if _solver_specific(name) else [None]):
                 bar.set_postfix_str(f"schedule {name}" + (f" ({solver})" if solver else ""))
-                made[(name, solver)] = make_schedules(name, process, steps, model=model, noise=noise, cond=cond,
-                                                      solver=solver or "euler", **{**extra, **options.get(name, {})})
+                made[(name, solver)] = make_schedules("oss" if name in SEARCH_VARIANTS else name, process, steps,
+                                                      model=model, noise=noise, cond=cond, solver=solver or "euler",
+                                                      **{**extra, **options.get(name, {})})
                 bar.update(1)
 
         for name in names:
             for solver in solvers:
                 for m in steps:
                     bar.set_postfix_str(f"{name} / {solver} / {m} steps")
-                    schedule = made[(name, solver if name in SOLVER_SPECIFIC else None)][m]
+                    schedule = made[(name, solver if _solver_specific(name) else None)][m]
                     out, seconds, nfe = _sample(model, eval_noise, schedule, solver, eval_cond, max_batch)
                     row = {"schedule": name, "solver": solver, "steps": m, "nfe": nfe,
                            "mse": mse(out, teachers[solver]),
@@ -138,6 +143,10 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     finally:
         bar.close()
     return result
+
+
+def _solver_specific(name: str) -> bool:
+    return name in SOLVER_SPECIFIC or name in SEARCH_VARIANTS
 
 
 def _eval_conditions(cond: dict | None, eval_cond: dict | None, count: int) -> dict | None:
@@ -156,6 +165,7 @@ class _Targets:
     data: torch.Tensor | None  # true data samples
     data_range: float | None
     floor: dict[str, Any]  # scores of a second, independent set of true data samples
+    data_features: torch.Tensor | None = None
 
 
 def _references(model: Any, eval_noise: torch.Tensor, eval_seed: int, data_range: float | None) -> _Targets:
@@ -173,6 +183,10 @@ def _references(model: Any, eval_noise: torch.Tensor, eval_seed: int, data_range
     if floor_set is not None:
         targets.floor = {"sw2": sliced_wasserstein(floor_set, data), "mmd": mmd(floor_set, data),
                          "nll": mixture_nll(model, floor_set) if hasattr(model, "log_prob") else None}
+        if callable(getattr(model, "features", None)):
+            # a Frechet distance in the features of a classifier trained on the same data (models that have one)
+            targets.data_features = model.features(data)
+            targets.floor["fd"] = frechet_distance(model.features(floor_set), targets.data_features)
     return targets
 
 
@@ -195,7 +209,9 @@ def _distribution_scores(model: Any, out: torch.Tensor, targets: _Targets) -> di
     return {"mse_exact": mse(out, targets.exact) if targets.exact is not None else None,
             "sw2": sliced_wasserstein(out, targets.data) if targets.data is not None else None,
             "mmd": mmd(out, targets.data) if targets.data is not None else None,
-            "nll": mixture_nll(model, out) if hasattr(model, "log_prob") else None}
+            "nll": mixture_nll(model, out) if hasattr(model, "log_prob") else None,
+            "fd": (frechet_distance(model.features(out), targets.data_features)
+                   if targets.data_features is not None else None)}
 
 
 # ------------------------------------------------------------------------------------- the report
@@ -263,10 +279,12 @@ def best_in_group(rows: list[dict], key: str) -> set[int]:
 
 def markdown_table(rows: list[dict], group_keys: tuple[str, ...] = ("solver", "steps")) -> str:
     """One table, rows grouped by (solver, steps); the best quality value of each group in bold."""
-    columns = ["steps", "schedule", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll", "search_seconds",
+    columns = ["steps", "schedule", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll", "fd", "search_seconds",
                "sample_seconds"]
+    # a column no row has a value for (FD on a mixture, NLL on images) is left out
+    columns = [c for c in columns if c not in BETTER or any(row.get(c) is not None for row in rows)]
     titles = {"nfe": "NFE", "mse": "MSE", "psnr": "PSNR dB", "mse_exact": "MSE exact", "sw2": "SW2", "mmd": "MMD²",
-              "nll": "NLL", "search_seconds": "search s", "sample_seconds": "sample s"}
+              "nll": "NLL", "fd": "FD", "search_seconds": "search s", "sample_seconds": "sample s"}
     lines = ["| " + " | ".join(titles.get(c, c) for c in columns) + " |",
              "|" + "|".join("---" if c in ("schedule",) else "---:" for c in columns) + "|"]
     groups: dict[tuple, list[dict]] = {}
@@ -295,19 +313,21 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
               + (f" (PSNR data range {_fmt(ref.get('data_range'))})" if ref else "")
               + "; MSE exact against the exact ODE solution; SW2 (sliced Wasserstein-2, 256 directions) and MMD² "
               "(unbiased, RBF kernel, median-distance bandwidth of the data) against true data samples; NLL the "
-              "exact mean negative log-likelihood under the data density; search and sampling wall time in "
+              "exact mean negative log-likelihood under the data density; FD the Frechet distance in the features "
+              "of a classifier trained on the same data (image models); search and sampling wall time in "
               "seconds. – means the metric does not apply. **Bold**: the best value of its (solver, steps) "
               "block.", ""]
     if ref.get("teacher"):
         parts += ["## Reference levels", "",
-                  "| set | NFE | MSE exact | SW2 | MMD² | NLL |", "|---|---:|---:|---:|---:|---:|"]
+                  "| set | NFE | MSE exact | SW2 | MMD² | NLL | FD |", "|---|---:|---:|---:|---:|---:|---:|"]
         for solver, scores in ref["teacher"].items():
             parts.append(f"| teacher ({solver}) | {scores['nfe']} | {_fmt(scores['mse_exact'])} "
-                         f"| {_fmt(scores['sw2'])} | {_fmt(scores['mmd'])} | {_fmt(scores['nll'])} |")
+                         f"| {_fmt(scores['sw2'])} | {_fmt(scores['mmd'])} | {_fmt(scores['nll'])} "
+                         f"| {_fmt(scores.get('fd'))} |")
         if ref.get("floor"):
             floor = ref["floor"]
             parts.append(f"| independent data samples | – | – | {_fmt(floor['sw2'])} | {_fmt(floor['mmd'])} "
-                         f"| {_fmt(floor['nll'])} |")
+                         f"| {_fmt(floor['nll'])} | {_fmt(floor.get('fd'))} |")
         parts += ["", "Distances below the data-vs-data floor are sampling noise, not differences.", ""]
     for solver in dict.fromkeys(r["solver"] for r in result.rows):
         parts += [f"## {solver}", "", markdown_table([r for r in result.rows if r["solver"] == solver]), ""]
