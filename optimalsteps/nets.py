@@ -27,7 +27,7 @@ from torch import nn
 
 from .data import dataset_info, draw_images, load_dataset
 from .errors import OptimalStepsError
-from .models import CFGModel, finite_positive
+from .models import CFGModel
 from .processes import ProcessLike, from_x0_eps, get_process
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
@@ -270,6 +270,12 @@ class NetModel:
             raise OptimalStepsError(f"{self.meta['name']} is unconditional; got condition(s) {sorted(cond)}")
         return self._run(x, t, None)
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of a classifier trained on the same data (for the Frechet distance in `compare`)."""
+        if getattr(self, "_features", None) is None:
+            self._features = feature_extractor(self.dataset)
+        return self._features(images)
+
     def data_samples(self, count: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Held-out real images [count, C, H, W] the network never saw in training."""
         if self._held_out is None:
@@ -285,7 +291,8 @@ class ConditionalNetModel(NetModel):
         super().__init__(net, meta)
         self.num_classes = int(meta["num_classes"])
 
-    def labels(self, labels: Any, batch: int) -> torch.Tensor:
+    def check_labels(self, labels: Any, batch: int) -> torch.Tensor:
+        """Labels as a long tensor [batch] on the network's device; a clear error for anything else."""
         labels = torch.as_tensor(labels)
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise OptimalStepsError(f"class labels must be whole numbers, got dtype {labels.dtype}")
@@ -303,21 +310,40 @@ class ConditionalNetModel(NetModel):
     def __call__(self, x: torch.Tensor, t: torch.Tensor, labels: Any = None, **cond: Any) -> torch.Tensor:
         if cond:
             raise OptimalStepsError(f"{self.meta['name']} takes only 'labels'; got condition(s) {sorted(cond)}")
-        return self._run(x, t, None if labels is None else self.labels(labels, x.shape[0]))
+        return self._run(x, t, None if labels is None else self.check_labels(labels, x.shape[0]))
 
     def with_guidance(self, scale: float) -> "GuidedNetModel":
         """This model under classifier-free guidance at `scale` (1 = plain conditional)."""
-        scale = float(scale)
-        if not math.isfinite(scale):
-            raise OptimalStepsError(f"guidance scale must be finite, got {scale}")
-        return GuidedNetModel(self, scale, cond_key="labels", uncond_value=self.num_classes)
+        scale = guidance_scale(scale)
+        guided = GuidedNetModel(self, scale, cond_key="labels", uncond_value=self.num_classes)
+        guided.spec = f"{self.meta['name']}:guidance={scale:g}"
+        guided.dataset = self.dataset
+        return guided
 
 
 class GuidedNetModel(CFGModel):
     """CFGModel over a ConditionalNetModel that can be re-guided at another scale (the CLI's --guidance)."""
 
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: Any) -> torch.Tensor:
+        # labels are checked against this batch before the guided call doubles it
+        labels = cond.pop("labels", None)
+        if labels is not None:
+            cond["labels"] = self.model.check_labels(labels, x.shape[0])
+        return super().__call__(x, t, **cond)
+
     def with_guidance(self, scale: float) -> "GuidedNetModel":
         return self.model.with_guidance(scale)
+
+
+def guidance_scale(value: Any) -> float:
+    """A classifier-free guidance scale: finite and >= 0 (0 = unconditional, 1 = plain conditional)."""
+    try:
+        scale = float(value)
+    except (TypeError, ValueError):
+        raise OptimalStepsError(f"guidance scale must be a number, got {value!r}") from None
+    if not (math.isfinite(scale) and scale >= 0):
+        raise OptimalStepsError(f"guidance scale must be finite and >= 0, got {value!r}")
+    return scale
 
 
 # ---------------------------------------------------------------------------------- built-in models
@@ -346,12 +372,9 @@ def load_digits_vp(**options: Any) -> NetModel:
 
 
 def load_mnist_flow_cfg(guidance: float | str = DEFAULT_GUIDANCE, **options: Any) -> GuidedNetModel:
-    _no_options("mnist-flow-cfg (besides guidance)", options)
-    try:
-        scale = finite_positive(float(guidance), "guidance")
-    except ValueError:
-        raise OptimalStepsError(f"mnist-flow-cfg guidance must be a number, got {guidance!r}") from None
-    return load_net_model("mnist-flow-cfg").with_guidance(scale)
+    if options:
+        raise OptimalStepsError(f"mnist-flow-cfg takes only the option guidance, got {sorted(options)}")
+    return load_net_model("mnist-flow-cfg").with_guidance(guidance_scale(guidance))
 
 
 BUILTIN_MODELS: dict[str, tuple[str, Callable[..., Any]]] = {
