@@ -90,7 +90,7 @@ class CFGModel:
         self.guidance_scale = float(guidance_scale)
         self.cond_key = cond_key
         self.uncond_value = uncond_value
-        for attr in ("sample_shape", "data_samples", "num_classes", "spec"):
+        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

@@ -193,7 +193,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
            storage_dtype: torch.dtype | str | None = None, storage_dir: str | None = None,
            target_chunk: int | None = None, memory_limit: int | None = None, checkpoint_dir: str | None = None,
            resume: bool = False, distributed: bool = True,
-           callback: Optional[Callable[[str, int, int], None]] = None, refine: bool = False,
+           callback: Optional[Callable[[str, int, int], None]] = None, refine: Any = False,
            refine_budget: int | None = None, coarse_to_fine: Any = False) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
@@ -214,8 +214,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
       `checkpoint_dir` writes the state after the teacher and every layer, `resume` continues from it.
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
     - `coarse_to_fine` (True or a `refine.CoarseToFine`): the DP on a coarse sub-grid, then on bands around
-      its choices (far fewer model calls); `refine`: then optimise the times off the grid on the search
-      samples, within `refine_budget` model calls (docs/refine.md).
+      its choices (far fewer model calls); `refine` (True or a `refine.Refinement`): then optimise the
+      times off the grid on the search samples, within `refine_budget` model calls (docs/refine.md).
     """
     started = time.perf_counter()
     process = model_process(model)
@@ -348,7 +348,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     if refine:
         from .refine import refine_search_result
 
-        result = refine_search_result(model, noise, result, solver_def.name, refine_budget, cond, max_batch, progress)
+        result = refine_search_result(model, noise, result, solver_def.name, refine_budget, cond, max_batch, progress,
+                                      refine)
     return result
 
 
