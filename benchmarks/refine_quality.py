@@ -163,8 +163,8 @@ def header(args):
 
 
 def k_table(args, rows):
-    print(f"\nSmallest K such that uniform Euler with K·M steps matches refined DPM-Solver++(2M) with M steps "
-          f"(same held-out error):\n")
+    print("\nSmallest K such that uniform Euler with K·M steps matches refined DPM-Solver++(2M) with M steps "
+          "(same held-out error):\n")
     print(f"| model | M | refined R{args.samples} error | K | refined R{args.refine_samples} error | K | "
           f"uniform Euler M steps |")
     print("|---|---:|---:|---:|---:|---:|---:|")

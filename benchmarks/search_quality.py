@@ -23,7 +23,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
-    dim, samples, eval_samples, teacher_steps = (16, 4, 128, 60) if args.quick else (64, 8, 1024, 200)
+    dim, samples, eval_samples, teacher_steps = (16, 4, 128, 60) if args.quick else (32, 8, 1024, 200)
     steps_list = [4, 6] if args.quick else [4, 6, 8, 10]
     torch.set_num_threads(2)
     print(f"mixture dim {dim}, 8 components (seed 0); search: {samples} samples, teacher {teacher_steps} steps; "

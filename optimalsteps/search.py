@@ -599,7 +599,6 @@ def _advance(ctx: _Context, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor,
              cost_table: torch.Tensor, traces: torch.Tensor, k: int) -> _Layer:
     """One DP layer: every source state takes one step to every later target; each target cell keeps its
     best. Cells are built in blocks of targets, so only a block of states is ever on the compute device."""
-    batch = layer.states.shape[0]
     x0_store = _source_estimates(ctx, layer, src, label)
     coefficient_solver = "euler" if ctx.solver.corrector else ctx.solver.name
     coeffs, stores, cost = _layer_costs(ctx, layer, src, x0_store, tgt, coefficient_solver)
