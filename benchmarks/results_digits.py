@@ -52,9 +52,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--models", default="digits-flow,digits-vp,mnist-flow-cfg")
+    parser.add_argument("--steps", default=None, help="comma-separated step counts (default 3,5,8,10)")
+    parser.add_argument("--eval-samples", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(2)
     steps, samples, eval_samples, teacher = ([3, 5], 4, 32, 40) if args.quick else ([3, 5, 8, 10], 8, 256, 200)
+    steps = [int(v) for v in args.steps.split(",")] if args.steps else steps
+    eval_samples = args.eval_samples or eval_samples
     print(f"search: {samples} samples; evaluation: {eval_samples} fresh noises; teacher {teacher} steps of "
           "the same solver on the default grid")
     for spec in args.models.split(","):

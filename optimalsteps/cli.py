@@ -339,7 +339,7 @@ def cmd_search(args: argparse.Namespace) -> None:
                     reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed,
                     storage=args.storage, storage_dtype=args.storage_dtype, storage_dir=args.storage_dir,
                     target_chunk=args.target_chunk, memory_limit=args.memory_limit,
-                    checkpoint_dir=args.checkpoint, resume=args.resume, **refine_from_args(args))
+                    checkpoint_dir=args.checkpoint, resume=args.resume, free_start=args.free_start, **refine_from_args(args))
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
@@ -453,6 +453,8 @@ def add_search_command(sub: Any) -> None:
     p.add_argument("--aggregate", default="joint", choices=AGGREGATES)
     p.add_argument("--reference-compat", action="store_true",
                    help="reproduce the released code's semantics (docs/search.md)")
+    p.add_argument("--free-start", action="store_true",
+                   help="let the first step start from the noise placed at a later grid point (docs/search.md)")
     p.add_argument("--max-batch", type=_positive_int, default=4096, help="largest batch of one model call")
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")

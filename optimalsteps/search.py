@@ -194,7 +194,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
            target_chunk: int | None = None, memory_limit: int | None = None, checkpoint_dir: str | None = None,
            resume: bool = False, distributed: bool = True,
            callback: Optional[Callable[[str, int, int], None]] = None, refine: Any = False,
-           refine_budget: int | None = None, coarse_to_fine: Any = False) -> SearchResult:
+           refine_budget: int | None = None, coarse_to_fine: Any = False, free_start: bool = False) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
@@ -212,6 +212,9 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
       elsewhere or in lower precision; `target_chunk` bounds per-layer temporaries; the peak memory is
       estimated first and the search refused if it cannot fit (`memory_limit` bytes, else what is free);
       `checkpoint_dir` writes the state after the teacher and every layer, `resume` continues from it.
+    - `free_start`: the first step may start from the initial state placed at any later grid point (the
+      freedom the released code's first layer has, kept here with exactly-M-step cells); the schedule then
+      records `noise_scale_time` and `sample` starts from sigma(t_start) * noise at its first time.
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
     - `coarse_to_fine` (True or a `refine.CoarseToFine`): the DP on a coarse sub-grid, then on bands around
       its choices (far fewer model calls); `refine` (True or a `refine.Refinement`): then optimise the
@@ -272,6 +275,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                     "teacher_steps": teacher_steps, "teacher_times": fingerprint(teacher.times),
                     "samples": batch, "seed": seed, "noise": fingerprint(noise), "solver": solver_def.name,
                     "cost": cost, "aggregate": aggregate, "reference_compat": reference_compat,
+                    "free_start": free_start,
                     "candidates": candidates, "ranks": part.world}
         checkpointer = Checkpointer(checkpoint_dir, settings, part.rank, resume)
 
@@ -296,7 +300,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                    view=lambda x: _cost_view(x, cost_channels, cost_frames, sample_shape),
                    cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape, part=part,
                    chunk=target_chunk, storage=storage, storage_dir=storage_dir, checkpointer=checkpointer,
-                   callback=callback,
+                   callback=callback, free_start=free_start and not reference_compat,
                    device=noise.device, start=initial_state(process, local_noise, float(teacher.times[0])))
     fast = None
     if coarse_to_fine:
@@ -309,12 +313,13 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     per_sample_indices = None
     last_layer = steps if not reference_compat else -1
     if ctx.per_sample:
-        local = [_trace(traces[b], steps, teacher_steps, reference_compat) for b in range(traces.shape[0])]
+        local = [_trace(traces[b], steps, teacher_steps, reference_compat, free_start)
+                 for b in range(traces.shape[0])]
         per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
         indices = (_reference_median if reference_compat else _median)(per_sample_indices)
         final_cost = float(ctx.sample_mean(cost_table[:, last_layer, teacher_steps]))
     else:
-        indices = _trace(traces, steps, teacher_steps, False)
+        indices = _trace(traces, steps, teacher_steps, False, free_start)
         final_cost = float(cost_table[steps, teacher_steps])
 
     nfe = int(ctx.global_sum(torch.tensor([teacher_run.nfe * (part.stop - part.start) + search_nfe],
@@ -331,7 +336,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
         "teacher_steps": teacher_steps, "teacher_schedule": teacher.metadata.get("baseline", "custom"),
         "solver": solver_def.name, "cost": ctx.cost, "aggregate": "median" if ctx.per_sample else "joint",
         "samples": batch, "seed": seed, "steps": steps, "teacher_indices": indices, "dp_cost": final_cost,
-        "reference_compat": reference_compat,
+        "reference_compat": reference_compat, "free_start": free_start,
         "calibration": {"q05": [amplitude["q05"][i] for i in schedule.metadata.get("_grid", indices)[:-1]],
                         "q95": [amplitude["q95"][i] for i in schedule.metadata.get("_grid", indices)[:-1]]},
     })
@@ -390,6 +395,7 @@ class _Context:
     start: torch.Tensor  # the initial states of this rank's samples, exact (not from lower-precision storage)
     nfe: int = 0
     cells: Optional[torch.Tensor] = None  # [M+1, N+1] bool: the only cells the DP may fill (coarse to fine)
+    free_start: bool = False  # the first step may start from the initial state placed at a later grid point
 
     def global_sum(self, local: torch.Tensor) -> torch.Tensor:
         if not self.part.active:
@@ -555,7 +561,8 @@ def _choose(ctx: _Context, cost: torch.Tensor) -> torch.Tensor:
 
 
 def _exact_dp(ctx: _Context):
-    """The DP with exactly-k-step cells, one state per cell, starting only from the real initial state."""
+    """The DP with exactly-k-step cells, one state per cell, starting from the real initial state at the
+    start (or, with `free_start`, from the same state placed at any grid point that leaves room for M steps)."""
     batch = ctx.start.shape[0]
     n_points = len(ctx.times)
     n, m = n_points - 1, ctx.steps
@@ -563,15 +570,16 @@ def _exact_dp(ctx: _Context):
     flat_start = ctx.start.reshape(batch, -1)
     shape = torch.Size((batch, n_points, flat_start.shape[1]))
     states = ctx.layer_store("states-0", shape)
-    states[:, 0] = flat_start.to(states.device)
+    starts = n - m + 1 if ctx.free_start else 1
+    states[:, :starts] = flat_start.to(states.device)[:, None]
     valid = torch.zeros(n_points, dtype=torch.bool, device=device)
-    valid[0] = True
+    valid[:starts] = True
     layer = _Layer(states, ctx.layer_store("x0-prev-0", shape) if ctx.solver.multistep else None,
                    torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device), None, valid)
     table_shape = (batch, m + 1, n_points) if ctx.per_sample else (m + 1, n_points)
     cost_table = torch.full(table_shape, math.inf, dtype=torch.float64)
     traces = torch.full((batch, m + 1, n_points), -1, dtype=torch.long)
-    cost_table[..., 0, 0] = 0.0
+    cost_table[..., 0, :starts] = 0.0
     done = 0
     if ctx.checkpointer is not None:
         done, saved = ctx.checkpointer.latest_layer(m)
@@ -699,13 +707,13 @@ def _reference_dp(ctx: _Context):
     return traces, cost_table, ctx.nfe
 
 
-def _trace(trace: torch.Tensor, steps: int, n: int, reference: bool) -> list[int]:
+def _trace(trace: torch.Tensor, steps: int, n: int, reference: bool, free_start: bool = False) -> list[int]:
     """Grid indices start -> clean end, traced back from cell (steps, n) through `trace` [M+1, N+1]."""
     path = [n]
     for k in range(steps, 0, -1):
         path.append(int(trace[k, path[-1]]))
     path.reverse()
-    if not reference and (path[0] != 0 or any(b <= a for a, b in zip(path, path[1:]))):
+    if not reference and ((path[0] != 0 and not free_start) or any(b <= a for a, b in zip(path, path[1:]))):
         raise RuntimeError(f"internal error: traced path {path} is not a valid {steps}-step path")
     return path
 
@@ -738,9 +746,9 @@ def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, refere
     if reference:
         metadata["padded_steps"] = len(indices) - len(grid)
         metadata["reference_indices"] = list(indices)
-        if grid[0] != 0:
-            # the released code starts from the raw noise at a later grid time
-            metadata["noise_scale_time"] = float(teacher.times[0])
+    if grid[0] != 0:
+        # the first step starts from the initial state sigma(t_start) * noise placed at a later grid time
+        metadata["noise_scale_time"] = float(teacher.times[0])
     return Schedule(times, teacher.process, solver=solver, metadata=metadata)
 
 

@@ -1,4 +1,5 @@
 import itertools
+import math
 
 import pytest
 import torch
@@ -208,3 +209,30 @@ class _OnlyTeacher:
         if x.shape[0] > 2:
             out[:] = float("nan")
         return out
+
+
+@pytest.mark.parametrize("solver", ["euler", "dpmpp2m"])
+def test_free_start_against_brute_force(solver):
+    """With free_start the first step may start from the initial state placed at any grid point: the
+    traced schedule's realised error is the DP's cost; for M = 1 it is the optimum over all such paths, and
+    from M = 2 on the first layer's cells already prune between starts, so it is only bounded by it."""
+    model = GaussianMixture.random(dim=6, components=3, seed=4, process="flow")
+    noise = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for steps in (1, 2, 3):
+        result = search(model, noise, steps=steps, teacher_steps=12, solver=solver, free_start=True)
+        realised = _final_error(model, noise, result.teacher_samples, result.schedule, solver)
+        assert realised == pytest.approx(result.cost, rel=1e-6, abs=1e-12)
+        if result.indices[0] > 0:
+            assert result.schedule.metadata["noise_scale_time"] == 1.0
+        fixed = search(model, noise, steps=steps, teacher_steps=12, solver=solver)
+        assert result.cost <= fixed.cost * (1 + 1e-9)  # a superset of paths
+        if steps <= 2:
+            grid = result.teacher.times
+            best = math.inf
+            for path in itertools.combinations(range(0, 12), steps):
+                times = grid[list(path) + [12]]
+                schedule = Schedule(times, "flow", metadata={"noise_scale_time": 1.0})
+                best = min(best, _final_error(model, noise, result.teacher_samples, schedule, solver))
+            assert best <= realised * (1 + 1e-9)
+            if steps == 1:
+                assert realised == pytest.approx(best, rel=1e-6, abs=1e-12)
