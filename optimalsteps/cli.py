@@ -76,12 +76,9 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
 
 
 def load_noise(path: str, model: Any) -> torch.Tensor:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise OptimalStepsError(f"noise file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise OptimalStepsError(f"noise file {path} is not a readable .npy array: {exc}") from None
+    from .models import load_npy
+
+    array = load_npy(path, "noise file")
     if not np.issubdtype(array.dtype, np.floating):
         raise OptimalStepsError(f"noise file {path} must hold floating-point values, got {array.dtype}")
     shape = getattr(model, "sample_shape", None)

@@ -20,6 +20,7 @@ import torch
 
 from .data import DATASETS, draw_images, load_dataset
 from .errors import OptimalStepsError
+from .models import load_npy
 from .processes import ProcessLike, get_process
 
 # 1 / (2 sigma^2) is capped here: large enough that any two distinct points separate completely, small
@@ -129,12 +130,7 @@ def load_empirical(name: str, process: ProcessLike = "flow", **options: Any) -> 
 
 
 def _load_array(path: str) -> torch.Tensor:
-    try:
-        array = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise OptimalStepsError(f"empirical data file not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise OptimalStepsError(f"empirical data file {path} is not a readable .npy array: {exc}") from None
+    array = load_npy(path, "empirical data file")
     if not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
         raise OptimalStepsError(f"empirical data file {path} must hold numbers, got {array.dtype}")
     return torch.from_numpy(np.ascontiguousarray(array, dtype=np.float64))

@@ -237,6 +237,18 @@ def load_json(path: str | Path, what: str) -> Any:
         raise OptimalStepsError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
+def load_npy(path: str | Path, what: str):
+    """A .npy array (no pickles), or a one-line error naming `what` could not be read."""
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise OptimalStepsError(f"{what} not found: {path}") from None
+    except (ValueError, OSError) as exc:
+        raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
+
+
 def finite_positive(value: float, what: str) -> float:
     value = float(value)
     if not (math.isfinite(value) and value > 0):
