@@ -27,8 +27,10 @@ from .schedules import Schedule, check_steps, write_bytes
 from .solvers import get_solver, sample
 
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
-# the OSS search refined off the grid, or with the coarse-to-fine DP (optimalsteps.refine), under their own names
-SEARCH_VARIANTS = {"oss-refined": {"refine": True}, "oss-fast": {"coarse_to_fine": True}}
+# the OSS search refined off the grid, with the coarse-to-fine DP (optimalsteps.refine), or with a free first
+# step start (docs/search.md), under their own names
+SEARCH_VARIANTS = {"oss-refined": {"refine": True}, "oss-fast": {"coarse_to_fine": True},
+                   "oss-free": {"free_start": True}}
 EVAL_SEED_OFFSET = 1_000_003  # evaluation noise seed = search seed + this, unless given
 
 # every row carries all of these keys; a metric that does not apply is None

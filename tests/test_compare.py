@@ -150,3 +150,22 @@ def test_cli_compare(tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
     assert main(args[:-2] + ["--steps", "9", "--out", str(tmp_path / "other")]) == 2
     assert "not fewer than the teacher's 8 steps" in capsys.readouterr().err
+
+
+def test_oss_free_start_variant_is_compared_from_its_later_start():
+    from optimalsteps import load_model, sample, search
+    from optimalsteps.compare import compare
+    from optimalsteps.models import draw_noise
+    from optimalsteps.search import default_teacher_schedule
+
+    model = load_model("gmm:dim=8,components=3,seed=1")
+    result = compare(model, steps=[3], solvers=["euler"], schedules=["oss-free"], samples=4, eval_samples=16,
+                     teacher_steps=30)
+    row = result.rows[0]
+    free = search(model, draw_noise(model, 4, 0), steps=3, teacher_steps=30, free_start=True)
+    assert row["times"] == free.schedule.times.tolist()
+    # evaluated as the search meant it: the noise scaled for the start time, placed at the first grid time
+    eval_noise = draw_noise(model, 16, 0 + 1_000_003)
+    teacher = sample(model, eval_noise, default_teacher_schedule(model.process, 30))
+    out = sample(model, eval_noise, free.schedule).samples
+    assert row["mse"] == pytest.approx(float((out - teacher.samples).pow(2).mean()), rel=1e-5)
