@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from optimalsteps.data import DATASETS, load_dataset
-from optimalsteps.nets import WEIGHTS_DIR, Classifier, save_weights
-from train_digits import learning_rate, refuse_overwrite
+from optimalsteps.nets import Classifier, save_weights
+from train_digits import add_training_args, learning_rate, refuse_overwrite
 
 OPTIONS = {
     "digits": {"widths": [32, 64], "feature_dim": 64, "num_classes": 10},
@@ -81,13 +81,7 @@ def train_one(dataset: str, steps: int, batch: int, lr: float, seed: int, out: s
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", choices=[*DATASETS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=None, help="default: 1500 for digits, 1000 for mnist")
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="directory for the weight files")
-    parser.add_argument("--force", action="store_true", help="overwrite existing weight files")
+    add_training_args(parser, steps=None, batch=128, lr=3e-3, steps_help="default: 1500 for digits, 1000 for mnist")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for dataset in (DATASETS if args.dataset == "all" else [args.dataset]):

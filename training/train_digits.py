@@ -136,16 +136,22 @@ def train_one(key: str, steps: int, batch: int, lr: float, seed: int, out: str, 
           f"{record['seconds']:.0f}s; wrote {path}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=[*DIGITS_MODELS, "all"], default="all")
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=2e-3)
+def add_training_args(parser: argparse.ArgumentParser, steps: int | None, batch: int, lr: float,
+                      steps_help: str | None = None) -> None:
+    """The options every training script shares (their defaults differ)."""
+    parser.add_argument("--steps", type=int, default=steps, help=steps_help)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--lr", type=float, default=lr)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(WEIGHTS_DIR), help="directory for the weight files")
     parser.add_argument("--force", action="store_true", help="overwrite existing weight files")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=[*DIGITS_MODELS, "all"], default="all")
+    add_training_args(parser, steps=2000, batch=128, lr=2e-3)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for key in (DIGITS_MODELS if args.model == "all" else [args.model]):

@@ -16,8 +16,8 @@ import sys
 import torch
 
 from optimalsteps.data import load_dataset
-from optimalsteps.nets import WEIGHTS_DIR, UNet, save_weights
-from train_digits import heldout_loss, refuse_overwrite, train_diffusion
+from optimalsteps.nets import UNet, save_weights
+from train_digits import add_training_args, heldout_loss, refuse_overwrite, train_diffusion
 
 NAME = "mnist-flow-cfg"
 OPTIONS = {"base_channels": 16, "channel_mults": [1, 2, 4], "emb_dim": 64, "num_classes": 10}
@@ -25,14 +25,8 @@ OPTIONS = {"base_channels": 16, "channel_mults": [1, 2, 4], "emb_dim": 64, "num_
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2500)
-    parser.add_argument("--batch", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    add_training_args(parser, steps=2500, batch=48, lr=2e-3)
     parser.add_argument("--label-dropout", type=float, default=0.1)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(WEIGHTS_DIR), help="directory for the weight files")
-    parser.add_argument("--force", action="store_true", help="overwrite existing weight files")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     refuse_overwrite(NAME, args.out, args.force)
