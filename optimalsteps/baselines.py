@@ -408,7 +408,6 @@ def dm(process: ProcessLike, steps: int, solver: str = "euler", order: int | Non
 # ------------------------------------------------------------------------------------ entry point
 
 SEARCHED = ("oss", "gits", "boss", "dm")
-NEEDS_MODEL = ("oss", "gits", "boss")
 SOLVER_SPECIFIC = ("oss", "dm")  # the schedule depends on the solver it is made for
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -247,10 +246,3 @@ def load_npy(path: str | Path, what: str):
         raise OptimalStepsError(f"{what} not found: {path}") from None
     except (ValueError, OSError) as exc:
         raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
-
-
-def finite_positive(value: float, what: str) -> float:
-    value = float(value)
-    if not (math.isfinite(value) and value > 0):
-        raise OptimalStepsError(f"{what} must be positive and finite, got {value}")
-    return value

@@ -112,10 +112,6 @@ class NoiseProcess:
             return s.clone()
         return self.t_from_log_snr(-torch.log(s))
 
-    def contains(self, t) -> torch.Tensor:
-        t = _f64(t)
-        return (t >= self.t_clean) & (t <= self.t_start)
-
 
 def _vp_log_alpha(t: torch.Tensor) -> torch.Tensor:
     return -0.25 * t * t * (_VP_BETA_MAX - _VP_BETA_MIN) - 0.5 * _VP_BETA_MIN * t
