@@ -19,7 +19,7 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, load_model, sample, search
-from optimalsteps.search import default_teacher_schedule
+from optimalsteps.optimize.search import default_teacher_schedule
 
 
 def per_sample_error(model, noise, schedule, solver, reference, chunk=1024):

@@ -1,10 +1,10 @@
 """Refined searched schedules against the DP's and the best baseline, on held-out noise.
 
 For every model, solver and step count M: the OSS dynamic program on B search samples (`oss`), its
-refinement off the grid (`optimalsteps.refine`, Nelder-Mead, starting from the best on the refinement
+refinement off the grid (`optimalsteps.optimize.refine`, Nelder-Mead, starting from the best on the refinement
 samples of the DP's schedule and every baseline) measured on the B search samples (`refined`) and on R
 samples (`refined RN`: the B search samples plus R - B more with their own teacher run), and every baseline
-`optimalsteps.baselines` makes (closed forms, published tables, dm, gits, boss). Every schedule is then
+`optimalsteps.evaluation.baselines` makes (closed forms, published tables, dm, gits, boss). Every schedule is then
 scored on E held-out noises: the mean squared error of its output against the exact ODE solution
 (mixtures) or against a teacher of the same solver on the same noise (digits models, which have no
 exact solution). Ratios to the best baseline come with the standard error of the paired per-sample
@@ -23,10 +23,10 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, load_model, sample, search
-from optimalsteps.refine import baseline_starts, refine_schedule
-from optimalsteps.schedules import uniform
-from optimalsteps.search import default_teacher_schedule
-from optimalsteps.solvers import nfe_per_trajectory
+from optimalsteps.optimize.refine import baseline_starts, refine_schedule
+from optimalsteps.core.schedules import uniform
+from optimalsteps.optimize.search import default_teacher_schedule
+from optimalsteps.core.solvers import nfe_per_trajectory
 
 SOLVERS = ("euler", "heun", "dpmpp2m")
 

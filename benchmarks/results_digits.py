@@ -1,6 +1,6 @@
 """Compare tables on the trained digit models: prints the markdown for docs/results-digits.md.
 
-For each model (digits-flow, digits-vp, mnist-flow-cfg at guidance 2), `optimalsteps.compare` searches
+For each model (digits-flow, digits-vp, mnist-flow-cfg at guidance 2), `optimalsteps.evaluation.compare` searches
 OSS (and GITS) on the search noise, then evaluates every schedule with euler and dpmpp2m at 3, 5, 8 and
 10 steps on fresh noise against the 200-step teacher on the same noise, and against held-out real images
 (SW2, MMD², and FD: the Fréchet distance in the features of a classifier trained here on the same data).
@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from optimalsteps.compare import compare, markdown_table
-from optimalsteps.models import load_model
+from optimalsteps.evaluation.compare import compare, markdown_table
+from optimalsteps.core.models import load_model
 
 SCHEDULES = ["oss", "uniform", "karras", "logsnr", "shift", "kl-optimal", "beta", "gits", "dm"]
 

@@ -1,6 +1,6 @@
 """The compare table on the exact Gaussian-mixture model, in all three processes: writes docs/results-mixture.md.
 
-For flow, vp and ve, `optimalsteps.compare` searches every searched schedule on 8 search noises, then
+For flow, vp and ve, `optimalsteps.evaluation.compare` searches every searched schedule on 8 search noises, then
 evaluates all schedules, with euler and dpmpp2m at 3..10 steps, on 1024 fresh noises against the 200-step
 teacher on the same noise, the exact ODE solution and 1024 true data samples.
 
@@ -19,14 +19,14 @@ from pathlib import Path
 import torch
 
 from optimalsteps import __version__
-from optimalsteps.compare import compare, write_report
-from optimalsteps.errors import OptimalStepsError
-from optimalsteps.metrics import mse
-from optimalsteps.mixture import GaussianMixture
-from optimalsteps.models import draw_noise
-from optimalsteps.schedules import Schedule, check_writable, write_text
-from optimalsteps.search import teacher_schedule
-from optimalsteps.solvers import sample
+from optimalsteps.evaluation.compare import compare, write_report
+from optimalsteps.core.errors import OptimalStepsError
+from optimalsteps.evaluation.metrics import mse
+from optimalsteps.testbeds.mixture import GaussianMixture
+from optimalsteps.core.models import draw_noise
+from optimalsteps.core.schedules import Schedule, check_writable, write_text
+from optimalsteps.optimize.search import teacher_schedule
+from optimalsteps.core.solvers import sample
 
 CLOSED_AND_TABLES = ["uniform", "logsnr", "karras", "shift", "beta", "kl-optimal", "cosine", "ays-sd15"]
 SEARCHED = ["oss", "gits", "boss", "dm"]

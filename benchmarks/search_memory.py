@@ -3,7 +3,7 @@
 A synthetic model with a video-shaped latent [C, F, H, W] (an analytic x0 prediction, so that the model
 itself costs nothing) is searched in a fresh process per configuration. Peak anonymous resident memory
 (RssAnon, polled) is what the search holds in RAM; a memory-mapped trajectory lives in the page cache
-instead. The estimate is `optimalsteps.search.memory_estimate`, printed before a search starts.
+instead. The estimate is `optimalsteps.optimize.search.memory_estimate`, printed before a search starts.
 
 Run: python benchmarks/search_memory.py [--quick]
 """
@@ -41,7 +41,7 @@ def _rss_anon_mb() -> float:
 
 def _worker(shape, storage, dtype, teacher_steps, samples, queue):
     from optimalsteps import search
-    from optimalsteps.search import memory_estimate
+    from optimalsteps.optimize.search import memory_estimate
 
     torch.set_num_threads(2)
     model = VideoModel(shape)

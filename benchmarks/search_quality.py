@@ -12,7 +12,7 @@ import argparse
 import torch
 
 from optimalsteps import GaussianMixture, sample, search
-from optimalsteps.schedules import uniform
+from optimalsteps.core.schedules import uniform
 
 
 def held_out_error(model, noise, exact, schedule, solver):

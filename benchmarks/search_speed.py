@@ -1,4 +1,4 @@
-"""Search speed: `optimalsteps.search` against plain implementations written here.
+"""Search speed: `optimalsteps.optimize.search` against plain implementations written here.
 
 - "plain Algorithm 1": the paper's algorithm as written, one sample at a time, one batched model call per
   layer, every candidate state of every (source, target) pair materialised, exactly-M-step cells (the
@@ -21,9 +21,9 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, search
-from optimalsteps.models import predict_x0
-from optimalsteps.search import default_teacher_schedule, run_teacher
-from optimalsteps.solvers import update_coefficients
+from optimalsteps.core.models import predict_x0
+from optimalsteps.optimize.search import default_teacher_schedule, run_teacher
+from optimalsteps.core.solvers import update_coefficients
 
 
 def _rss_mb() -> float:

@@ -2,14 +2,14 @@
 
 __version__ = "0.1.0"
 
-from .errors import OptimalStepsError
-from .mixture import GaussianMixture
-from .models import CFGModel, draw_noise, load_model, predict_x0
-from .processes import DiscreteDDPM, NoiseProcess, convert_prediction, convert_state, convert_times, get_process
-from .schedules import CLOSED_FORMS, Schedule, closed_form
-from .search import SearchResult, search
-from .calibration import AmplitudeCalibration
-from .solvers import SOLVERS, SampleResult, sample, solver_step
+from .core.errors import OptimalStepsError
+from .testbeds.mixture import GaussianMixture
+from .core.models import CFGModel, draw_noise, load_model, predict_x0
+from .core.processes import DiscreteDDPM, NoiseProcess, convert_prediction, convert_state, convert_times, get_process
+from .core.schedules import CLOSED_FORMS, Schedule, closed_form
+from .optimize.search import SearchResult, search
+from .optimize.calibration import AmplitudeCalibration
+from .core.solvers import SOLVERS, SampleResult, sample, solver_step
 
 __all__ = [
     "AmplitudeCalibration",

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from optimalsteps.baselines import (TABLES, dm, dm_objective, get_table, line_deviation, local_cost_matrix, local_dp,
+from optimalsteps.evaluation.baselines import (TABLES, dm, dm_objective, get_table, line_deviation, local_cost_matrix, local_dp,
                                     make_schedule, make_schedules, schedule_names, table_levels)
 from optimalsteps.cli import main
-from optimalsteps.errors import OptimalStepsError
-from optimalsteps.mixture import GaussianMixture
-from optimalsteps.processes import DiscreteDDPM, get_process, ve_process
-from optimalsteps.schedules import CLOSED_FORMS, Schedule, flux_mu, loglinear_interp, uniform
+from optimalsteps.core.errors import OptimalStepsError
+from optimalsteps.testbeds.mixture import GaussianMixture
+from optimalsteps.core.processes import DiscreteDDPM, get_process, ve_process
+from optimalsteps.core.schedules import CLOSED_FORMS, Schedule, flux_mu, loglinear_interp, uniform
 
 
 def times(schedule):

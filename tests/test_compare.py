@@ -9,13 +9,13 @@ import pytest
 import torch
 
 from optimalsteps.cli import main
-from optimalsteps.compare import ROW_KEYS, compare, write_report
-from optimalsteps.errors import OptimalStepsError
-from optimalsteps.metrics import mse
-from optimalsteps.mixture import GaussianMixture
-from optimalsteps.models import draw_noise
-from optimalsteps.search import teacher_schedule
-from optimalsteps.solvers import sample
+from optimalsteps.evaluation.compare import ROW_KEYS, compare, write_report
+from optimalsteps.core.errors import OptimalStepsError
+from optimalsteps.evaluation.metrics import mse
+from optimalsteps.testbeds.mixture import GaussianMixture
+from optimalsteps.core.models import draw_noise
+from optimalsteps.optimize.search import teacher_schedule
+from optimalsteps.core.solvers import sample
 
 QUALITY = ("mse", "psnr", "mse_exact", "sw2", "mmd", "nll")
 
@@ -154,9 +154,9 @@ def test_cli_compare(tmp_path, capsys):
 
 def test_oss_free_start_variant_is_compared_from_its_later_start():
     from optimalsteps import load_model, sample, search
-    from optimalsteps.compare import compare
-    from optimalsteps.models import draw_noise
-    from optimalsteps.search import default_teacher_schedule
+    from optimalsteps.evaluation.compare import compare
+    from optimalsteps.core.models import draw_noise
+    from optimalsteps.optimize.search import default_teacher_schedule
 
     model = load_model("gmm:dim=8,components=3,seed=1")
     result = compare(model, steps=[3], solvers=["euler"], schedules=["oss-free"], samples=4, eval_samples=16,

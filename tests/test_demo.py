@@ -4,7 +4,7 @@ import pytest
 
 from optimalsteps import OptimalStepsError
 from optimalsteps.cli import main
-from optimalsteps.demo import run_demo
+from optimalsteps.evaluation.demo import run_demo
 
 pytest.importorskip("safetensors")
 

@@ -18,10 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from optimalsteps import diffusers as od  # noqa: E402
+from optimalsteps.integrations import diffusers as od  # noqa: E402
 from optimalsteps.cli import main  # noqa: E402
-from optimalsteps.errors import OptimalStepsError  # noqa: E402
-from optimalsteps.schedules import Schedule  # noqa: E402
+from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
+from optimalsteps.core.schedules import Schedule  # noqa: E402
 
 TOKENS = 16  # tokenizer / text encoder length: short prompts, no truncation
 

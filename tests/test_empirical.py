@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from optimalsteps import GaussianMixture, OptimalStepsError, closed_form, load_model, predict_x0, sample
-from optimalsteps.empirical import EmpiricalDenoiser, load_empirical
-from optimalsteps.processes import get_process
+from optimalsteps.testbeds.empirical import EmpiricalDenoiser, load_empirical
+from optimalsteps.core.processes import get_process
 
 
 def _points(n=7, d=5, seed=0):

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from optimalsteps.errors import OptimalStepsError
-from optimalsteps.metrics import (frechet_distance, frechet_from_statistics, median_bandwidth, mixture_nll, mmd, mse,
+from optimalsteps.core.errors import OptimalStepsError
+from optimalsteps.evaluation.metrics import (frechet_distance, frechet_from_statistics, median_bandwidth, mixture_nll, mmd, mse,
                                   mse_per_sample, psnr, random_projections, sliced_wasserstein,
                                   sliced_wasserstein_numpy)
-from optimalsteps.mixture import GaussianMixture
+from optimalsteps.testbeds.mixture import GaussianMixture
 
 
 def test_mse_and_psnr_by_hand():

@@ -47,7 +47,7 @@ def test_python_model_spec(tmp_path):
 
 
 def model_alpha(t):
-    from optimalsteps.processes import VP
+    from optimalsteps.core.processes import VP
     return float(VP.alpha(torch.tensor(t, dtype=torch.float64)))
 
 

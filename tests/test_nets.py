@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from optimalsteps import OptimalStepsError, closed_form, load_model, predict_x0, sample
-from optimalsteps import data
+from optimalsteps.testbeds import data
 from optimalsteps.cli import main
-from optimalsteps.data import load_dataset
-from optimalsteps.nets import (BUILTIN_MODELS, WEIGHTS_DIR, GuidedNetModel, classify, feature_extractor,
+from optimalsteps.testbeds.data import load_dataset
+from optimalsteps.testbeds.nets import (BUILTIN_MODELS, WEIGHTS_DIR, GuidedNetModel, classify, feature_extractor,
                                load_net_model)
 
 NAMES = ["digits-flow", "digits-vp", "mnist-flow-cfg"]
@@ -223,7 +223,7 @@ def test_feature_extractor():
 
 @pytest.mark.parametrize("name", ["digits-flow", "digits-vp"])
 def test_fixed_seed_tiny_search_on_a_digits_model(name):
-    from optimalsteps.search import search
+    from optimalsteps.optimize.search import search
 
     model = load_model(name)
     noise = torch.randn(8, 1, 8, 8, generator=torch.Generator().manual_seed(0))

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from optimalsteps import OptimalStepsError
-from optimalsteps.processes import (FLOW, PREDICTIONS, VE, VP, DiscreteDDPM, convert_prediction, convert_state,
+from optimalsteps.core.processes import (FLOW, PREDICTIONS, VE, VP, DiscreteDDPM, convert_prediction, convert_state,
                                     convert_times, from_x0_eps, get_process, to_x0_eps, ve_process)
 
 T = torch.tensor([0.999, 0.9, 0.5, 0.1, 1e-3], dtype=torch.float64)

@@ -7,10 +7,10 @@ import torch
 
 from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample, search
 from optimalsteps.cli import main
-from optimalsteps.refine import (CoarseToFine, Refinement, coarse_to_fine_search, final_error, from_unit,
+from optimalsteps.optimize.refine import (CoarseToFine, Refinement, coarse_to_fine_search, final_error, from_unit,
                                  level_strides, refine_schedule, to_unit)
-from optimalsteps.schedules import karras, logsnr, uniform
-from optimalsteps.solvers import nfe_per_trajectory
+from optimalsteps.core.schedules import karras, logsnr, uniform
+from optimalsteps.core.solvers import nfe_per_trajectory
 
 
 def _model(process="flow", dim=6, seed=4):
@@ -246,7 +246,7 @@ def test_cli_refine_options_need_refine(tmp_path, capsys):
 
 
 def test_compare_names_the_refined_and_fast_searches():
-    from optimalsteps.compare import compare
+    from optimalsteps.evaluation.compare import compare
 
     model = _model("flow", dim=4)
     result = compare(model, steps=[3], solvers=["dpmpp2m"], schedules=["oss", "oss-refined", "oss-fast"], samples=3,

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from optimalsteps import OptimalStepsError, Schedule
-from optimalsteps.processes import FLOW, VE, VP, DiscreteDDPM
-from optimalsteps.schedules import loglinear_interp, uniform
+from optimalsteps.core.processes import FLOW, VE, VP, DiscreteDDPM
+from optimalsteps.core.schedules import loglinear_interp, uniform
 
 
 def test_json_round_trip(tmp_path):

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from optimalsteps import AmplitudeCalibration, GaussianMixture, OptimalStepsError, Schedule, sample, search
-from optimalsteps.schedules import uniform
-from optimalsteps.search import default_teacher_schedule
+from optimalsteps.core.schedules import uniform
+from optimalsteps.optimize.search import default_teacher_schedule
 
 
 def _final_error(model, noise, teacher_out, times, solver):
@@ -128,7 +128,7 @@ def test_reference_compat_starts_anywhere_and_pads():
 
 
 def test_reference_median_is_the_released_integer_statistic():
-    from optimalsteps.search import _reference_median
+    from optimalsteps.optimize.search import _reference_median
 
     # released: sort in its own order (clean end = 0) and take (l[n//2] + l[n//2 - 1]) // 2
     per_sample = [[0, 3, 10], [0, 4, 10], [0, 8, 10]]

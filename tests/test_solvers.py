@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from optimalsteps import GaussianMixture, OptimalStepsError, sample
-from optimalsteps.schedules import karras, logsnr, uniform
-from optimalsteps.solvers import nfe_per_trajectory, update_coefficients
-from optimalsteps.processes import FLOW
+from optimalsteps.core.schedules import karras, logsnr, uniform
+from optimalsteps.core.solvers import nfe_per_trajectory, update_coefficients
+from optimalsteps.core.processes import FLOW
 
 EXPECTED_ORDER = {"euler": 1.0, "heun": 2.0, "dpmpp2m": 2.0}
 

@@ -1,4 +1,4 @@
-"""Train the digit classifiers behind `optimalsteps.nets.feature_extractor` (Fréchet distances), on CPU.
+"""Train the digit classifiers behind `optimalsteps.testbeds.nets.feature_extractor` (Fréchet distances), on CPU.
 
     python training/train_classifiers.py --dataset all
 
@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from optimalsteps.data import DATASETS, load_dataset
-from optimalsteps.nets import Classifier, save_weights
+from optimalsteps.testbeds.data import DATASETS, load_dataset
+from optimalsteps.testbeds.nets import Classifier, save_weights
 from train_digits import add_training_args, learning_rate, refuse_overwrite
 
 OPTIONS = {

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from optimalsteps.data import load_dataset
-from optimalsteps.nets import UNet, diffusion_loss, save_weights, WEIGHTS_DIR
-from optimalsteps.processes import get_process
+from optimalsteps.testbeds.data import load_dataset
+from optimalsteps.testbeds.nets import UNet, diffusion_loss, save_weights, WEIGHTS_DIR
+from optimalsteps.core.processes import get_process
 
 # name -> (process, prediction, UNet options)
 DIGITS_MODELS = {

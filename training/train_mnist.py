@@ -15,8 +15,8 @@ import sys
 
 import torch
 
-from optimalsteps.data import load_dataset
-from optimalsteps.nets import UNet, save_weights
+from optimalsteps.testbeds.data import load_dataset
+from optimalsteps.testbeds.nets import UNet, save_weights
 from train_digits import add_training_args, heldout_loss, refuse_overwrite, train_diffusion
 
 NAME = "mnist-flow-cfg"

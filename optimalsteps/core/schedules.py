@@ -29,7 +29,7 @@ SIGMA_MAX_FALLBACK = 80.0
 
 
 def library_version() -> str:
-    from . import __version__
+    from .. import __version__
 
     return __version__
 

@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import dataset_info, draw_images, load_dataset
-from .errors import OptimalStepsError
-from .models import CFGModel
-from .processes import ProcessLike, from_x0_eps, get_process
+from ..core.errors import OptimalStepsError
+from ..core.models import CFGModel
+from ..core.processes import ProcessLike, from_x0_eps, get_process
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FORMAT = "optimalsteps.weights.v1"
@@ -183,7 +183,7 @@ def save_weights(name: str, net: nn.Module, metadata: dict[str, Any], directory:
     """Write NAME.safetensors (parameters cast to `dtype`) and NAME.json (metadata plus the sha256)."""
     from safetensors.torch import save
 
-    from .schedules import write_bytes, write_text
+    from ..core.schedules import write_bytes, write_text
 
     directory = Path(directory)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
@@ -205,7 +205,7 @@ def load_network(name: str, directory: str | Path | None = None) -> tuple[nn.Mod
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    from .models import load_json
+    from ..core.models import load_json
 
     directory = Path(directory) if directory is not None else WEIGHTS_DIR
     json_path, weight_path = directory / f"{name}.json", directory / f"{name}.safetensors"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 MODES = ("scale", "affine")
 

@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 SPLITS = ("train", "test", "all")
 SPLIT_SEED = 0  # part of the dataset definition: changing it changes what "held-out" means

@@ -24,12 +24,12 @@ from tqdm.auto import tqdm
 
 from . import distributed as dd
 from .checkpoint import Checkpointer, fingerprint
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 from .memory import allocate, check_fits, check_storage, estimate_search_bytes, storage_dtype as parse_storage_dtype
-from .models import index_cond, model_process, predict_x0
-from .processes import NoiseProcess
-from .schedules import Schedule, check_steps, karras, uniform
-from .solvers import (get_solver, heun_coefficients, initial_state, nfe_per_trajectory, solver_step,
+from ..core.models import index_cond, model_process, predict_x0
+from ..core.processes import NoiseProcess
+from ..core.schedules import Schedule, check_steps, karras, uniform
+from ..core.solvers import (get_solver, heun_coefficients, initial_state, nfe_per_trajectory, solver_step,
                       update_coefficients)
 
 COSTS = ("xt", "x0")

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from .data import DATASETS, draw_images, load_dataset
-from .errors import OptimalStepsError
-from .models import load_npy
-from .processes import ProcessLike, get_process
+from ..core.errors import OptimalStepsError
+from ..core.models import load_npy
+from ..core.processes import ProcessLike, get_process
 
 # 1 / (2 sigma^2) is capped here: large enough that any two distinct points separate completely, small
 # enough that (largest squared distance) x cap stays far from float64 overflow, also at sigma = 0.

@@ -24,12 +24,12 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
-from .models import model_process
-from .processes import FLOW, NoiseProcess, ProcessLike, convert_times, get_process
-from .schedules import (CLOSED_FORMS, SIGMA_MAX_FALLBACK, SIGMA_MIN, Schedule, check_steps, karras,
+from ..core.errors import OptimalStepsError
+from ..core.models import model_process
+from ..core.processes import FLOW, NoiseProcess, ProcessLike, convert_times, get_process
+from ..core.schedules import (CLOSED_FORMS, SIGMA_MAX_FALLBACK, SIGMA_MIN, Schedule, check_steps, karras,
                         loglinear_interp, uniform)
-from .solvers import get_solver, nfe_per_trajectory, update_coefficients
+from ..core.solvers import get_solver, nfe_per_trajectory, update_coefficients
 
 # ------------------------------------------------------------------------------- published tables
 
@@ -186,7 +186,7 @@ def local_cost_matrix(model: Any, noise: torch.Tensor, teacher: Schedule, teache
 
     Metrics, averaged over samples: "l2sq" sum of squares (BOSS), "l2" / "l1" norms and "dev" (GITS: the
     jump's distance from the start-to-end chord minus the teacher's own at j)."""
-    from .search import run_teacher
+    from ..optimize.search import run_teacher
 
     if metric not in LOCAL_METRICS:
         raise OptimalStepsError(f"unknown cost metric {metric!r}; known: {', '.join(LOCAL_METRICS)}")
@@ -483,13 +483,13 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
     if model is None:
         raise OptimalStepsError(f"schedule {name!r} is searched on a model: pass a model (--model)")
     if noise is None:
-        from .models import draw_noise
+        from ..core.models import draw_noise
 
         noise = draw_noise(model, int(options.pop("samples", 8)), int(options.pop("seed", 0)))
     if name in LOCAL_METHODS:
         _check_options(name, local_schedules, options)
         return local_schedules(name, model, noise, steps, cond, **options)
-    from .search import search
+    from ..optimize.search import search
 
     _check_options(name, search, options)
     return {m: search(model, noise, steps=m, solver=solver, cond=cond, progress=progress, **options).schedule

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
-from .models import draw_noise, model_process
-from .schedules import Schedule, check_steps, write_bytes
-from .solvers import get_solver, sample
+from ..core.models import draw_noise, model_process
+from ..core.schedules import Schedule, check_steps, write_bytes
+from ..core.solvers import get_solver, sample
 
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
 # the OSS search refined off the grid, with the coarse-to-fine DP (optimalsteps.refine), or with a free first
@@ -65,7 +65,7 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
       noise; `options` maps a schedule name to its options (e.g. {"shift": {"mu": 1.15}, "oss": {"cost": "x0"}}).
     Rows carry ROW_KEYS; PSNR uses `data_range` (default: the model's `data_range`, else the spread of the
     true data samples, else of the teacher's outputs)."""
-    from .search import teacher_schedule
+    from ..optimize.search import teacher_schedule
 
     process = model_process(model)
     teacher_steps = check_steps(teacher_steps)
@@ -195,7 +195,7 @@ def _references(model: Any, eval_noise: torch.Tensor, eval_seed: int, data_range
 def _sample(model: Any, noise: torch.Tensor, schedule: Schedule, solver: str, cond: dict | None,
             max_batch: int) -> tuple[torch.Tensor, float, int]:
     """Samples on the schedule in chunks of at most max_batch: (samples, seconds, NFE per sample)."""
-    from .models import index_cond
+    from ..core.models import index_cond
 
     outs, seconds, nfe = [], 0.0, 0
     for start in range(0, noise.shape[0], max_batch):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 STORAGES = ("memory", "cpu", "disk")
 STORAGE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,

@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
-from .models import load_json
-from .processes import ProcessLike, get_process
+from ..core.errors import OptimalStepsError
+from ..core.models import load_json
+from ..core.processes import ProcessLike, get_process
 
 
 class GaussianMixture:

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .compare import compare, markdown_table, report_paths, write_report
-from .errors import OptimalStepsError
-from .models import load_model
-from .schedules import check_writable, write_text
+from ..core.errors import OptimalStepsError
+from ..core.models import load_model
+from ..core.schedules import check_writable, write_text
 
 DEFAULT_MODEL = "digits-flow"
 DEMO_SCHEDULES = ("oss", "uniform", "karras", "logsnr", "shift", "kl-optimal", "gits", "dm")
@@ -95,7 +95,7 @@ def check_demo_args(steps: Sequence[int], samples: int, eval_samples: int) -> No
 
 def add_demo_command(sub: Any) -> None:
     """The `demo` subcommand (registered by optimalsteps.cli)."""
-    from .cli import _int_list, _name_list, _positive_int
+    from ..cli import _int_list, _name_list, _positive_int
 
     p = sub.add_parser("demo", help="search and compare schedules on a built-in digits model; write a report")
     p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")

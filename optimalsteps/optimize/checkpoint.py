@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 SETTINGS = "settings.json"
 

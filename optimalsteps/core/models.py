@@ -115,7 +115,7 @@ class CFGModel:
 def _builtin_models() -> dict[str, tuple[str, Callable[..., Any]]]:
     models: dict[str, tuple[str, Callable[..., Any]]] = {}
     try:
-        from . import nets  # trained digit models (present once weights are committed)
+        from ..testbeds import nets  # trained digit models (present once weights are committed)
 
         models.update(nets.BUILTIN_MODELS)
     except ImportError:
@@ -145,7 +145,7 @@ def load_model(spec: str) -> Any:
         raise OptimalStepsError("empty model spec")
     kind, _, rest = spec.partition(":")
     if kind == "gmm":
-        from .mixture import GaussianMixture
+        from ..testbeds.mixture import GaussianMixture
 
         if rest.endswith(".json") or Path(rest).is_file():
             model = GaussianMixture.from_json(rest)
@@ -171,7 +171,7 @@ def load_model(spec: str) -> Any:
     elif kind == "python":
         model = _load_python_model(rest)
     elif kind == "empirical":
-        from .empirical import load_empirical
+        from ..testbeds.empirical import load_empirical
 
         name, _, opts = rest.partition(",")
         model = load_empirical(name, **_parse_options(opts))

@@ -44,7 +44,7 @@ def shard(total: int, enabled: bool = True) -> Shard:
         return Shard(0, 1, 0, total, total)
     world, r = dist.get_world_size(), dist.get_rank()
     if total < world:
-        from .errors import OptimalStepsError
+        from ..core.errors import OptimalStepsError
 
         raise OptimalStepsError(f"{total} samples cannot be shared by {world} ranks: use at least one per rank")
     base, extra = divmod(total, world)

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 DEFAULT_MODEL = "gmm:dim=64,components=8,seed=0,process=flow"
 
@@ -70,13 +70,13 @@ def add_noise_args(parser: argparse.ArgumentParser, samples_default: int) -> Non
 
 
 def load_model_from_args(args: argparse.Namespace) -> Any:
-    from .models import load_model
+    from ..core.models import load_model
 
     return load_model(args.model)
 
 
 def load_noise(path: str, model: Any) -> torch.Tensor:
-    from .models import load_npy
+    from ..core.models import load_npy
 
     array = load_npy(path, "noise file")
     if not np.issubdtype(array.dtype, np.floating):
@@ -91,7 +91,7 @@ def load_noise(path: str, model: Any) -> torch.Tensor:
 
 
 def noise_from_args(args: argparse.Namespace, model: Any, seed_offset: int = 0) -> torch.Tensor:
-    from .models import draw_noise
+    from ..core.models import draw_noise
 
     if args.noise:
         return load_noise(args.noise, model)
@@ -124,7 +124,7 @@ def guided(model: Any, args: argparse.Namespace) -> Any:
 
 
 def schedule_from_args(name_or_file: str, process: Any, steps: int | None) -> Any:
-    from .schedules import Schedule
+    from ..core.schedules import Schedule
 
     path = Path(name_or_file)
     if name_or_file.endswith(".json") or path.is_file():
@@ -132,7 +132,7 @@ def schedule_from_args(name_or_file: str, process: Any, steps: int | None) -> An
         if steps is not None and steps != schedule.steps:
             schedule = schedule.interpolate(steps)
         return schedule
-    from .baselines import make_schedule
+    from ..evaluation.baselines import make_schedule
 
     if steps is None:
         raise OptimalStepsError(f"--steps is needed with the built-in schedule {name_or_file!r}")
@@ -140,7 +140,7 @@ def schedule_from_args(name_or_file: str, process: Any, steps: int | None) -> An
 
 
 def save_array(path: str, array: torch.Tensor, force: bool) -> None:
-    from .schedules import write_bytes
+    from ..core.schedules import write_bytes
 
     buffer = io.BytesIO()
     np.save(buffer, array.detach().cpu().numpy())
@@ -150,16 +150,16 @@ def save_array(path: str, array: torch.Tensor, force: bool) -> None:
 # ---------------------------------------------------------------------------------- commands
 
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .solvers import sample
+    from ..core.solvers import sample
 
-    from .schedules import check_writable
+    from ..core.schedules import check_writable
 
     check_writable(args.out, args.force)
     model = guided(load_model_from_args(args), args)
     schedule = schedule_from_args(args.schedule, model.process, args.steps)
     calibration = None
     if args.calibrate:
-        from .calibration import AmplitudeCalibration
+        from ..optimize.calibration import AmplitudeCalibration
 
         calibration = AmplitudeCalibration.from_schedule(schedule, args.calibrate)
     noise = noise_from_args(args, model)
@@ -199,8 +199,8 @@ def parse_options(pairs: list[str], flag: str = "--option") -> dict[str, Any]:
 
 
 def cmd_schedule(args: argparse.Namespace) -> None:
-    from .baselines import describe, make_schedule, schedule_names
-    from .schedules import check_writable, parse_process
+    from ..evaluation.baselines import describe, make_schedule, schedule_names
+    from ..core.schedules import check_writable, parse_process
 
     if args.name == "list":
         for name in schedule_names():
@@ -230,7 +230,7 @@ def cmd_schedule(args: argparse.Namespace) -> None:
 
 
 def add_schedule_command(sub: Any) -> None:
-    from .solvers import SOLVERS
+    from ..core.solvers import SOLVERS
 
     p = sub.add_parser("schedule", help="print or write a named schedule (`optimalsteps schedule list` names them)")
     p.add_argument("name", help="a schedule name, or `list`")
@@ -252,8 +252,8 @@ def add_schedule_command(sub: Any) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from .compare import compare, report_paths, write_report
-    from .schedules import check_writable
+    from ..evaluation.compare import compare, report_paths, write_report
+    from ..core.schedules import check_writable
 
     for path in report_paths(args.out):
         check_writable(path, args.force)
@@ -268,7 +268,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
     if cond and getattr(model, "num_classes", None) is not None and not args.model.startswith("diffusers:"):
         eval_cond = cond_from_args(args, model, args.eval_samples)
     elif cond and args.model.startswith("diffusers:"):  # the encoded prompts, cycled over the evaluation samples
-        from .models import index_cond
+        from ..core.models import index_cond
 
         eval_cond = index_cond(cond, torch.arange(args.eval_samples) % noise.shape[0])
     result = compare(model, args.steps, args.solvers, args.schedules, samples=noise.shape[0],
@@ -287,8 +287,8 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def add_compare_command(sub: Any) -> None:
-    from .compare import DEFAULT_SCHEDULES
-    from .solvers import SOLVERS
+    from ..evaluation.compare import DEFAULT_SCHEDULES
+    from ..core.solvers import SOLVERS
 
     p = sub.add_parser("compare", help="compare schedules against the teacher on fresh noise (tables and plots)")
     add_model_args(p)
@@ -311,9 +311,9 @@ def add_compare_command(sub: Any) -> None:
 
 
 def cmd_search(args: argparse.Namespace) -> None:
-    from .memory import format_bytes
-    from .schedules import check_writable
-    from .search import memory_estimate, search
+    from ..optimize.memory import format_bytes
+    from ..core.schedules import check_writable
+    from ..optimize.search import memory_estimate, search
 
     check_writable(args.out, args.force)
     if args.resume and not args.checkpoint:
@@ -321,7 +321,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     model, noise, cond, metadata = search_inputs(args)
     teacher = None
     if args.teacher_schedule:
-        from .baselines import make_schedule
+        from ..evaluation.baselines import make_schedule
 
         teacher = make_schedule(args.teacher_schedule, model.process, args.teacher_steps)
     elif hasattr(model, "teacher_schedule"):  # a diffusers pipeline: its own shifted / trained-range grid
@@ -357,7 +357,7 @@ def init_distributed(device: torch.device) -> bool:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from .distributed import backend_for
+        from ..optimize.distributed import backend_for
 
         dist.init_process_group(backend_for(device))
     return not dist.is_initialized() or dist.get_rank() == 0
@@ -376,7 +376,7 @@ def _bytes(text: str) -> int:
 
 
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
-    from .memory import STORAGE_DTYPES, STORAGES
+    from ..optimize.memory import STORAGE_DTYPES, STORAGES
 
     group = parser.add_argument_group("scale (docs/scale.md)")
     group.add_argument("--storage", default="memory", choices=STORAGES,
@@ -415,7 +415,7 @@ def add_diffusers_args(parser: argparse.ArgumentParser) -> None:
 
 def diffusers_search_inputs(args: argparse.Namespace):
     """(model, noise, cond, metadata) of --model diffusers:PATH_OR_ID with its prompts, guidance and resolution."""
-    from .diffusers import load_diffusers_model
+    from ..integrations.diffusers import load_diffusers_model
 
     if getattr(args, "noise", None):
         raise OptimalStepsError("--noise does not apply to a diffusers pipeline: it draws its latents from --seed")
@@ -434,8 +434,8 @@ def diffusers_search_inputs(args: argparse.Namespace):
 
 
 def add_search_command(sub: Any) -> None:
-    from .search import AGGREGATES, COSTS
-    from .solvers import SOLVERS
+    from ..optimize.search import AGGREGATES, COSTS
+    from ..core.solvers import SOLVERS
 
     p = sub.add_parser("search", help="search the optimal schedule (OSS dynamic programming)")
     add_model_args(p)
@@ -461,7 +461,7 @@ def add_search_command(sub: Any) -> None:
 
 
 def add_refine_args(parser: argparse.ArgumentParser) -> None:
-    from .refine import METHODS
+    from ..optimize.refine import METHODS
 
     g = parser.add_argument_group("refinement and coarse-to-fine search (docs/refine.md)")
     g.add_argument("--refine", action="store_true",
@@ -479,7 +479,7 @@ def add_refine_args(parser: argparse.ArgumentParser) -> None:
 
 def refine_from_args(args: argparse.Namespace) -> dict[str, Any]:
     """search() keyword arguments of the refinement and coarse-to-fine options."""
-    from .refine import CoarseToFine, Refinement
+    from ..optimize.refine import CoarseToFine, Refinement
 
     if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
         raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
@@ -509,7 +509,7 @@ def print_refinement(schedule: Any) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> None:
-    from .models import _builtin_models
+    from ..core.models import _builtin_models
 
     print("gmm:dim=64,components=8,seed=0,process=flow   exact Gaussian mixture (random, any dim/process)")
     print("gmm:FILE.json                                 exact Gaussian mixture from a file")
@@ -521,7 +521,7 @@ def cmd_models(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .solvers import SOLVERS
+    from ..core.solvers import SOLVERS
 
     parser = _Parser(prog="optimalsteps", description="Optimal few-step schedules for diffusion and flow models.")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
@@ -545,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_search_command(sub)
     add_compare_command(sub)
-    from .demo import add_demo_command
+    from ..evaluation.demo import add_demo_command
 
     add_demo_command(sub)
     # further subcommands: one add_*_command(sub) function each, below

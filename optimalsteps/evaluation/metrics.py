@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
+from ..core.errors import OptimalStepsError
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:

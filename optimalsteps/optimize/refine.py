@@ -39,11 +39,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .errors import OptimalStepsError
-from .models import index_cond, model_process
-from .processes import NoiseProcess
-from .schedules import Schedule
-from .solvers import get_solver, nfe_per_trajectory, sample
+from ..core.errors import OptimalStepsError
+from ..core.models import index_cond, model_process
+from ..core.processes import NoiseProcess
+from ..core.schedules import Schedule
+from ..core.solvers import get_solver, nfe_per_trajectory, sample
 
 METHODS = ("nelder-mead", "coordinate")
 EVALUATIONS_PER_TIME = 40  # objective evaluations per interior time when no budget is given
@@ -332,7 +332,7 @@ def baseline_starts(model: Any, noise: torch.Tensor, steps: int, solver: str, co
     """Every baseline schedule `optimalsteps.baselines` can make for the model at `steps` steps (closed forms,
     published tables, `dm`, and the searched competitors `gits` / `boss` on the search noise), and the model
     calls the searched ones spent. Names that do not apply to this process or step count are skipped."""
-    from .baselines import TABLE_METHODS, make_schedule, schedule_names
+    from ..evaluation.baselines import TABLE_METHODS, make_schedule, schedule_names
 
     process = model_process(model)
     out, nfe = {}, 0
