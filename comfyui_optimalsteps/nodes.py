@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -123,8 +125,30 @@ class OptimalStepsSearch:
             raise _node_error("OptimalStepsSearch", exc) from None
 
 
+@dataclass
+class NodeSearch:
+    """What one search in ComfyUI produced (the node returns sigmas and summary)."""
+
+    result: Any  # the library's SearchResult
+    sigmas: torch.Tensor  # ComfyUI SIGMAS of the searched schedule
+    teacher_sigmas: torch.Tensor
+    teacher_final: torch.Tensor  # what ComfyUI's sampler path returned: the teacher's end states
+    noise: torch.Tensor  # the unit noise given to ComfyUI (before its noise_scaling)
+    calls: int  # guided model calls (each a batch of search_samples at one sigma)
+    path: Path
+    summary: str
+
+
 def run_search(model, positive, negative, latent_image, cfg, sampler_name, steps, teacher_steps, search_samples,
                seed, filename_prefix="schedule"):
+    out = search_schedule(model, positive, negative, latent_image, cfg, sampler_name, steps, teacher_steps,
+                          search_samples, seed, filename_prefix)
+    return out.sigmas, out.summary
+
+
+def search_schedule(model, positive, negative, latent_image, cfg, sampler_name, steps, teacher_steps,
+                    search_samples, seed, filename_prefix="schedule") -> NodeSearch:
+    """Teacher and DP inside ComfyUI's guider call path, from ComfyUI's own first state; saves the schedule."""
     import comfy.samplers
 
     if steps >= teacher_steps:
@@ -150,8 +174,9 @@ def run_search(model, positive, negative, latent_image, cfg, sampler_name, steps
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    guider.sample(noise, latent, comfy.samplers.KSAMPLER(search_in_sampler), teacher.to_sigmas().to(torch.float32),
-                  disable_pbar=True, seed=int(seed))
+    teacher_sigmas = teacher.to_sigmas().to(torch.float32)
+    teacher_final = guider.sample(noise, latent, comfy.samplers.KSAMPLER(search_in_sampler), teacher_sigmas,
+                                  disable_pbar=True, seed=int(seed))
     result = found["result"]
     schedule = result.schedule
     schedule.metadata.update({"start": "comfyui", "comfyui": searched_under(
@@ -159,7 +184,8 @@ def run_search(model, positive, negative, latent_image, cfg, sampler_name, steps
         found["calls"])})
     path = save_schedule(schedule, filename_prefix)
     sigmas = oc.comfy_sigmas(schedule, convention)
-    return sigmas, summarize(schedule, sigmas, sampler_name, solver, result, found["calls"], path)
+    text = summarize(schedule, sigmas, sampler_name, solver, result, found["calls"], path)
+    return NodeSearch(result, sigmas, teacher_sigmas, teacher_final, noise, found["calls"], path, text)
 
 
 def searched_under(model, convention, sampler_name, cfg, latent, steps, teacher_steps, samples, seed, progress,
