@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .errors import OptimalStepsError
 from .models import index_cond, model_process, predict_x0
 from .processes import NoiseProcess
+from .schedules import as_schedule
 
 
 @dataclass(frozen=True)
@@ -199,8 +200,6 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     `calibration(x, step_index, t)`, if given, transforms the state before each model call (amplitude
     calibration). NFE is counted per trajectory.
     """
-    from .schedules import as_schedule
-
     process = model_process(model)
     schedule = as_schedule(schedule, process)
     if schedule.process.name != process.name:
