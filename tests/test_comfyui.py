@@ -23,7 +23,7 @@ from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample  #
 from optimalsteps.core.processes import FLOW  # noqa: E402
 from optimalsteps.core.schedules import karras, logsnr  # noqa: E402
 from optimalsteps.integrations import comfyui as oc  # noqa: E402
-from optimalsteps.optimize.search import run_teacher  # noqa: E402
+from optimalsteps.optimize.teacher import run_teacher  # noqa: E402
 
 F32 = torch.finfo(torch.float32).eps
 KINDS = {"flow": {"shift": 3.0}, "eps": {}, "v": {}}
