@@ -23,6 +23,7 @@ from optimalsteps.optimize.search import search
 CATEGORY = "sampling/custom_sampling/schedulers"
 SCHEDULE_FOLDER = "optimalsteps"  # inside ComfyUI's output folder
 NO_SCHEDULES = "(no saved schedules)"
+TARGET_CHUNK = 32  # grid points per block of the DP's temporaries: bounds memory on large latents
 log = logging.getLogger("optimalsteps")
 
 
@@ -63,7 +64,10 @@ def _empty_latent(model, latent_image: dict, samples: int) -> torch.Tensor:
 
 
 class _Progress:
-    """The search's callback: ComfyUI's progress bar, the interrupt between layers, a time estimate."""
+    """The search's callback: ComfyUI's progress bar, the interrupt between layers, a time estimate.
+
+    The first layer evaluates only the start; from the second on every layer evaluates each reachable
+    grid state, so the second layer's time times the layers left is the estimate that is logged."""
 
     def __init__(self, steps: int):
         import comfy.utils
@@ -71,21 +75,23 @@ class _Progress:
         self.bar = comfy.utils.ProgressBar(steps + 1)
         self.steps = steps
         self.started = time.perf_counter()
+        self.last = self.started
         self.teacher_seconds = None
-        self.first_layer_seconds = None
+        self.full_layer_seconds = None
 
     def __call__(self, stage: str, done: int, total: int) -> None:
-        now = time.perf_counter() - self.started
+        now = time.perf_counter()
         if stage == "teacher":
-            self.teacher_seconds = now
+            self.teacher_seconds = now - self.started
             self.bar.update_absolute(1)
         else:
-            if done == 1:
-                self.first_layer_seconds = now - (self.teacher_seconds or 0.0)
-                log.info("OptimalSteps: teacher %.1f s, first layer %.1f s; about %.0f s to go",
-                         self.teacher_seconds or 0.0, self.first_layer_seconds,
-                         self.first_layer_seconds * (self.steps - 1))
+            if done == 2:
+                self.full_layer_seconds = now - self.last
+                log.info("OptimalSteps: teacher %.1f s, one full layer %.1f s; about %.0f s to go",
+                         self.teacher_seconds or 0.0, self.full_layer_seconds,
+                         self.full_layer_seconds * (self.steps - 2))
             self.bar.update_absolute(1 + done)
+        self.last = now
         _interrupt_check()
 
 
@@ -167,7 +173,8 @@ def search_schedule(model, positive, negative, latent_image, cfg, sampler_name, 
         denoiser = oc.ComfyDenoiser(model_k, convention, extra_args, dtype=x.dtype, max_batch=search_samples,
                                     before_call=_interrupt_check, spec=type(getattr(model, "model", model)).__name__)
         found["result"] = search(denoiser, oc.search_noise(x, float(sigmas[0])), steps, teacher_schedule=teacher,
-                                 solver=solver, seed=int(seed), callback=progress, distributed=False)
+                                 solver=solver, seed=int(seed), callback=progress, distributed=False,
+                                 target_chunk=TARGET_CHUNK)
         found["calls"] = denoiser.calls
         return found["result"].teacher_samples.to(x.dtype)
 
@@ -197,7 +204,7 @@ def searched_under(model, convention, sampler_name, cfg, latent, steps, teacher_
             "width": int(latent.shape[-1]) * 8, "height": int(latent.shape[-2]) * 8, "steps": int(steps),
             "teacher_steps": int(teacher_steps), "search_samples": int(samples), "seed": int(seed),
             "model_calls": int(calls), "teacher_seconds": progress.teacher_seconds,
-            "first_layer_seconds": progress.first_layer_seconds}
+            "full_layer_seconds": progress.full_layer_seconds}
 
 
 def save_schedule(schedule: Schedule, prefix: str) -> Path:

@@ -330,3 +330,31 @@ def test_example_workflow_wires_search_into_sampler_custom_advanced():
     search = next(n for n in workflow["nodes"] if n["type"] == "OptimalStepsSearch")
     sigmas_links = search["outputs"][0]["links"]
     assert any(by_id[links[i][3]]["type"] == "SamplerCustomAdvanced" for i in sigmas_links)
+
+
+def test_denoiser_calls_the_model_one_sigma_at_a_time():
+    seen = []
+
+    def denoise(x, sigma, **extra):
+        seen.append((sigma.unique().tolist(), x.shape[0], extra))
+        return x * sigma[:, None]
+
+    convention = oc.SigmaConvention("flow", "CONST", 0.001, 1.0, 3.0)
+    denoiser = oc.ComfyDenoiser(denoise, convention, {"seed": 5}, max_batch=2)
+    x = torch.arange(10.0).reshape(5, 2)
+    t = torch.tensor([0.5, 0.25, 0.5, 0.5, 0.25])
+    out = denoiser(x, t)
+    assert torch.equal(out, x * t[:, None])
+    assert all(len(values) == 1 and rows <= 2 and extra == {"seed": 5} for values, rows, extra in seen)
+    assert denoiser.calls == len(seen) == 3  # three at 0.5 in batches of two, two at 0.25
+
+
+def test_unsupported_model_sampling_is_refused():
+    class X0:
+        pass
+
+    class IMG_TO_IMG(X0):  # noqa: N801 (ComfyUI's class name)
+        sigma_min, sigma_max = 0.03, 14.6
+
+    with pytest.raises(OptimalStepsError, match="IMG_TO_IMG"):
+        oc.sigma_convention(IMG_TO_IMG())
