@@ -358,3 +358,14 @@ def test_unsupported_model_sampling_is_refused():
 
     with pytest.raises(OptimalStepsError, match="IMG_TO_IMG"):
         oc.sigma_convention(IMG_TO_IMG())
+
+
+def test_interpolation_of_a_schedule_that_reaches_the_models_smallest_sigma():
+    convention = oc.sigma_convention(StubModelPatcher("eps").model.model_sampling)
+    schedule = karras(convention.process, 5, sigma_min=convention.sigma_min, sigma_max=convention.sigma_max)
+    for steps in (3, 9):
+        sigmas = oc.loader_sigmas(schedule, convention, steps)
+        assert len(sigmas) == steps + 1 and float(sigmas[-1]) == 0.0 and torch.all(sigmas[1:] < sigmas[:-1])
+        assert float(sigmas[0]) == pytest.approx(convention.sigma_max, rel=F32)
+    with pytest.raises(OptimalStepsError, match="1-step"):
+        oc.interpolate_sigmas(torch.tensor([1.0, 0.0]), 4, 0.001)
