@@ -197,9 +197,14 @@ def test_search_node_outputs_and_progress(output_dir):
     assert float(sigmas[0]) == pytest.approx(float(model.model.model_sampling.sigma_max))
     assert seen[-1] == (4, 4) and [v for v, _ in seen] == sorted(v for v, _ in seen)
     assert "heun" in text and "schedule_00001.json" in text
+    # an empty latent with another channel count is fixed as SamplerCustomAdvanced does
+    four_channels = {"samples": torch.zeros(1, 4, 1, 3)}
+    out = nodes.search_schedule(model, POSITIVE, NEGATIVE, four_channels, 3.0, "euler", 2, 10, 2, 0, "fixed")
+    assert list(out.noise.shape) == [2, 2, 1, 3]
     assert (output_dir / "optimalsteps" / "schedule_00001.json").is_file()
     NODE_CLASS_MAPPINGS["OptimalStepsSearch"]().search(model, POSITIVE, NEGATIVE, LATENT, 3.0, "euler", 2, 10, 2, 0)
     assert (output_dir / "optimalsteps" / "schedule_00002.json").is_file()  # never overwrites
+    assert (output_dir / "optimalsteps" / "fixed_00001.json").is_file()
 
 
 def test_interrupt_stops_the_search_between_layers(output_dir):

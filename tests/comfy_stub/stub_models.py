@@ -6,6 +6,8 @@ prediction (velocity eps - x0 for CONST, eps for EPS, v for V_PREDICTION); the c
 selects one of two mixtures, so CFG mixes two different denoisers.
 """
 
+from types import SimpleNamespace
+
 import torch
 
 from comfy import model_sampling as cms
@@ -52,6 +54,7 @@ class StubBaseModel:
     def __init__(self, kind, dim=6, seed=0, **sampling_options):
         self.model_sampling = cms.model_sampling(kind, **sampling_options)
         self.diffusion_model = StubNetwork(kind, self.model_sampling, dim, seed)
+        self.latent_format = SimpleNamespace(latent_channels=2)  # the tests' latents are [B, 2, 1, 3]
         self.calls = 0
 
     def apply_model(self, x, sigma, conds):
