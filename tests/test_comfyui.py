@@ -164,6 +164,23 @@ def test_search_teacher_equals_library_teacher(sampler_name):
     assert float(out.teacher_sigmas[8]) == pytest.approx(ms.percent_to_sigma(0.5), rel=F32 * 4)
 
 
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_search_teacher_on_discrete_models_starts_where_comfyui_starts(kind):
+    # the library's teacher on the model's own (unguided, cfg 1) call, started from sqrt(1 + sigma^2) noise
+    model = StubModelPatcher(kind)
+    out = run_node_search(model, "heun", cfg=1.0)
+    convention = oc.sigma_convention(model.model.model_sampling)
+    direct = oc.ComfyDenoiser(lambda x, s: model.model.apply_model(x, s, POSITIVE), convention)
+    first = float(out.teacher_sigmas[0])
+    assert oc.comfy_start_scale(convention, first) == pytest.approx(math.sqrt(1 + first ** 2))
+    noise = out.noise * oc.comfy_start_scale(convention, first) / first
+    teacher = Schedule.from_sigmas(out.teacher_sigmas.double(), convention.process)
+    final = run_teacher(direct, noise, teacher, "heun").states[:, -1]
+    assert (out.teacher_final - final).abs().max() <= tolerance(final, 16)
+    plain = run_teacher(direct, out.noise, teacher, "heun").states[:, -1]  # sigma * noise: not ComfyUI's start
+    assert (out.teacher_final - plain).abs().max() > 10 * tolerance(final, 16)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 @pytest.mark.parametrize("sampler_name", ["euler", "heun", "dpmpp_2m"])
 def test_returned_sigmas_give_the_recorded_error_in_comfyui(kind, sampler_name):
