@@ -391,3 +391,13 @@ def test_interpolation_of_a_schedule_that_reaches_the_models_smallest_sigma():
         assert float(sigmas[0]) == pytest.approx(convention.sigma_max, rel=F32)
     with pytest.raises(OptimalStepsError, match="1-step"):
         oc.interpolate_sigmas(torch.tensor([1.0, 0.0]), 4, 0.001)
+
+
+def test_registry_metadata():
+    import tomllib
+
+    meta = tomllib.loads((Path(nodes.__file__).parent / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert "comfyui" not in project["name"].lower() and len(project["version"].split(".")) == 3
+    assert "optimalsteps" in " ".join(project["dependencies"]) and "Repository" in project["urls"]
+    assert {"PublisherId", "DisplayName", "Icon"} <= set(meta["tool"]["comfy"])
