@@ -30,13 +30,28 @@ class Solver:
     multistep: bool  # carries the previous x0 estimate (DPM-Solver++(2M))
     corrector: bool  # evaluates the model again at the target (Heun)
     description: str
+    # the variable a multistep solver's step ratio is measured in: "log_snr" (log alpha/sigma) or
+    # "neg_log_sigma" (-log of the k-diffusion / ComfyUI sigma: the flow time for flow, sigma/alpha otherwise)
+    step_variable: str = "log_snr"
 
 
 SOLVERS = {
     "euler": Solver("euler", 1, False, False, "first order, exact for a constant x0 prediction (DDIM)"),
     "heun": Solver("heun", 2, False, True, "EDM/k-diffusion Heun, trapezoid; last step to the clean end is Euler"),
     "dpmpp2m": Solver("dpmpp2m", 2, True, False, "DPM-Solver++(2M), data prediction, steps in log-SNR"),
+    "dpmpp2m-sigma": Solver("dpmpp2m-sigma", 2, True, False,
+                            "DPM-Solver++(2M) stepping in -log sigma of the k-diffusion sigma (ComfyUI's dpmpp_2m; "
+                            "differs from dpmpp2m only on flow)", "neg_log_sigma"),
 }
+
+
+def step_variable(solver: Solver, process: NoiseProcess, t: torch.Tensor) -> torch.Tensor:
+    """The variable a multistep solver measures its step ratio in, at times t (float64)."""
+    if solver.step_variable == "neg_log_sigma":
+        # k-diffusion's sigma: the flow time itself under ComfyUI's CONST sampling, sigma/alpha otherwise
+        sigma = process.sigma(t) if process.kind == "flow" else process.sigma_ve(t)
+        return -torch.log(sigma)
+    return process.log_snr(t)
 
 
 def get_solver(name: str | Solver) -> Solver:
@@ -80,7 +95,7 @@ def update_coefficients(solver: str | Solver, process: NoiseProcess, t: torch.Te
     c_prev = torch.zeros_like(c_x)
     if solver.multistep and t_prev is not None:
         t_prev = torch.as_tensor(t_prev, dtype=torch.float64)
-        lam, lam_n, lam_p = process.log_snr(t), process.log_snr(t_next), process.log_snr(t_prev)
+        lam, lam_n, lam_p = (step_variable(solver, process, v) for v in (t, t_next, t_prev))
         second = torch.isfinite(lam_p) & torch.isfinite(lam) & (sigma_n > 0)
         # r = h_prev / h; where not second order the value is unused, keep it finite
         h = torch.where(second, lam_n - lam, torch.ones_like(lam))
