@@ -18,6 +18,7 @@ import torch
 from optimalsteps.core.errors import OptimalStepsError
 from optimalsteps.core.schedules import Schedule
 from optimalsteps.integrations import comfyui as oc
+from optimalsteps.optimize.options import Storage
 from optimalsteps.optimize.search import search
 
 CATEGORY = "sampling/custom_sampling/schedulers"
@@ -172,9 +173,9 @@ def search_schedule(model, positive, negative, latent_image, cfg, sampler_name, 
         # runs where a ComfyUI sampler runs: x is ComfyUI's own first state, model_k its guided model
         denoiser = oc.ComfyDenoiser(model_k, convention, extra_args, dtype=x.dtype, max_batch=search_samples,
                                     before_call=_interrupt_check, spec=type(getattr(model, "model", model)).__name__)
-        found["result"] = search(denoiser, oc.search_noise(x, float(sigmas[0])), steps, teacher_schedule=teacher,
-                                 solver=solver, seed=int(seed), callback=progress, distributed=False,
-                                 target_chunk=TARGET_CHUNK)
+        found["result"] = search(denoiser, oc.search_noise(x, float(sigmas[0])), steps, teacher_grid=teacher,
+                                 solver=solver, seed=int(seed), callback=progress,
+                                 storage=Storage(distributed=False, target_chunk=TARGET_CHUNK))
         found["calls"] = denoiser.calls
         return found["result"].teacher_samples.to(x.dtype)
 
@@ -223,7 +224,7 @@ def save_schedule(schedule: Schedule, prefix: str) -> Path:
 def summarize(schedule, sigmas, sampler_name, solver, result, calls, path) -> str:
     values = " ".join(f"{v:.4g}" for v in sigmas.tolist())
     return (f"{schedule.steps} steps for ComfyUI {sampler_name} (library solver {solver}); teacher "
-            f"{result.teacher.steps} steps; mean squared error to the teacher {result.cost:.4g}; {calls} model calls "
+            f"{result.teacher.steps} steps; mean squared error to the teacher {result.error:.4g}; {calls} model calls "
             f"in {result.seconds:.1f} s; saved {path.name}\nsigmas: {values}")
 
 

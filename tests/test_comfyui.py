@@ -190,7 +190,7 @@ def test_returned_sigmas_give_the_recorded_error_in_comfyui(kind, sampler_name):
     student = comfy_run(model, sampler_name, out.sigmas, out.noise, cfg=2.0)
     assert (teacher - out.teacher_final).abs().max() <= tolerance(teacher, 12)
     error = float((student.double() - teacher.double()).pow(2).mean())
-    recorded = out.result.cost
+    recorded = out.result.error
     assert recorded > 0
     delta = tolerance(teacher, 12)
     assert abs(error - recorded) <= 2 * math.sqrt(recorded) * delta + delta ** 2
