@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import distributed as dd
-from .checkpoint import Checkpointer, fingerprint
+from .checkpoint import Checkpointer, fingerprint, run_settings
 from ..core.errors import OptimalStepsError
 from .memory import allocate, check_fits, check_storage, estimate_search_bytes, storage_dtype as parse_storage_dtype
 from ..core.models import index_cond, model_process, predict_x0
@@ -271,14 +271,16 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
 
     checkpointer = None
     if checkpoint_dir is not None:
-        settings = {"model": str(getattr(model, "spec", type(model).__name__)), "steps": steps,
-                    "teacher_steps": teacher_steps, "teacher_times": fingerprint(teacher.times),
-                    "samples": batch, "seed": seed, "noise": fingerprint(noise), "solver": solver_def.name,
-                    "cost": cost, "aggregate": aggregate, "reference_compat": reference_compat,
-                    "free_start": free_start,
-                    "candidates": candidates, "ranks": part.world}
+        settings = run_settings(model, noise, cond, steps=steps, teacher_steps=teacher_steps,
+                                teacher_times=fingerprint(teacher.times), samples=batch, seed=seed,
+                                solver=solver_def.name, cost=cost, aggregate=aggregate,
+                                reference_compat=reference_compat, free_start=free_start, candidates=candidates,
+                                ranks=part.world, storage_dtype=str(storage_dtype or "float32").replace("torch.", ""),
+                                cost_dtype=str(cost_dtype).replace("torch.", ""),
+                                cost_channels=None if cost_channels is None else [int(c) for c in cost_channels],
+                                cost_frames=None if cost_frames is None else [int(f) for f in cost_frames],
+                                coarse_to_fine=repr(coarse_to_fine) if coarse_to_fine else None)
         checkpointer = Checkpointer(checkpoint_dir, settings, part.rank, resume)
-
     teacher_run = None
     if checkpointer is not None and resume:
         saved = checkpointer.load("teacher")
@@ -310,6 +312,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     else:
         traces, cost_table, search_nfe = (_reference_dp if reference_compat else _exact_dp)(ctx)
 
+    if checkpointer is not None:
+        checkpointer.close()
     per_sample_indices = None
     last_layer = steps if not reference_compat else -1
     if ctx.per_sample:
