@@ -16,6 +16,7 @@ from typing import Any, Callable, Protocol
 
 import torch
 
+from .checks import call_user_factory, check_model, check_noise_count, check_seed
 from .errors import OptimalStepsError
 from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
 
@@ -182,7 +183,7 @@ def load_model(spec: str) -> Any:
             known = ["gmm:...", "empirical:...", "python:FILE.py:NAME", "diffusers:ID (CLI)"] + sorted(builtins)
             raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
         model = builtins[name][1](**_parse_options(opts))
-    model_process(model)
+    model_process(check_model(model, f"model {spec!r}"))
     try:
         model.spec = spec
     except AttributeError:
@@ -206,7 +207,7 @@ def _load_python_model(rest: str) -> Any:
     factory = getattr(module, name, None)
     if not callable(factory):
         raise OptimalStepsError(f"{path} has no callable {name!r}")
-    return factory()
+    return call_user_factory(factory, f"{path}:{name}")
 
 
 def sample_shape(model: Any) -> tuple[int, ...]:
@@ -217,10 +218,11 @@ def sample_shape(model: Any) -> tuple[int, ...]:
 
 
 def draw_noise(model: Any, count: int, seed: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise [count, *sample_shape], deterministic given the seed (drawn on the CPU)."""
-    if count < 1:
-        raise OptimalStepsError(f"number of samples must be at least 1, got {count}")
+               device: torch.device | str = "cpu", allow_huge: bool = False) -> torch.Tensor:
+    """Standard normal noise [count, *sample_shape], deterministic given the seed (drawn on the CPU);
+    more than checks.MAX_SAMPLES samples need `allow_huge`, more than fit in memory are refused."""
+    count = check_noise_count(count, sample_shape(check_model(model)), allow_huge)
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn((count,) + sample_shape(model), generator=generator, dtype=torch.float64).to(
         dtype=dtype, device=device
@@ -241,7 +243,15 @@ def load_npy(path: str | Path, what: str):
     import numpy as np
 
     try:
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if magic != b"\x93NUMPY":  # numpy would call any other file "pickled data"
+            kind = "a .npz archive" if magic.startswith(b"PK") else "pickled data" if magic[:1] == b"\x80" \
+                else "not a .npy file (no NumPy header)"
+            raise OptimalStepsError(f"{what} {path} is {kind}; give a .npy array (numpy.save)")
         return np.load(path, allow_pickle=False)
+    except IsADirectoryError:
+        raise OptimalStepsError(f"{what} {path} is a directory, not a .npy file") from None
     except FileNotFoundError:
         raise OptimalStepsError(f"{what} not found: {path}") from None
     except (ValueError, OSError) as exc:

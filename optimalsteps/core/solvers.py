@@ -184,9 +184,12 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     `calibration(x, step_index, t)`, if given, transforms the state before each model call (amplitude
     calibration). NFE is counted per trajectory.
     """
+    from .checks import as_noise, check_schedule_arg
     from .schedules import as_schedule
 
     process = model_process(model)
+    check_schedule_arg(schedule)
+    noise = as_noise(noise, model)
     schedule = as_schedule(schedule, process)
     if schedule.process.name != process.name:
         raise OptimalStepsError(

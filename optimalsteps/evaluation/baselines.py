@@ -467,19 +467,21 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
                    noise: torch.Tensor | None = None, cond: dict | None = None, solver: str = "euler",
                    progress: bool = False, **options: Any) -> dict[int, Schedule]:
     """`make_schedule` for several step counts; a searched method runs its teacher once for all of them."""
+    if not isinstance(name, str):
+        raise OptimalStepsError(f"a schedule name must be a string, got {type(name).__name__}")
     check_name(name)
     steps = [check_steps(m) for m in steps]
     process = _resolve_process(name, process, model)
     if name in CLOSED_FORMS:
         function = CLOSED_FORMS[name]
         _check_options(name, function, options)
-        return {m: function(process, m, **options) for m in steps}
+        return {m: _with_options(name, options, function, process, m, **options) for m in steps}
     if name in TABLES or name in TABLE_METHODS:
         _check_options(name, table_schedule, options)
-        return {m: table_schedule(name, process, m, **options) for m in steps}
+        return {m: _with_options(name, options, table_schedule, name, process, m, **options) for m in steps}
     if name == "dm":
         _check_options(name, dm, options)
-        return {m: dm(process, m, solver=solver, **options) for m in steps}
+        return {m: _with_options(name, options, dm, process, m, solver=solver, **options) for m in steps}
     if model is None:
         raise OptimalStepsError(f"schedule {name!r} is searched on a model: pass a model (--model)")
     if noise is None:
@@ -494,6 +496,17 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
     _check_options(name, search, options)
     return {m: search(model, noise, steps=m, solver=solver, cond=cond, progress=progress, **options).schedule
             for m in steps}
+
+
+def _with_options(name: str, options: dict, function: Callable[..., Schedule], *args: Any, **kwargs: Any) -> Schedule:
+    """A method's schedule; an option value of the wrong type or range is named instead of a deep TypeError."""
+    try:
+        return function(*args, **kwargs)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        if isinstance(exc, OptimalStepsError):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise OptimalStepsError(f"schedule {name!r} cannot use {given}: {exc}") from None
 
 
 def _resolve_process(name: str, process: ProcessLike | None, model: Any) -> NoiseProcess:

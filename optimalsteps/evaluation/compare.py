@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
+from ..core.checks import as_noise, check_int, check_seed
 from ..core.errors import OptimalStepsError
 from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
 from ..core.models import draw_noise, model_process
@@ -68,6 +69,8 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     from ..optimize.search import teacher_schedule
 
     process = model_process(model)
+    if isinstance(steps, (str, int)) or isinstance(solvers, str) or isinstance(schedules, str):
+        raise OptimalStepsError("compare takes lists of step counts, solvers and schedule names")
     teacher_steps = check_steps(teacher_steps)
     steps = sorted({check_steps(s) for s in steps})
     if not steps:
@@ -83,9 +86,11 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     unknown = sorted(set(options) - set(names))
     if unknown:
         raise OptimalStepsError(f"options given for schedules not compared: {', '.join(unknown)}")
-    noise = noise if noise is not None else draw_noise(model, samples, seed)
-    eval_seed = seed + EVAL_SEED_OFFSET if eval_seed is None else eval_seed
-    eval_noise = eval_noise if eval_noise is not None else draw_noise(model, eval_samples, eval_seed)
+    noise = as_noise(noise, model, "search noise") if noise is not None else draw_noise(model, samples, seed)
+    eval_seed = check_seed(seed) + EVAL_SEED_OFFSET if eval_seed is None else check_seed(eval_seed, "eval_seed")
+    eval_noise = as_noise(eval_noise, model, "evaluation noise") if eval_noise is not None else \
+        draw_noise(model, eval_samples, eval_seed)
+    check_int(max_batch, "max_batch")
     eval_cond = _eval_conditions(cond, eval_cond, eval_noise.shape[0])
 
     jobs = len(solvers) + sum(len(solvers) if _solver_specific(n) else 1 for n in names) + \

@@ -80,25 +80,22 @@ def _feed(digest: Any, value: Any, depth: int, budget: list[int]) -> None:
                                     if value.dtype.kind in "biufc" else torch.empty(0)))
     elif value is None or isinstance(value, (bool, int, float, str, bytes)):
         digest.update(repr(value).encode())
-    elif depth <= 0 or isinstance(value, _SKIPPED):
-        return
-    elif isinstance(value, torch.nn.Module):
+    elif isinstance(value, torch.nn.Module):  # weights count at any depth
         digest.update(type(value).__qualname__.encode())
         for name, tensor in value.state_dict().items():
             digest.update(name.encode())
             digest.update(_tensor_bytes(tensor))
         _feed(digest, getattr(value, "config", None), depth - 1, budget)
-    elif isinstance(value, dict):
-        for key in sorted(value, key=repr):
+    elif depth <= 0 or isinstance(value, _SKIPPED):
+        return
+    elif isinstance(value, (dict, list, tuple)) or hasattr(value, "__dict__"):
+        if not isinstance(value, (dict, list, tuple)):
+            digest.update(type(value).__qualname__.encode())
+            value = {k: v for k, v in vars(value).items() if not k.startswith("_")}
+        items = sorted(value.items(), key=lambda kv: repr(kv[0])) if isinstance(value, dict) else enumerate(value)
+        for key, item in items:
             digest.update(repr(key).encode())
-            _feed(digest, value[key], depth - 1, budget)
-    elif isinstance(value, (list, tuple)):
-        for item in value:
             _feed(digest, item, depth - 1, budget)
-    elif hasattr(value, "__dict__"):
-        digest.update(type(value).__qualname__.encode())
-        public = {k: v for k, v in vars(value).items() if not k.startswith("_")}
-        _feed(digest, public, depth - 1, budget)
 
 
 def model_fingerprint(model: Any) -> str:

@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as dd
 from .checkpoint import Checkpointer, fingerprint, run_settings
+from ..core.checks import as_noise, check_schedule_arg, check_search_args, check_storage_dtype
 from ..core.errors import OptimalStepsError
 from .memory import allocate, check_fits, check_storage, estimate_search_bytes, storage_dtype as parse_storage_dtype
 from ..core.models import index_cond, model_process, predict_x0
@@ -222,6 +223,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     """
     started = time.perf_counter()
     process = model_process(model)
+    noise = as_noise(noise, model, "search noise")
+    check_search_args(noise, max_batch, target_chunk, memory_limit, refine_budget, cost_channels, cost_frames, seed)
     solver_def = get_solver(solver)
     steps = check_steps(steps)
     if cost not in COSTS:
@@ -235,7 +238,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     if candidates < 1:
         raise OptimalStepsError(f"candidates must be at least 1, got {candidates}")
     batch = noise.shape[0]
-    storage_dtype = parse_storage_dtype(storage_dtype)
+    storage_dtype = check_storage_dtype(parse_storage_dtype(storage_dtype))
     check_storage(storage)
     for key, value in (cond or {}).items():
         if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] not in (1, batch):
@@ -244,6 +247,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
         teacher_steps = check_steps(teacher_steps)
         teacher = default_teacher_schedule(process, teacher_steps)
     else:
+        check_schedule_arg(teacher_schedule, "teacher_schedule")
         teacher = teacher_schedule if isinstance(teacher_schedule, Schedule) else Schedule(teacher_schedule, process)
         if teacher.process.name != process.name:
             raise OptimalStepsError(f"teacher schedule is for {teacher.process.name}, the model's process is {process.name}")
