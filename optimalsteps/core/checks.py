@@ -55,8 +55,11 @@ def check_number(value: Any, name: str, low: float = -math.inf, high: float = ma
     value = float(value)
     below = value <= low if open_low else value < low
     if not math.isfinite(value) or below or value > high:
-        bounds = f"{'(' if open_low else '['}{low:g}, {high:g}]"
-        raise OptimalStepsError(f"{name} must be a finite number in {bounds}, got {value:g}")
+        if low == 0 and high == math.inf:
+            bounds = f"a finite {'positive' if open_low else 'non-negative'} number"
+        else:
+            bounds = f"a finite number in {'(' if open_low else '['}{low:g}, {high:g}]"
+        raise OptimalStepsError(f"{name} must be {bounds}, got {value:g}")
     return value
 
 

@@ -142,7 +142,9 @@ def load_model(spec: str) -> Any:
     - `python:FILE.py:NAME`: NAME() from a user file returns a model
     - a built-in name (`optimalsteps models` lists them)
     """
-    if not isinstance(spec, str) or not spec:
+    if not isinstance(spec, str):
+        raise OptimalStepsError(f"a model spec must be a string such as 'gmm:dim=8', got {type(spec).__name__}")
+    if not spec:
         raise OptimalStepsError("empty model spec")
     kind, _, rest = spec.partition(":")
     if kind == "gmm":
@@ -183,7 +185,7 @@ def load_model(spec: str) -> Any:
             known = ["gmm:...", "empirical:...", "python:FILE.py:NAME", "diffusers:ID (CLI)"] + sorted(builtins)
             raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
         model = builtins[name][1](**_parse_options(opts))
-    model_process(check_model(model, f"model {spec!r}"))
+    model_process(check_model(model, f"model {spec}"))
     try:
         model.spec = spec
     except AttributeError:
@@ -245,14 +247,15 @@ def load_npy(path: str | Path, what: str):
     try:
         with open(path, "rb") as handle:
             magic = handle.read(6)
-        if magic != b"\x93NUMPY":  # numpy would call any other file "pickled data"
-            kind = "a .npz archive" if magic.startswith(b"PK") else "pickled data" if magic[:1] == b"\x80" \
-                else "not a .npy file (no NumPy header)"
-            raise OptimalStepsError(f"{what} {path} is {kind}; give a .npy array (numpy.save)")
-        return np.load(path, allow_pickle=False)
+        if magic == b"\x93NUMPY":
+            return np.load(path, allow_pickle=False)
     except IsADirectoryError:
         raise OptimalStepsError(f"{what} {path} is a directory, not a .npy file") from None
     except FileNotFoundError:
         raise OptimalStepsError(f"{what} not found: {path}") from None
     except (ValueError, OSError) as exc:
         raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
+    # numpy would call any other file "pickled data"
+    kind = "a .npz archive" if magic.startswith(b"PK") else "pickled data" if magic[:1] == b"\x80" \
+        else "not a .npy file (no NumPy header)"
+    raise OptimalStepsError(f"{what} {path} is {kind}; give a .npy array (numpy.save)")
