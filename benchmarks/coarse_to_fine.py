@@ -19,7 +19,7 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, load_model, sample, search
-from optimalsteps.optimize.search import default_teacher_schedule
+from optimalsteps.optimize.teacher import default_teacher_grid
 
 
 def per_sample_error(model, noise, schedule, solver, reference, chunk=1024):
@@ -40,7 +40,7 @@ def rows_for(model, name, noise, held, exact, solvers, steps_list, teacher_steps
     for solver in solvers:
         reference = exact
         if reference is None:
-            teacher = default_teacher_schedule(model.process, teacher_steps)
+            teacher = default_teacher_grid(model.process, teacher_steps)
             reference = torch.cat([sample(model, held[s:s + 1024], teacher, solver=solver).samples
                                    for s in range(0, held.shape[0], 1024)])
         for steps in steps_list:

@@ -22,7 +22,7 @@ import torch
 
 from optimalsteps import GaussianMixture, search
 from optimalsteps.core.models import predict_x0
-from optimalsteps.optimize.search import default_teacher_schedule, run_teacher
+from optimalsteps.optimize.teacher import default_teacher_grid, run_teacher
 from optimalsteps.core.solvers import update_coefficients
 
 
@@ -117,7 +117,7 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
     torch.set_num_threads(2)
     model = GaussianMixture.random(dim=dim, components=8, seed=0, process="flow")
     noise = torch.randn(8, dim, generator=torch.Generator().manual_seed(0))[:samples]
-    teacher = default_teacher_schedule(model.process, teacher_steps)
+    teacher = default_teacher_grid(model.process, teacher_steps)
     base = _rss_mb()
     started = time.perf_counter()
     if variant == "search (exact, per sample)":

@@ -7,8 +7,9 @@ import torch
 
 from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample, search
 from optimalsteps.cli import main
-from optimalsteps.optimize.refine import (CoarseToFine, Refinement, coarse_to_fine_search, final_error, from_unit,
-                                 level_strides, refine_schedule, to_unit)
+from optimalsteps.optimize.coarse import CoarseToFine, level_strides
+from optimalsteps.optimize.refine import Refinement, final_error, from_unit, refine_schedule, to_unit
+from optimalsteps.optimize.search import coarse_to_fine_search
 from optimalsteps.core.schedules import karras, logsnr, uniform
 from optimalsteps.core.solvers import nfe_per_trajectory
 

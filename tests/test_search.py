@@ -6,7 +6,7 @@ import torch
 
 from optimalsteps import AmplitudeCalibration, GaussianMixture, OptimalStepsError, Schedule, sample, search
 from optimalsteps.core.schedules import uniform
-from optimalsteps.optimize.search import default_teacher_schedule
+from optimalsteps.optimize.teacher import default_teacher_grid
 
 
 def _final_error(model, noise, teacher_out, times, solver):
@@ -128,7 +128,7 @@ def test_reference_compat_starts_anywhere_and_pads():
 
 
 def test_reference_median_is_the_released_integer_statistic():
-    from optimalsteps.optimize.search import _reference_median
+    from optimalsteps.optimize.dp import reference_median as _reference_median
 
     # released: sort in its own order (clean end = 0) and take (l[n//2] + l[n//2 - 1]) // 2
     per_sample = [[0, 3, 10], [0, 4, 10], [0, 8, 10]]
@@ -156,9 +156,9 @@ def test_calibration_statistics_and_transform():
 
 def test_default_teacher_grids():
     model = GaussianMixture.random(dim=2, components=1, seed=0, process="ve")
-    grid = default_teacher_schedule(model.process, 10)
+    grid = default_teacher_grid(model.process, 10)
     assert grid.times[0] == 80 and grid.times[-2] == pytest.approx(0.002) and grid.times[-1] == 0
-    assert torch.allclose(default_teacher_schedule(GaussianMixture.random(2, 1).process, 4).times,
+    assert torch.allclose(default_teacher_grid(GaussianMixture.random(2, 1).process, 4).times,
                           uniform("flow", 4).times)
 
 

@@ -186,12 +186,11 @@ def check_indices(values: Optional[Sequence[int]], size: int, name: str, dim: st
 
 
 def check_search_args(noise: torch.Tensor, max_batch: Any, target_chunk: Any, memory_limit: Any,
-                      refine_budget: Any, cost_channels: Any, cost_frames: Any, seed: Any) -> None:
+                      cost_channels: Any, cost_frames: Any, seed: Any) -> None:
     """search()'s numeric and index arguments (the noise is checked by as_noise)."""
     check_int(max_batch, "max_batch")
     check_optional_int(target_chunk, "target_chunk")
     check_optional_int(memory_limit, "memory_limit (bytes)")
-    check_optional_int(refine_budget, "refine_budget", minimum=0)
     if seed is not None:
         check_seed(seed)
     shape = tuple(noise.shape[1:])

@@ -1,4 +1,5 @@
-"""The model contract, classifier-free guidance, and `load_model(spec)`.
+"""The model contract: what a model is, how its prediction becomes a clean estimate, classifier-free
+guidance, and drawing noise of a model's sample shape.
 
 A model is any callable `model(x, t, **cond)` with attributes `process` ("flow" | "vp" | "ve", or a
 `NoiseProcess`) and `prediction` ("x0" | "eps" | "v" | "velocity"); `x` is `[B, ...]` and `t` a tensor
@@ -9,14 +10,11 @@ when noise must be drawn), `data_samples(n, generator)` (true data, for distribu
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from .checks import call_user_factory, check_model, check_noise_count, check_seed
+from .checks import check_model, check_noise_count, check_seed
 from .errors import OptimalStepsError
 from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
 
@@ -110,108 +108,6 @@ class CFGModel:
         return out_u + self.guidance_scale * (out_c - out_u)
 
 
-# ----------------------------------------------------------------------------------- load_model
-
-# name -> (one-line description, loader taking keyword options). Filled by the modules that own them.
-def _builtin_models() -> dict[str, tuple[str, Callable[..., Any]]]:
-    models: dict[str, tuple[str, Callable[..., Any]]] = {}
-    try:
-        from ..testbeds import nets  # trained digit models (present once weights are committed)
-
-        models.update(nets.BUILTIN_MODELS)
-    except ImportError:
-        pass
-    return models
-
-
-def _parse_options(text: str) -> dict[str, str]:
-    options = {}
-    for part in filter(None, text.split(",")):
-        if "=" not in part:
-            raise OptimalStepsError(f"model option {part!r} is not key=value")
-        key, value = part.split("=", 1)
-        options[key.strip()] = value.strip()
-    return options
-
-
-def load_model(spec: str) -> Any:
-    """A model from a spec string (the CLI's --model).
-
-    - `gmm:FILE.json` or `gmm:dim=64,components=8,seed=0,process=flow`: exact Gaussian mixture
-    - `empirical:DATASET[,process=flow]`: the exact denoiser of a finite dataset (digits, mnist)
-    - `python:FILE.py:NAME`: NAME() from a user file returns a model
-    - a built-in name (`optimalsteps models` lists them)
-    """
-    if not isinstance(spec, str):
-        raise OptimalStepsError(f"a model spec must be a string such as 'gmm:dim=8', got {type(spec).__name__}")
-    if not spec:
-        raise OptimalStepsError("empty model spec")
-    kind, _, rest = spec.partition(":")
-    if kind == "gmm":
-        from ..testbeds.mixture import GaussianMixture
-
-        if rest.endswith(".json") or Path(rest).is_file():
-            model = GaussianMixture.from_json(rest)
-        else:
-            options = _parse_options(rest)
-            allowed = {"dim", "components", "seed", "process", "spread", "std"}
-            unknown = set(options) - allowed
-            if unknown:
-                raise OptimalStepsError(f"unknown gmm option(s) {sorted(unknown)}; known: {sorted(allowed)}")
-            try:
-                model = GaussianMixture.random(
-                    dim=int(options.get("dim", 64)),
-                    components=int(options.get("components", 8)),
-                    seed=int(options.get("seed", 0)),
-                    process=options.get("process", "flow"),
-                    spread=float(options.get("spread", 1.0)),
-                    std=float(options.get("std", 0.3)),
-                )
-            except ValueError as exc:
-                if isinstance(exc, OptimalStepsError):
-                    raise
-                raise OptimalStepsError(f"bad gmm option in {spec!r}: {exc}") from None
-    elif kind == "python":
-        model = _load_python_model(rest)
-    elif kind == "empirical":
-        from ..testbeds.empirical import load_empirical
-
-        name, _, opts = rest.partition(",")
-        model = load_empirical(name, **_parse_options(opts))
-    else:
-        builtins = _builtin_models()
-        name, _, opts = spec.partition(":")
-        if name not in builtins:
-            known = ["gmm:...", "empirical:...", "python:FILE.py:NAME", "diffusers:ID (CLI)"] + sorted(builtins)
-            raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
-        model = builtins[name][1](**_parse_options(opts))
-    model_process(check_model(model, f"model {spec}"))
-    try:
-        model.spec = spec
-    except AttributeError:
-        pass
-    return model
-
-
-def _load_python_model(rest: str) -> Any:
-    path, sep, name = rest.rpartition(":")
-    if not sep or not path or not name:
-        raise OptimalStepsError(f"python model spec must be python:FILE.py:NAME, got python:{rest}")
-    file = Path(path)
-    if not file.is_file():
-        raise OptimalStepsError(f"python model file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"optimalsteps_user_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file: report, do not crash
-        raise OptimalStepsError(f"could not import {path}: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise OptimalStepsError(f"{path} has no callable {name!r}")
-    return call_user_factory(factory, f"{path}:{name}")
-
-
 def sample_shape(model: Any) -> tuple[int, ...]:
     shape = getattr(model, "sample_shape", None)
     if shape is None:
@@ -229,33 +125,3 @@ def draw_noise(model: Any, count: int, seed: int, dtype: torch.dtype = torch.flo
     return torch.randn((count,) + sample_shape(model), generator=generator, dtype=torch.float64).to(
         dtype=dtype, device=device
     )
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise OptimalStepsError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptimalStepsError(f"{what} {path} is not valid JSON: {exc}") from None
-
-
-def load_npy(path: str | Path, what: str):
-    """A .npy array (no pickles), or a one-line error naming `what` could not be read."""
-    import numpy as np
-
-    try:
-        with open(path, "rb") as handle:
-            magic = handle.read(6)
-        if magic == b"\x93NUMPY":
-            return np.load(path, allow_pickle=False)
-    except IsADirectoryError:
-        raise OptimalStepsError(f"{what} {path} is a directory, not a .npy file") from None
-    except FileNotFoundError:
-        raise OptimalStepsError(f"{what} not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
-    # numpy would call any other file "pickled data"
-    kind = "a .npz archive" if magic.startswith(b"PK") else "pickled data" if magic[:1] == b"\x80" \
-        else "not a .npy file (no NumPy header)"
-    raise OptimalStepsError(f"{what} {path} is {kind}; give a .npy array (numpy.save)")

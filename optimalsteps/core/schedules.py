@@ -20,7 +20,9 @@ import torch
 
 from .checks import check_number
 from .errors import OptimalStepsError
-from .processes import DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
+from .io import load_json, write_text
+from .processes import FLOW, DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
+from .version import __version__
 
 FORMAT = "optimalsteps.schedule.v1"
 
@@ -30,8 +32,6 @@ SIGMA_MAX_FALLBACK = 80.0
 
 
 def library_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -108,8 +108,6 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
-        from .models import load_json
-
         return cls.from_dict(load_json(path, "schedule file"), source=str(path))
 
     # ------------------------------------------------------------------ exports
@@ -133,8 +131,6 @@ class Schedule:
 
     def to_flow_sigmas(self) -> torch.Tensor:
         """diffusers FlowMatchEulerDiscreteScheduler `sigmas`: M flow times (no terminal 0) for shift 1."""
-        from .processes import FLOW
-
         return convert_times(self.times, self.process, FLOW)[:-1]
 
     def to_timesteps(self, ddpm: DiscreteDDPM | None = None) -> torch.Tensor:
@@ -234,27 +230,6 @@ def loglinear_interp(values: np.ndarray, count: int) -> np.ndarray:
     ys = np.log(values[::-1])
     new = np.interp(np.linspace(0.0, 1.0, count), xs, ys)
     return np.exp(new)[::-1].copy()
-
-
-def check_writable(path: str | Path | None, overwrite: bool = False) -> None:
-    """Refuse early, before any work, to replace a file the user has."""
-    if path and Path(path).exists() and not overwrite:
-        raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
-
-
-def write_text(path: Path, text: str, overwrite: bool = False) -> None:
-    write_bytes(path, text.encode(), overwrite)
-
-
-def write_bytes(path: Path, data: bytes, overwrite: bool = False) -> None:
-    """Write a file atomically, refusing to replace an existing one unless asked."""
-    path = Path(path)
-    check_writable(path, overwrite)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
 
 
 def _jsonable(value: Any) -> Any:
@@ -361,8 +336,6 @@ def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float
           image_seq_len: int | None = None) -> Schedule:
     """Flow times linspace(1, 1/M, M) shifted as SD3 (static `shift`) or Flux (`mu`, or `mu` from the latent
     sequence length `image_seq_len`: 4096 tokens = 1024x1024 gives 1.15), then 0; mapped by SNR for vp / ve."""
-    from .processes import FLOW
-
     process, steps = get_process(process), check_steps(steps)
     if mu is not None:  # e^mu must stay finite and the shifted times distinct
         mu = check_number(mu, "shift mu", -30.0, 30.0)
@@ -403,7 +376,7 @@ def beta(process: ProcessLike, steps: int, a: float = 0.6, b: float = 0.6, sigma
     The axis is native time for flow and vp; for ve it is log sigma from sigma_min to the process's largest
     sigma, as ComfyUI spaces the timestep table of continuous-EDM models. ComfyUI rounds the quantiles
     onto a 1000-entry table and drops repeats; here time is continuous, so no rounding is needed."""
-    from scipy.stats import beta as beta_dist
+    from scipy.stats import beta as beta_dist  # scipy.stats takes a third of a second to import: only here
 
     process, steps = get_process(process), check_steps(steps)
     a, b = check_number(a, "beta a", 0.0, open_low=True), check_number(b, "beta b", 0.0, open_low=True)

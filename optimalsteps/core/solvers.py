@@ -17,9 +17,11 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_noise, check_schedule_arg
 from .errors import OptimalStepsError
 from .models import index_cond, model_process, predict_x0
 from .processes import NoiseProcess
+from .schedules import as_schedule
 
 
 @dataclass(frozen=True)
@@ -184,9 +186,6 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     `calibration(x, step_index, t)`, if given, transforms the state before each model call (amplitude
     calibration). NFE is counted per trajectory.
     """
-    from .checks import as_noise, check_schedule_arg
-    from .schedules import as_schedule
-
     process = model_process(model)
     check_schedule_arg(schedule)
     noise = as_noise(noise, model)

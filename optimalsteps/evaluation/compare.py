@@ -23,9 +23,11 @@ from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
 from ..core.checks import as_noise, check_int, check_seed
 from ..core.errors import OptimalStepsError
 from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
-from ..core.models import draw_noise, model_process
-from ..core.schedules import Schedule, check_steps, write_bytes
+from ..core.io import write_bytes
+from ..core.models import draw_noise, index_cond, model_process
+from ..core.schedules import Schedule, check_steps
 from ..core.solvers import get_solver, sample
+from ..optimize.teacher import default_teacher_grid
 
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
 # the OSS search refined off the grid, with the coarse-to-fine DP (optimalsteps.refine), or with a free first
@@ -66,8 +68,6 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
       noise; `options` maps a schedule name to its options (e.g. {"shift": {"mu": 1.15}, "oss": {"cost": "x0"}}).
     Rows carry ROW_KEYS; PSNR uses `data_range` (default: the model's `data_range`, else the spread of the
     true data samples, else of the teacher's outputs)."""
-    from ..optimize.search import teacher_schedule
-
     process = model_process(model)
     if isinstance(steps, (str, int)) or isinstance(solvers, str) or isinstance(schedules, str):
         raise OptimalStepsError("compare takes lists of step counts, solvers and schedule names")
@@ -100,7 +100,7 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
         bar.set_postfix_str("references")
         targets = _references(model, eval_noise, eval_seed, data_range)
         bar.update(1)
-        teacher = teacher_schedule(process, teacher_steps)
+        teacher = default_teacher_grid(process, teacher_steps)
         reference = {"model": getattr(model, "spec", type(model).__name__), "process": process.name,
                      "teacher_steps": teacher_steps, "teacher_grid": teacher.metadata.get("baseline"),
                      "search_samples": int(noise.shape[0]), "seed": seed, "eval_samples": int(eval_noise.shape[0]),
@@ -200,8 +200,6 @@ def _references(model: Any, eval_noise: torch.Tensor, eval_seed: int, data_range
 def _sample(model: Any, noise: torch.Tensor, schedule: Schedule, solver: str, cond: dict | None,
             max_batch: int) -> tuple[torch.Tensor, float, int]:
     """Samples on the schedule in chunks of at most max_batch: (samples, seconds, NFE per sample)."""
-    from ..core.models import index_cond
-
     outs, seconds, nfe = [], 0.0, 0
     for start in range(0, noise.shape[0], max_batch):
         index = torch.arange(start, min(start + max_batch, noise.shape[0]))

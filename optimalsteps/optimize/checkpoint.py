@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..core.errors import OptimalStepsError
+from ..core.io import write_bytes
 
 SETTINGS = "settings.json"
 _SAMPLED_ABOVE = 1 << 22  # tensors with more elements are fingerprinted from a strided sample
@@ -35,16 +36,7 @@ _HELD: dict[str, int] = {}  # lock path -> descriptor held by this process (lock
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_bytes(path, data, overwrite=True)  # a checkpoint replaces the search's own earlier file
 
 
 # ------------------------------------------------------------------------------------ fingerprints
