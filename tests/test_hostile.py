@@ -42,7 +42,7 @@ def _uniform(steps=4):
 # ------------------------------------------------------------------------------------ the API
 
 @pytest.mark.parametrize("call,message", [
-    (lambda m, n: search(m, torch.randn(4, 5), **SEARCH), r"shape \[4, 5\] but the model's samples have shape \[6\]"),
+    (lambda m, n: search(m, torch.randn(4, 5), **SEARCH), r"shape \[4, 5\], expected \[B, 6\]"),
     (lambda m, n: search(m, n[0], **SEARCH), r"shape \[B, \.\.\.\]"),
     (lambda m, n: search(m, n.tolist(), **SEARCH), "must be a tensor"),
     (lambda m, n: search(m, n.long(), **SEARCH), "real floating-point values, got torch.int64"),

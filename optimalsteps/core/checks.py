@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -113,8 +114,8 @@ def as_noise(noise: Any, model: Any = None, what: str = "noise") -> torch.Tensor
         raise OptimalStepsError(f"{what} must have shape [B, ...] with at least one sample, got {list(noise.shape)}")
     shape = getattr(model, "sample_shape", None)
     if shape is not None and tuple(noise.shape[1:]) != tuple(shape):
-        raise OptimalStepsError(f"{what} has shape {list(noise.shape)} but the model's samples have shape "
-                                f"{list(shape)}: expected [B, {', '.join(str(int(s)) for s in shape)}]")
+        raise OptimalStepsError(f"{what} has shape {list(noise.shape)}, expected [B, "
+                                f"{', '.join(str(int(s)) for s in shape)}] (the model's sample shape)")
     if not torch.isfinite(noise).all():
         raise OptimalStepsError(f"{what} contains NaN or inf")
     return noise
@@ -198,3 +199,69 @@ def check_search_args(noise: torch.Tensor, max_batch: Any, target_chunk: Any, me
     if cost_frames is not None and len(shape) < 4:
         raise OptimalStepsError(f"cost_frames needs 4-d samples [C, F, H, W], got shape {list(shape)}")
     check_indices(cost_frames, shape[1] if len(shape) > 1 else 0, "cost_frames", "frame")
+
+
+# ------------------------------------------------------------------------------------ output paths
+
+def _writable_parent(path: Path, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this process can create files in."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OptimalStepsError(f"{what} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OptimalStepsError(f"{what} {path}: cannot write in {parent} (permission denied)")
+
+
+def check_output_file(path: Any, overwrite: bool = False, what: str = "--out") -> Optional[Path]:
+    """An output file that can be written: not empty, not a directory, in a writable place, and not an
+    existing file unless `overwrite`. Checked before any work, so a run never dies at its end."""
+    if path is None:
+        return None
+    if not str(path).strip():
+        raise OptimalStepsError(f"{what} is empty; give a file name")
+    path = Path(path)
+    if path.is_dir():
+        raise OptimalStepsError(f"{what} {path} is a directory; give a file name")
+    if path.exists() and not overwrite:
+        raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OptimalStepsError(f"{what} {path} is not writable")
+    _writable_parent(path, what)
+    return path
+
+
+def check_output_dir(directory: Any, names: Sequence[str], overwrite: bool = False, what: str = "--out") -> Path:
+    """An output folder that will receive `names`: a directory (or creatable), each name free (or a file
+    to replace with `overwrite`), never a directory."""
+    if directory is None or not str(directory).strip():
+        raise OptimalStepsError(f"{what} is empty; give a folder name")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise OptimalStepsError(f"{what} {directory} is a file, not a folder")
+    if directory.is_dir():
+        if not os.access(directory, os.W_OK | os.X_OK):
+            raise OptimalStepsError(f"{what} {directory}: cannot write in it (permission denied)")
+        for name in names:
+            target = directory / name
+            if target.is_dir():
+                raise OptimalStepsError(f"{what} {directory} holds a folder {name} where a result file goes")
+            if target.exists() and not overwrite:
+                raise OptimalStepsError(f"{target} already exists; choose another folder or pass --force to "
+                                        "overwrite")
+    else:
+        _writable_parent(directory, what)
+    return directory
+
+
+def check_distinct_paths(paths: dict[str, Any]) -> None:
+    """Outputs and inputs of one command must be different files (`paths`: flag -> path or None)."""
+    seen: dict[Path, str] = {}
+    for flag, path in paths.items():
+        if path is None or not str(path).strip():
+            continue
+        resolved = Path(path).resolve()
+        if resolved in seen:
+            raise OptimalStepsError(f"{flag} and {seen[resolved]} name the same path {path}")
+        seen[resolved] = flag

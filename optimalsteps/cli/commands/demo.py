@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ...core.checks import check_output_dir
+from ...core.errors import OptimalStepsError
+from ...evaluation.compare import report_paths
 from ...evaluation.demo import DEFAULT_MODEL, DEMO_SCHEDULES, check_demo_args, run_demo
 from ..args import int_list, name_list, positive_int
+
+
+QUICK_SETS = {"steps", "solvers", "samples", "eval_samples", "teacher_steps"}  # what --quick decides
 
 
 def add(sub: Any) -> None:
@@ -26,7 +32,12 @@ def add(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, [p.name for p in report_paths(args.out)] + ["report.md"], args.force)
     if args.quick:
+        clash = sorted(QUICK_SETS & getattr(args, "given", set()))
+        if clash:
+            raise OptimalStepsError(f"--quick sets its own {', '.join('--' + c.replace('_', '-') for c in clash)}; "
+                                    "drop --quick or those options")
         args.steps, args.solvers, args.samples, args.eval_samples, args.teacher_steps = [5], ["euler"], 4, 32, 40
         args.schedules = [s for s in args.schedules if s not in ("gits", "dm")]
     check_demo_args(args.steps, args.samples, args.eval_samples)
