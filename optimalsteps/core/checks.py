@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -67,7 +68,7 @@ def check_number(value: Any, name: str, low: float = -math.inf, high: float = ma
 def check_steps_bound(steps: int, allow_huge: bool = False, what: str = "steps") -> int:
     if steps > MAX_STEPS and not allow_huge:
         raise OptimalStepsError(f"{what} {steps} is more than {MAX_STEPS} (hours of model calls); "
-                                "pass --allow-huge (API: allow_huge=True) if you mean it")
+                                "pass --allow-huge if you mean it")
     return steps
 
 
@@ -93,7 +94,7 @@ def check_noise_count(count: Any, sample_shape: Sequence[int], allow_huge: bool 
     count = check_int(count, "number of samples")
     if count > MAX_SAMPLES and not allow_huge:
         raise OptimalStepsError(f"{count} samples is more than {MAX_SAMPLES}; pass --allow-huge "
-                                "(API: allow_huge=True) if you mean it")
+                                "(API: draw_noise(..., allow_huge=True)) if you mean it")
     check_allocation(count * math.prod(sample_shape), 8, f"{count} noise samples of shape {list(sample_shape)}")
     return count
 
@@ -210,8 +211,11 @@ def _writable_parent(path: Path, what: str) -> None:
         parent = parent.parent
     if not parent.is_dir():
         raise OptimalStepsError(f"{what} {path}: {parent} is a file, not a directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OptimalStepsError(f"{what} {path}: cannot write in {parent} (permission denied)")
+    try:  # a real file, not os.access: read-only mounts and special file systems refuse root too
+        with tempfile.TemporaryFile(dir=parent):
+            pass
+    except OSError as exc:
+        raise OptimalStepsError(f"{what} {path}: cannot write in {parent} ({exc.strerror or exc})") from None
 
 
 def check_output_file(path: Any, overwrite: bool = False, what: str = "--out") -> Optional[Path]:
@@ -226,8 +230,6 @@ def check_output_file(path: Any, overwrite: bool = False, what: str = "--out") -
         raise OptimalStepsError(f"{what} {path} is a directory; give a file name")
     if path.exists() and not overwrite:
         raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise OptimalStepsError(f"{what} {path} is not writable")
     _writable_parent(path, what)
     return path
 
@@ -241,8 +243,7 @@ def check_output_dir(directory: Any, names: Sequence[str], overwrite: bool = Fal
     if directory.exists() and not directory.is_dir():
         raise OptimalStepsError(f"{what} {directory} is a file, not a folder")
     if directory.is_dir():
-        if not os.access(directory, os.W_OK | os.X_OK):
-            raise OptimalStepsError(f"{what} {directory}: cannot write in it (permission denied)")
+        _writable_parent(directory / "probe", what)
         for name in names:
             target = directory / name
             if target.is_dir():
