@@ -274,8 +274,8 @@ def _cli_cases(d):
         (["sample", "--model", f"python:{d}/user.py:raises"], "raised RuntimeError: boom"),
         (["sample", "--model", f"python:{d}/user.py:quits", "--steps", "2"], "the model called sys.exit(0)"),
         # noise files and seeds
-        (["sample", *GMM, "--noise", f"{d}/archive.npz"], "is a .npz archive"),
-        (["sample", *GMM, "--noise", f"{d}/text.npy"], "is not a .npy file (no NumPy header)"),
+        (["sample", *GMM, "--noise", f"{d}/archive.npz"], "not a readable .npy array: it is a .npz archive"),
+        (["sample", *GMM, "--noise", f"{d}/text.npy"], "not a readable .npy array: it has no NumPy header"),
         (["sample", *GMM, "--noise", f"{d}/complex.npy"], "real floating-point values, got numpy complex64"),
         (["sample", *GMM, "--noise", f"{d}/noise.npy", "--samples", "5"], "--samples 5 disagrees with --noise"),
         (["sample", *GMM, "--seed", str(2**70)], "--seed must be a whole number in [0, 2**63)"),

@@ -70,6 +70,6 @@ def load_npy(path: str | Path, what: str) -> np.ndarray:
     except (ValueError, OSError) as exc:
         raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
     # numpy would call any other file "pickled data"
-    kind = "a .npz archive" if magic.startswith(b"PK") else "pickled data" if magic[:1] == b"\x80" \
-        else "not a .npy file (no NumPy header)"
-    raise OptimalStepsError(f"{what} {path} is {kind}; give a .npy array (numpy.save)")
+    kind = "it is a .npz archive" if magic.startswith(b"PK") else \
+        "it holds pickled data, which is never loaded" if magic[:1] == b"\x80" else "it has no NumPy header"
+    raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {kind}; save one with numpy.save")

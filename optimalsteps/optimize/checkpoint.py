@@ -27,12 +27,29 @@ from ..core.errors import OptimalStepsError
 from ..core.io import write_bytes
 
 SETTINGS = "settings.json"
-_SAMPLED_ABOVE = 1 << 22  # tensors with more elements are fingerprinted from a strided sample
+# tensors with more elements are fingerprinted from a strided sample: host tensors are hashed whole up to
+# 256 MiB of float32, accelerator tensors (a pipeline's weights) are sampled early to keep copies small
+_SAMPLED_ABOVE_HOST = 1 << 26
+_SAMPLED_ABOVE_DEVICE = 1 << 16
 _SAMPLE_SIZE = 1 << 12
 _NODE_BUDGET = 100_000  # the most values one model fingerprint walks (bounds odd user objects)
 _SKIPPED = (types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, type,
             functools.partial, torch.Generator, torch.device, torch.dtype)
-_HELD: dict[str, int] = {}  # lock path -> descriptor held by this process (locks are process-wide)
+
+
+class _Lock:
+    """An open, flock-ed lock file; `release` closes it once."""
+
+    def __init__(self, fd: int):
+        self.fd: Optional[int] = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+_HELD: dict[str, _Lock] = {}  # lock path -> the lock this process holds there (locks are process-wide)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -45,7 +62,7 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The exact bytes of a tensor (a strided sample of a very large one), with its dtype and shape."""
     flat = tensor.detach().reshape(-1)
-    if flat.numel() > _SAMPLED_ABOVE:
+    if flat.numel() > (_SAMPLED_ABOVE_HOST if flat.device.type == "cpu" else _SAMPLED_ABOVE_DEVICE):
         flat = flat[:: flat.numel() // _SAMPLE_SIZE]
     flat = flat.cpu().contiguous()
     if flat.is_complex():
@@ -117,7 +134,7 @@ def _checkpoint_files(directory: Path, rank: int) -> list[str]:
     return sorted(p.name for p in directory.glob(f"*.rank{rank}.pt"))
 
 
-def _lock(directory: Path, rank: int) -> Optional[int]:
+def _lock(directory: Path, rank: int) -> Optional[_Lock]:
     """An exclusive lock on the directory for this rank (released when the process ends, even killed)."""
     try:
         import fcntl
@@ -126,7 +143,7 @@ def _lock(directory: Path, rank: int) -> Optional[int]:
     path = directory / f".lock.rank{rank}"
     key = str(path.resolve())
     if key in _HELD:  # an earlier search of this process that never closed (e.g. it raised): take over
-        os.close(_HELD.pop(key))
+        _HELD.pop(key).release()
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -137,8 +154,17 @@ def _lock(directory: Path, rank: int) -> Optional[int]:
                                 "wait for it to finish or choose another --checkpoint directory") from None
     os.ftruncate(fd, 0)
     os.pwrite(fd, str(os.getpid()).encode(), 0)
-    _HELD[key] = fd
-    return fd
+    _HELD[key] = _Lock(fd)
+    return _HELD[key]
+
+
+def _unlock(lock: Optional[_Lock]) -> None:
+    if lock is None:
+        return
+    for key, held in list(_HELD.items()):
+        if held is lock:
+            del _HELD[key]
+    lock.release()
 
 
 def _prepare(directory: Path) -> None:
@@ -175,9 +201,13 @@ def clear_checkpoint(directory: str | Path) -> None:
     directory = Path(directory)
     if not directory.is_dir():
         return
-    for path in directory.iterdir():
-        if path.name == SETTINGS or path.name.endswith((".pt", ".pt.sha256")):
-            path.unlink()
+    lock = _lock(directory, 0)  # never under a search that is running there
+    try:
+        for path in directory.iterdir():
+            if path.name == SETTINGS or path.name.endswith((".pt", ".pt.sha256")):
+                path.unlink()
+    finally:
+        _unlock(lock)
 
 
 class Checkpointer:
@@ -188,7 +218,7 @@ class Checkpointer:
         self.rank = rank
         self.settings = settings
         _prepare(self.directory)
-        self._fd = _lock(self.directory, rank)
+        self._lock = _lock(self.directory, rank)
         try:
             self._check_existing(resume)
         except BaseException:
@@ -214,12 +244,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Release the directory's lock."""
-        if self._fd is not None:
-            for key, fd in list(_HELD.items()):
-                if fd == self._fd:
-                    del _HELD[key]
-            os.close(self._fd)
-            self._fd = None
+        _unlock(self._lock)
+        self._lock = None
 
     def _path(self, name: str) -> Path:
         return self.directory / f"{name}.rank{self.rank}.pt"
