@@ -328,6 +328,19 @@ def test_cli_reads_any_float_noise_file(user_files, capsys):
         np.testing.assert_array_equal(other, outputs[0])
 
 
+def test_force_starts_a_checkpointed_search_over(tmp_path, capsys):
+    from optimalsteps.cli import main
+
+    ckpt = tmp_path / "ckpt"
+    argv = ["search", *FAST, "--checkpoint", str(ckpt)]
+    assert main([*argv, "--out", str(tmp_path / "a.json")]) == 0
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "b.json")]) == 2
+    assert "already holds a search checkpoint; pass --resume" in capsys.readouterr().err
+    assert not (tmp_path / "b.json").exists()
+    assert main([*argv, "--seed", "1", "--out", str(tmp_path / "b.json"), "--force"]) == 0
+    assert json.loads((ckpt / "settings.json").read_text())["seed"] == 1
+
+
 def _cli(*argv, env_extra=None, **kwargs):
     env = {**os.environ, "PYTHONPATH": str(ROOT), **(env_extra or {})}
     return subprocess.run([sys.executable, "-m", "optimalsteps", *argv], capture_output=True, text=True, env=env,

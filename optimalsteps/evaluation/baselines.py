@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..core.dm import dm
-from ..core.checks import check_optional_int
+from ..core.checks import as_noise, check_optional_int
 from ..core.errors import OptimalStepsError
 from ..core.models import draw_noise, model_process
 from ..core.processes import NoiseProcess, ProcessLike, get_process
@@ -320,6 +320,7 @@ def oss_search(model: Any, noise: torch.Tensor, steps: int, *, refine: Refinemen
     the grid on the search samples from the best of the DP's schedule and every baseline, within
     `refine_budget` model calls (docs/refine.md)."""
     check_optional_int(refine_budget, "refine_budget", minimum=0)
+    noise = as_noise(noise, model, "search noise")
     if refine and options.get("reference_compat"):
         raise OptimalStepsError("--refine and --coarse-to-fine work on the exact DP, not with --reference-compat")
     result = search(model, noise, steps, **options)
