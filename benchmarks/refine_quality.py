@@ -26,7 +26,7 @@ from optimalsteps import GaussianMixture, load_model, sample, search
 from optimalsteps.evaluation.baselines import baseline_starts
 from optimalsteps.optimize.refine import refine_schedule
 from optimalsteps.core.schedules import uniform
-from optimalsteps.optimize.teacher import default_teacher_grid
+from optimalsteps.core.models import default_teacher_grid
 from optimalsteps.core.solvers import nfe_per_trajectory
 
 SOLVERS = ("euler", "heun", "dpmpp2m")

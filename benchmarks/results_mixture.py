@@ -26,7 +26,7 @@ from optimalsteps.testbeds.mixture import GaussianMixture
 from optimalsteps.core.models import draw_noise
 from optimalsteps.core.io import check_writable, write_text
 from optimalsteps.core.schedules import Schedule
-from optimalsteps.optimize.teacher import default_teacher_grid
+from optimalsteps.core.models import default_teacher_grid
 from optimalsteps.core.solvers import sample
 
 CLOSED_AND_TABLES = ["uniform", "logsnr", "karras", "shift", "beta", "kl-optimal", "cosine", "ays-sd15"]

@@ -2,10 +2,10 @@
 
 - "plain Algorithm 1": the paper's algorithm as written, one sample at a time, one batched model call per
   layer, every candidate state of every (source, target) pair materialised, exactly-M-step cells (the
-  semantics of `search(..., aggregate="median")`, whose per-sample schedules must be identical).
+  semantics of `search(..., dp=DPOptions(aggregate="median"))`, whose per-sample schedules must be identical).
 - "released loop": the released code's batched loop structure (one batched model call per layer, then
   a Python loop over sources and targets with "at most k steps" cells and noise placed at any grid
-  point), the semantics of `search(..., reference_compat=True)`.
+  point), the semantics of `search(..., dp=DPOptions(reference_compat=True))`.
 
 Each variant runs in its own process so that its peak resident memory can be read (ru_maxrss, minus the
 process's size before the search). Run: python benchmarks/search_speed.py [--quick]
@@ -22,7 +22,9 @@ import torch
 
 from optimalsteps import GaussianMixture, search
 from optimalsteps.core.models import predict_x0
-from optimalsteps.optimize.teacher import default_teacher_grid, run_teacher
+from optimalsteps.core.models import default_teacher_grid
+from optimalsteps.optimize.options import DPOptions
+from optimalsteps.optimize.teacher import run_teacher
 from optimalsteps.core.solvers import update_coefficients
 
 
@@ -121,13 +123,13 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
     base = _rss_mb()
     started = time.perf_counter()
     if variant == "search (exact, per sample)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="median")
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="median"))
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "search (joint)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="joint")
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="joint"))
         schedules, nfe = [r.indices], r.nfe
     elif variant == "search (reference-compat)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, reference_compat=True)
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(reference_compat=True))
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "plain Algorithm 1":
         schedules, nfe = plain_algorithm1(model, noise, teacher, steps)

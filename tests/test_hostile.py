@@ -20,6 +20,7 @@ from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, draw_nois
 from optimalsteps.evaluation.baselines import make_schedule
 from optimalsteps.evaluation.compare import compare
 from optimalsteps.optimize.checkpoint import model_fingerprint
+from optimalsteps.optimize.options import Checkpointing, CostView, DPOptions, Storage
 
 ROOT = Path(__file__).resolve().parents[1]
 SEARCH = dict(steps=3, teacher_steps=12)
@@ -33,6 +34,14 @@ def model():
 @pytest.fixture(scope="module")
 def noise(model):
     return draw_noise(model, 4, 0)
+
+
+def _view(**view):
+    return DPOptions(view=CostView(**view))
+
+
+def _ckpt(path, resume=False):
+    return Checkpointing(str(path), resume=resume)
 
 
 def _uniform(steps=4):
@@ -49,14 +58,14 @@ def _uniform(steps=4):
     (lambda m, n: sample(m, n.to(torch.complex64), _uniform()), "real floating-point values, got torch.complex64"),
     (lambda m, n: sample(m, n.numpy().astype(np.int32), _uniform()), "real floating-point values, got numpy int32"),
     (lambda m, n: sample(m, n, "karras"), "got the name 'karras'; make one with make_schedule"),
-    (lambda m, n: search(m, n, **SEARCH, teacher_schedule="uniform"), "teacher_schedule must be a Schedule"),
-    (lambda m, n: search(m, n, **SEARCH, max_batch=0), "max_batch must be at least 1, got 0"),
-    (lambda m, n: search(m, n, **SEARCH, cost_channels=[99]), r"cost_channels \[99\] out of range"),
-    (lambda m, n: search(m, n, **SEARCH, cost_frames=[0]), "cost_frames needs 4-d samples"),
-    (lambda m, n: search(m, n, **SEARCH, storage_dtype=torch.int8), "storage dtype must be one of"),
-    (lambda m, n: search(m, n, **SEARCH, target_chunk=0), "target_chunk must be at least 1"),
+    (lambda m, n: search(m, n, **SEARCH, teacher_grid="uniform"), "teacher grid must be a Schedule"),
+    (lambda m, n: search(m, n, **SEARCH, storage=Storage(max_batch=0)), "max_batch must be a whole number >= 1, got 0"),
+    (lambda m, n: search(m, n, **SEARCH, dp=_view(channels=[99])), r"cost_channels \[99\] out of range"),
+    (lambda m, n: search(m, n, **SEARCH, dp=_view(frames=[0])), "cost_frames needs 4-d samples"),
+    (lambda m, n: search(m, n, **SEARCH, storage=Storage(dtype=torch.int8)), "storage dtype must be one of"),
+    (lambda m, n: search(m, n, **SEARCH, storage=Storage(target_chunk=0)), "target_chunk must be a whole number >= 1"),
     (lambda m, n: search(m, n, **SEARCH, refine=True, refine_budget=-5), "refine_budget must be at least 0"),
-    (lambda m, n: search(m, n, **SEARCH, memory_limit="1GB"), "memory_limit .* must be a whole number, got '1GB'"),
+    (lambda m, n: search(m, n, **SEARCH, storage=Storage(memory_limit="1GB")), "memory_limit .* must be a whole number, got '1GB'"),
     (lambda m, n: search(m, n, **SEARCH, seed=2**70), r"seed must be a whole number in \[0, 2\*\*63\)"),
     (lambda m, n: draw_noise(m, 4, -1), "seed must be a whole number"),
     (lambda m, n: draw_noise(m, 0, 0), "number of samples must be at least 1"),
@@ -158,56 +167,56 @@ def test_resume_refuses_a_changed_model_and_foreign_files(tmp_path, noise):
     mix = _mixture_file(tmp_path / "mix.json")
     ckpt = tmp_path / "ckpt"
     with pytest.raises(KeyboardInterrupt):
-        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpoint_dir=str(ckpt), callback=_crash_after(2))
+        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpointing=_ckpt(ckpt), callback=_crash_after(2))
     _mixture_file(mix, shift=1e-3)  # edited between the runs
     with pytest.raises(OptimalStepsError, match="model_fingerprint: '[0-9a-f]+' in the checkpoint"):
-        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpoint_dir=str(ckpt), resume=True)
+        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpointing=_ckpt(ckpt, resume=True))
     # a layer copied in from a run with another seed is refused even though its hash file matches
     _mixture_file(mix)
     other = tmp_path / "other"
-    search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpoint_dir=str(other), seed=7)
+    search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpointing=_ckpt(other), seed=7)
     for suffix in ("", ".sha256"):
         (ckpt / f"layer-0003.rank0.pt{suffix}").write_bytes((other / f"layer-0003.rank0.pt{suffix}").read_bytes())
     with pytest.raises(OptimalStepsError, match=r"layer-0003.rank0.pt was written by another run \(seed: 7"):
-        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpoint_dir=str(ckpt), resume=True)
+        search(load_model(f"gmm:{mix}"), noise, **SEARCH, checkpointing=_ckpt(ckpt, resume=True))
 
 
 def test_checkpoint_is_never_read_without_resume(tmp_path, model, noise):
     ckpt = tmp_path / "ckpt"
-    search(model, noise, **SEARCH, checkpoint_dir=str(ckpt))
+    search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt))
     (ckpt / "settings.json").unlink()
     with pytest.raises(OptimalStepsError, match=r"already holds a search checkpoint; .*\(it has layer-0001"):
-        search(model, noise, **SEARCH, checkpoint_dir=str(ckpt), seed=1)
+        search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt), seed=1)
     with pytest.raises(OptimalStepsError, match="storage_dtype: 'float32' in the checkpoint, 'bfloat16' now"):
-        search(model, noise, **SEARCH, checkpoint_dir=str(ckpt), resume=True, storage_dtype="bfloat16")
+        search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt, resume=True), storage=Storage(dtype="bfloat16"))
 
 
 def test_damaged_checkpoint_directories_are_one_line(tmp_path, model, noise):
     ckpt = tmp_path / "ckpt"
     full = search(model, noise, **SEARCH)
     with pytest.raises(KeyboardInterrupt):
-        search(model, noise, **SEARCH, checkpoint_dir=str(ckpt), callback=_crash_after(2))
+        search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt), callback=_crash_after(2))
     (ckpt / "layer-0002.rank0.pt.sha256").write_bytes(os.urandom(64))  # garbage hash: layer 1 is used
-    resumed = search(model, noise, **SEARCH, checkpoint_dir=str(ckpt), resume=True)
+    resumed = search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt, resume=True))
     assert resumed.indices == full.indices
     (ckpt / "settings.json").write_text("[1, 2]")
     with pytest.raises(OptimalStepsError, match="must hold a JSON object, got list"):
-        search(model, noise, **SEARCH, checkpoint_dir=str(ckpt), resume=True)
+        search(model, noise, **SEARCH, checkpointing=_ckpt(ckpt, resume=True))
     (tmp_path / "file").write_text("mine")
     with pytest.raises(OptimalStepsError, match="is a file, not a directory"):
-        search(model, noise, **SEARCH, checkpoint_dir=str(tmp_path / "file"))
+        search(model, noise, **SEARCH, checkpointing=_ckpt(tmp_path / "file"))
     assert (tmp_path / "file").read_text() == "mine"
     if os.geteuid() != 0:  # root writes anywhere
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
         with pytest.raises(OptimalStepsError, match="cannot write checkpoints in"):
-            search(model, noise, **SEARCH, checkpoint_dir=str(locked / "ckpt"))
+            search(model, noise, **SEARCH, checkpointing=_ckpt(locked / "ckpt"))
 
 
 def test_disk_storage_leaves_no_trajectory_files(tmp_path, model, noise):
-    search(model, noise, **SEARCH, storage="disk", storage_dir=str(tmp_path))
+    search(model, noise, **SEARCH, storage=Storage(place="disk", dir=str(tmp_path)))
     with pytest.raises(KeyboardInterrupt):
-        search(model, noise, **SEARCH, storage="disk", storage_dir=str(tmp_path), callback=_crash_after(1))
+        search(model, noise, **SEARCH, storage=Storage(place="disk", dir=str(tmp_path)), callback=_crash_after(1))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -187,12 +187,8 @@ def check_indices(values: Optional[Sequence[int]], size: int, name: str, dim: st
         raise OptimalStepsError(f"{name} {bad} out of range: the samples have {size} {dim}s (0..{size - 1})")
 
 
-def check_search_args(noise: torch.Tensor, max_batch: Any, target_chunk: Any, memory_limit: Any,
-                      cost_channels: Any, cost_frames: Any, seed: Any) -> None:
-    """search()'s numeric and index arguments (the noise is checked by as_noise)."""
-    check_int(max_batch, "max_batch")
-    check_optional_int(target_chunk, "target_chunk")
-    check_optional_int(memory_limit, "memory_limit (bytes)")
+def check_search_args(noise: torch.Tensor, cost_channels: Any, cost_frames: Any, seed: Any) -> None:
+    """search()'s arguments that depend on the noise (the cost subset) and its seed."""
     if seed is not None:
         check_seed(seed)
     shape = tuple(noise.shape[1:])

@@ -80,7 +80,7 @@ def dm(process: ProcessLike, steps: int, solver: str = "euler", order: int | Non
         raise OptimalStepsError(f"dm: order must be 1 or 2, got {order}")
     if init not in ("logsnr", "time"):
         raise OptimalStepsError(f"dm: init must be 'logsnr' or 'time', got {init!r}")
-    top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+    top = process.sigma_ve_max
     hi = (top if math.isfinite(top) else SIGMA_MAX_FALLBACK) if sigma_max is None else min(float(sigma_max), top)
     if not (0 < sigma_min < hi):
         raise OptimalStepsError(f"dm: need 0 < sigma_min < sigma_max, got {sigma_min:g}, {hi:g}")

@@ -5,7 +5,9 @@ A model is any callable `model(x, t, **cond)` with attributes `process` ("flow" 
 `NoiseProcess`) and `prediction` ("x0" | "eps" | "v" | "velocity"); `x` is `[B, ...]` and `t` a tensor
 `[B]` in the process's native time. Optional attributes: `sample_shape` (the shape of one sample, used
 when noise must be drawn), `data_samples(n, generator)` (true data, for distribution metrics),
-`spec` (the string it was loaded from).
+`spec` (the string it was loaded from), `teacher_grid(teacher_steps) -> Schedule` (the grid a search or a
+comparison distils for this model, e.g. a pipeline's shifted or trained-range grid; read through
+`model_teacher_grid`, which falls back to `default_teacher_grid`).
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from typing import Any, Protocol
 
 import torch
 
-from .checks import check_model, check_noise_count, check_seed
+from .checks import check_model, check_noise_count, check_schedule_arg, check_seed
 from .errors import OptimalStepsError
 from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
+from .schedules import Schedule, check_steps, karras, uniform
 
 
 class Model(Protocol):
@@ -31,6 +34,36 @@ def model_process(model: Any) -> NoiseProcess:
         raise OptimalStepsError("a model needs attributes 'process' and 'prediction' (see optimalsteps.models)")
     check_prediction(model.prediction)
     return get_process(model.process)
+
+
+def default_teacher_grid(process: NoiseProcess, teacher_steps: int) -> Schedule:
+    """The default teacher grid: uniform native time for flow / vp, Karras rho = 7 (80 -> 0.002, then 0) for ve."""
+    if process.kind == "ve":
+        return karras(process, teacher_steps, sigma_min=0.002, sigma_max=min(80.0, process.t_start))
+    return uniform(process, teacher_steps)
+
+
+def model_teacher_grid(model: Any, teacher_steps: int) -> Schedule:
+    """The teacher grid of `teacher_steps` steps for `model`: its own `teacher_grid(teacher_steps)` where it
+    has one, else `default_teacher_grid`. Search and compare both read it here."""
+    process = model_process(model)
+    own = getattr(model, "teacher_grid", None)
+    if own is None:
+        # the diffusers integration attaches `teacher_schedule` at run time until its models define teacher_grid
+        own = getattr(model, "teacher_schedule", None)
+    grid = own(check_steps(teacher_steps)) if callable(own) else default_teacher_grid(process, teacher_steps)
+    return check_teacher_grid(grid, process)
+
+
+def check_teacher_grid(grid: Any, process: NoiseProcess) -> Schedule:
+    """A teacher grid as a Schedule of `process` that starts at the process start."""
+    check_schedule_arg(grid, "teacher grid")
+    grid = grid if isinstance(grid, Schedule) else Schedule(grid, process)
+    if grid.process.name != process.name:
+        raise OptimalStepsError(f"teacher grid is for {grid.process.name}, the model's process is {process.name}")
+    if abs(float(grid.times[0]) - process.t_start) > 1e-9 * max(1.0, process.t_start):
+        raise OptimalStepsError("the teacher grid must start at the process start")
+    return grid
 
 
 def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -56,15 +89,28 @@ def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None =
     return x0
 
 
+# Conditions, one rule everywhere: a tensor whose first dimension is 1 (or a scalar, or a non-tensor) is
+# broadcast to every sample; a tensor with B rows holds one row per sample; any other row count is an error.
+
+def is_broadcast(value: Any) -> bool:
+    """Whether a condition value is shared by all samples (not a tensor, a scalar, or first dimension 1)."""
+    return not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] == 1
+
+
+def check_cond(cond: dict | None, batch: int) -> dict | None:
+    """`cond` unchanged, after checking every per-sample tensor has one row per each of `batch` samples."""
+    for key, value in (cond or {}).items():
+        if not is_broadcast(value) and value.shape[0] != batch:
+            raise OptimalStepsError(f"condition {key!r} has {value.shape[0]} rows but there are {batch} noise samples")
+    return cond
+
+
 def index_cond(cond: dict | None, index: torch.Tensor) -> dict | None:
-    """The conditions of the samples at `index` (per-sample tensors are indexed on their first dimension)."""
+    """The conditions of the samples at `index`: per-sample tensors indexed on their first dimension,
+    broadcast ones kept as they are."""
     if not cond:
         return cond
-    # a first dimension of 1 is broadcast by the model and stays as it is
-    return {
-        k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1 else v
-        for k, v in cond.items()
-    }
+    return {k: v if is_broadcast(v) else v[index] for k, v in cond.items()}
 
 
 def _times_text(t: torch.Tensor) -> str:
@@ -88,7 +134,7 @@ class CFGModel:
         self.guidance_scale = float(guidance_scale)
         self.cond_key = cond_key
         self.uncond_value = uncond_value
-        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range"):
+        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range", "teacher_grid"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

@@ -19,12 +19,13 @@ import numpy as np
 import torch
 
 from .checks import check_number
-from .errors import OptimalStepsError
+from .errors import OptimalStepsError, unknown
 from .io import load_json, write_text
 from .processes import FLOW, DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
 from .version import __version__
 
 FORMAT = "optimalsteps.schedule.v1"
+TIME_DIGITS = 12  # significant digits of the times in a schedule file
 
 # EDM's noise range, used where a process's own start is at infinite noise (the flow start, t = 1)
 SIGMA_MIN = 0.002
@@ -84,7 +85,7 @@ class Schedule:
         metadata = {"library_version": library_version(),
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         metadata.update(self.metadata)
-        return {"format": FORMAT, "process": self.process.name, "times": self.times.tolist(),
+        return {"format": FORMAT, "process": self.process.name, "times": [readable(v) for v in self.times.tolist()],
                 "solver": self.solver, "metadata": _jsonable(metadata)}
 
     @classmethod
@@ -232,6 +233,12 @@ def loglinear_interp(values: np.ndarray, count: int) -> np.ndarray:
     return np.exp(new)[::-1].copy()
 
 
+def readable(value: float, digits: int = TIME_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits: 0.30000000000000004 (float noise of a conversion) is
+    written as 0.3. Twelve digits are far finer than any solver resolves, and keep distinct times distinct."""
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
@@ -267,14 +274,14 @@ def _check_distinct(times: torch.Tensor, process: NoiseProcess, name: str) -> No
     # convert_times clamps noise levels above the process's largest to (about) its start
     clamped = int((times[1:] >= times[:-1] * (1 - 1e-9)).sum())
     if clamped:
-        top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+        top = process.sigma_ve_max
         raise OptimalStepsError(
             f"{name}: {clamped} of its {len(times) - 1} steps start at or above the largest noise level of process "
             f"{process.name} (sigma {top:.4g}); use fewer steps or other options")
 
 
 def _sigma_range(process: NoiseProcess, sigma_min: float, sigma_max: float | None) -> tuple[float, float]:
-    top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+    top = process.sigma_ve_max
     if sigma_max is None:
         sigma_max = top if math.isfinite(top) else SIGMA_MAX_FALLBACK
     lo, hi = float(sigma_min), float(min(sigma_max, top))
@@ -357,7 +364,7 @@ def kl_optimal(process: ProcessLike, steps: int, sigma_min: float = SIGMA_MIN,
 
     sigma_max defaults to the process's own largest noise level, infinite for flow (arctan = pi/2)."""
     process, steps = get_process(process), check_steps(steps)
-    top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+    top = process.sigma_ve_max
     hi = top if sigma_max is None else min(float(sigma_max), top)
     if not (0 < sigma_min < hi):
         raise OptimalStepsError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min:g}, sigma_max={hi:g}")
@@ -417,5 +424,5 @@ CLOSED_FORMS: dict[str, Callable[..., Schedule]] = {
 
 def closed_form(name: str, process: ProcessLike, steps: int, **options: Any) -> Schedule:
     if name not in CLOSED_FORMS:
-        raise OptimalStepsError(f"unknown schedule {name!r}; known: {', '.join(CLOSED_FORMS)}")
+        raise unknown("schedule", name, CLOSED_FORMS)
     return CLOSED_FORMS[name](process, steps, **options)

@@ -124,7 +124,7 @@ def table_schedule(name: str, process: ProcessLike, steps: int, family: str | No
         times = convert_times(levels, FLOW, process)
         above = levels[:-1] >= float(convert_times(torch.tensor(process.t_start), process, FLOW))
     else:
-        top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+        top = process.sigma_ve_max
         times = process.t_from_sigma_ve(levels.clamp(max=top))
         above = levels[:-1] >= top
     # levels above the process's largest noise collapse onto its start: only the first may (it is the start)

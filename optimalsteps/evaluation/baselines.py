@@ -25,12 +25,13 @@ import torch
 
 from ..core.dm import dm
 from ..core.checks import as_noise, check_optional_int
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 from ..core.models import draw_noise, model_process
 from ..core.processes import NoiseProcess, ProcessLike, get_process
 from ..core.schedules import CLOSED_FORMS, Schedule, check_steps, karras, uniform
 from ..core.solvers import get_solver, nfe_per_trajectory, update_coefficients
 from ..core.tables import TABLE_METHODS, TABLES, families, get_table, table_schedule
+from ..optimize.options import FLAT_OPTIONS, Storage, from_flat
 from ..optimize.refine import Refinement, refine_search_result
 from ..optimize.search import SearchResult, search
 from ..optimize.teacher import run_teacher
@@ -59,7 +60,7 @@ def local_cost_matrix(model: Any, noise: torch.Tensor, teacher: Schedule, teache
     Metrics, averaged over samples: "l2sq" sum of squares (BOSS), "l2" / "l1" norms and "dev" (GITS: the
     jump's distance from the start-to-end chord minus the teacher's own at j)."""
     if metric not in LOCAL_METRICS:
-        raise OptimalStepsError(f"unknown cost metric {metric!r}; known: {', '.join(LOCAL_METRICS)}")
+        raise unknown("cost metric", metric, LOCAL_METRICS)
     process = model_process(model)
     run = run_teacher(model, noise, teacher, teacher_solver, cond, max_batch=max_batch)
     states = run.states.reshape(run.states.shape[0], run.states.shape[1], -1).to(torch.float64)
@@ -182,7 +183,7 @@ def check_name(name: str) -> str:
         return name
     if name.startswith("ays-") or name.startswith("oss-"):
         get_table(name)  # names the missing family
-    raise OptimalStepsError(f"unknown schedule {name!r}; known: {', '.join(schedule_names())}")
+    raise unknown("schedule", name, schedule_names())
 
 
 _DESCRIPTIONS = {
@@ -250,8 +251,9 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
     if name in LOCAL_METHODS:
         _check_options(name, local_schedules, options)
         return local_schedules(name, model, noise, steps, cond, **options)
-    _check_options(name, search, options, extra=REFINE_OPTIONS)
-    return {m: oss_search(model, noise, steps=m, solver=solver, cond=cond, progress=progress, **options).schedule
+    _check_options(name, search, options, extra=REFINE_OPTIONS + tuple(FLAT_OPTIONS))
+    options = from_flat(options)
+    return {m: oss_search(model, noise, m, solver=solver, cond=cond, progress=progress, **options).schedule
             for m in steps}
 
 
@@ -313,24 +315,25 @@ def baseline_starts(model: Any, noise: torch.Tensor, steps: int, solver: str, co
     return out, nfe
 
 
-def oss_search(model: Any, noise: torch.Tensor, steps: int, *, refine: Refinement | bool = False,
-               refine_budget: int | None = None, **options: Any) -> SearchResult:
-    """The OSS search as `optimalsteps.search` offers it: the DP search (`optimalsteps.optimize.search.search`,
-    whose keyword `options` these are), then, with `refine` (True or a `Refinement`), the times optimised off
-    the grid on the search samples from the best of the DP's schedule and every baseline, within
-    `refine_budget` model calls (docs/refine.md)."""
+def oss_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200, solver: str = "euler",
+               cond: dict | None = None, *, refine: Refinement | bool = False, refine_budget: int | None = None,
+               **options: Any) -> SearchResult:
+    """The OSS search as `optimalsteps.search` offers it: the DP search (`optimalsteps.optimize.search.search`;
+    `options` are its keyword options: teacher_grid, dp, storage, checkpointing, progress, seed, callback),
+    then, with `refine` (True or a `Refinement`), the times optimised off the grid on the search samples from
+    the best of the DP's schedule and every baseline, within `refine_budget` model calls (docs/refine.md)."""
     check_optional_int(refine_budget, "refine_budget", minimum=0)
     noise = as_noise(noise, model, "search noise")
-    if refine and options.get("reference_compat"):
-        raise OptimalStepsError("--refine and --coarse-to-fine work on the exact DP, not with --reference-compat")
-    result = search(model, noise, steps, **options)
+    dp, storage = options.get("dp"), options.get("storage") or Storage()
+    if refine and dp is not None and dp.reference_compat:
+        raise OptimalStepsError("--refine works on the exact DP, not with --reference-compat")
+    result = search(model, noise, steps, teacher_steps, solver, cond, **options)
     if not refine:
         return result
     solver = result.schedule.solver
-    cond, max_batch = options.get("cond"), options.get("max_batch", 4096)
 
     def starts() -> tuple[dict[str, Schedule], int]:
-        return baseline_starts(model, noise, result.schedule.steps, solver, cond, max_batch)
+        return baseline_starts(model, noise, result.schedule.steps, solver, cond, storage.max_batch)
 
-    return refine_search_result(model, noise, result, solver, refine_budget, cond, max_batch,
+    return refine_search_result(model, noise, result, solver, refine_budget, cond, storage.max_batch,
                                 options.get("progress", False), refine, starts)

@@ -35,8 +35,8 @@ import torch
 from scipy.optimize import minimize, minimize_scalar
 from tqdm.auto import tqdm
 
-from ..core.errors import OptimalStepsError
-from ..core.models import index_cond, model_process
+from ..core.errors import OptimalStepsError, unknown
+from ..core.models import index_cond, is_broadcast, model_process
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory, sample
@@ -98,13 +98,9 @@ def final_error(model: Any, noise: torch.Tensor, schedule: Schedule | torch.Tens
                 target: torch.Tensor, cond: dict | None = None, max_batch: int = 4096) -> tuple[float, int]:
     """(mean squared error of the solver's output on `schedule` against `target`, model evaluations spent),
     sampled in chunks of at most max_batch; the error is averaged over samples and elements, as the DP's cost."""
-    total, nfe = 0.0, 0
-    for start in range(0, noise.shape[0], max_batch):
-        index = torch.arange(start, min(start + max_batch, noise.shape[0]))
-        out = sample(model, noise[index], schedule, solver=solver, cond=index_cond(cond, index))
-        total += float((out.samples.to(torch.float64) - target[index].to(torch.float64)).pow(2).sum())
-        nfe += out.nfe * len(index)
-    return total / target[0].numel() / target.shape[0], nfe
+    out = sample(model, noise, schedule, solver=solver, cond=cond, max_batch=max_batch)
+    total = float((out.samples.to(torch.float64) - target.to(torch.float64)).pow(2).sum())
+    return total / target[0].numel() / target.shape[0], out.nfe * noise.shape[0]
 
 
 class _Stop(Exception):
@@ -232,25 +228,13 @@ def _refused(name: str, unrefined: Schedule, message: str) -> RefineResult:
     return RefineResult(unrefined, name, math.nan, math.nan, math.nan, {}, 0, 0, [], "refused", message)
 
 
-def refine_schedule(model: Any, noise: torch.Tensor,
-                    start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], solver: str,
-                    target: torch.Tensor, budget_nfe: int | None = None, cond: dict | None = None,
-                    method: str = "nelder-mead", max_evaluations: int | None = None, tol: float = 1e-3,
-                    line_evals: int = LINE_EVALS, max_batch: int = 4096, progress: bool = False,
-                    warn: bool = True) -> RefineResult:
-    """Refine the best of `start_schedules` (the first is the unrefined one) on the search `noise` [B, ...].
-
-    The objective is the mean squared error of `solver`'s output against `target` (the teacher's output on
-    the same noise). It stops when the method has converged (relative `tol`), when the next evaluation would
-    exceed `budget_nfe` model calls (per sample state, scoring the starts included), or after
-    `max_evaluations` objective evaluations (default without a budget: 40 per interior time).
-    A model with `discrete_timesteps = True`, or a budget too small to score the starts and finish one pass,
-    is refused (with a warning, if `warn`): the result then holds the unrefined schedule and `message` says why."""
-    started = time.perf_counter()
-    process = model_process(model)
-    solver = get_solver(solver).name
+def _check_refine_inputs(process: NoiseProcess, noise: torch.Tensor,
+                         start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule],
+                         target: torch.Tensor, method: str, budget_nfe: int | None, max_evaluations: int | None,
+                         line_evals: int, tol: float) -> list[tuple[str, Schedule]]:
+    """The named starts, after checking every input of `refine_schedule`."""
     if method not in METHODS:
-        raise OptimalStepsError(f"unknown refinement method {method!r}; known: {', '.join(METHODS)}")
+        raise unknown("refinement method", method, METHODS)
     starts = _named(start_schedules)
     if not starts:
         raise OptimalStepsError("refinement needs at least one start schedule")
@@ -269,6 +253,29 @@ def refine_schedule(model: Any, noise: torch.Tensor,
             raise OptimalStepsError(f"{what} must be a whole number >= 1, got {value!r}")
     if line_evals < 3 or not tol >= 0:
         raise OptimalStepsError(f"need line_evals >= 3 and tol >= 0, got {line_evals}, {tol}")
+    return starts
+
+
+def refine_schedule(model: Any, noise: torch.Tensor,
+                    start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], solver: str,
+                    target: torch.Tensor, budget_nfe: int | None = None, cond: dict | None = None,
+                    method: str = "nelder-mead", max_evaluations: int | None = None, tol: float = 1e-3,
+                    line_evals: int = LINE_EVALS, max_batch: int = 4096, progress: bool = False,
+                    warn: bool = True) -> RefineResult:
+    """Refine the best of `start_schedules` (the first is the unrefined one) on the search `noise` [B, ...].
+
+    The objective is the mean squared error of `solver`'s output against `target` (the teacher's output on
+    the same noise). It stops when the method has converged (relative `tol`), when the next evaluation would
+    exceed `budget_nfe` model calls (per sample state, scoring the starts included), or after
+    `max_evaluations` objective evaluations (default without a budget: 40 per interior time).
+    A model with `discrete_timesteps = True`, or a budget too small to score the starts and finish one pass,
+    is refused (with a warning, if `warn`): the result then holds the unrefined schedule and `message` says why."""
+    started = time.perf_counter()
+    process = model_process(model)
+    solver = get_solver(solver).name
+    starts = _check_refine_inputs(process, noise, start_schedules, target, method, budget_nfe, max_evaluations,
+                                  line_evals, tol)
+    steps = starts[0][1].steps
 
     per_evaluation = noise.shape[0] * nfe_per_trajectory(solver, steps)
     needed = (len(starts) + pass_evaluations(method, steps, line_evals)) * per_evaluation
@@ -354,13 +361,8 @@ def refinement_samples(model: Any, noise: torch.Tensor, teacher: Schedule, solve
     more = more.to(dtype=noise.dtype, device=noise.device)
     rows = torch.arange(extra) % noise.shape[0]
     more_cond = index_cond(cond, rows) if cond else cond
-    outs, nfe = [], 0
-    for start in range(0, extra, max_batch):
-        index = torch.arange(start, min(start + max_batch, extra))
-        out = sample(model, more[index], teacher, solver=solver, cond=index_cond(more_cond, index))
-        outs.append(out.samples)
-        nfe += out.nfe * len(index)
-    return more, torch.cat(outs), more_cond, nfe
+    out = sample(model, more, teacher, solver=solver, cond=more_cond, max_batch=max_batch)
+    return more, out.samples, more_cond, out.nfe * extra
 
 
 def _joined_cond(cond: dict | None, more: dict | None, batch: int) -> dict | None:
@@ -369,8 +371,7 @@ def _joined_cond(cond: dict | None, more: dict | None, batch: int) -> dict | Non
         return cond
     out = {}
     for key, value in cond.items():
-        per_sample = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1
-        out[key] = torch.cat([value, more[key]]) if per_sample else value
+        out[key] = value if is_broadcast(value) else torch.cat([value, more[key]])
     return out
 
 

@@ -1,13 +1,15 @@
 """Optimal Stepsize Distillation: choose M of a teacher's N grid points by dynamic programming.
 
-`search` checks its inputs, runs the teacher (`teacher.py`), runs the DP (`dp.py`, or coarse to fine:
-`coarse.py`) and makes the result; docs/search.md describes the algorithm.
+`search` runs four named stages: check the inputs (`_check_inputs`), run the teacher or load it from a
+checkpoint (`_teacher_stage`, `teacher.py`), run the DP (`_dp_stage`: `dp.py`, or coarse to fine:
+`coarse.py`), and make the result (`_result_stage`), which also measures the returned schedule's realised
+error on the search noise. docs/search.md describes the algorithm; `options.py` the option objects.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -15,14 +17,17 @@ import torch
 from . import distributed as dd
 from .checkpoint import Checkpointer, fingerprint, run_settings
 from .coarse import CoarseToFine, coarse_to_fine_dp
-from ..core.checks import as_noise, check_schedule_arg, check_search_args, check_storage_dtype
+from ..core.checks import as_noise, check_search_args
 from ..core.errors import OptimalStepsError
-from .dp import AGGREGATES, COSTS, DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
-from .memory import check_fits, check_storage, estimate_search_bytes, storage_dtype as parse_storage_dtype
-from ..core.models import index_cond, model_process
+from .dp import DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
+from .memory import check_fits, estimate_search_bytes
+from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
+from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule, check_steps
-from ..core.solvers import get_solver, initial_state, nfe_per_trajectory
-from .teacher import Teacher, amplitude_statistics, default_teacher_grid, run_teacher
+from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
+from .options import Checkpointing, DPOptions, Storage, from_flat
+from .teacher import Teacher, amplitude_statistics, run_teacher
+
 
 @dataclass
 class SearchResult:
@@ -31,198 +36,222 @@ class SearchResult:
     per_sample: Optional[list[Schedule]]  # per-sample schedules (median aggregation), else None
     per_sample_indices: Optional[list[list[int]]]
     cost_table: torch.Tensor  # [M+1, N+1] best cost per cell (joint) or [B, M+1, N+1] (per sample); inf = unreachable
-    cost: float  # the DP's recorded final cost (mean over samples)
-    nfe: int  # model evaluations spent, per sample state, teacher included
+    # the DP's recorded final cost, mean over samples: with median aggregation or the reference DP the mean of
+    # the per-sample DPs' own best costs, not the error of the returned schedule (that is `error`)
+    dp_cost: float
+    nfe: int  # model evaluations spent, per sample state, teacher included (not the `error` run)
     teacher_nfe: int
     seconds: float
-    teacher: Schedule
+    teacher: Schedule  # the teacher grid
     teacher_samples: torch.Tensor
     amplitude: dict[str, list[float]] = field(default_factory=dict)  # teacher quantiles per grid index
-    refinement: Optional[Any] = None  # the refine.RefineResult of search(..., refine=True)
+    refinement: Optional[Any] = None  # the refine.RefineResult of optimalsteps.search(..., refine=...)
+    # the returned schedule's realised error: mean squared distance of its outputs on the search noise to
+    # the teacher's, in the DP's cost view (metadata `error_nfe` counts its model calls)
+    error: float = float("nan")
+
+
+@dataclass
+class _Inputs:
+    """What `_check_inputs` resolved: the process, solver, step counts and teacher grid."""
+
+    process: NoiseProcess
+    solver: Solver
+    steps: int
+    teacher: Schedule
+    teacher_steps: int
+    dp: DPOptions
+    storage: Storage
+    checkpointing: Checkpointing
 
 
 def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200, solver: str = "euler",
-           teacher_schedule: Schedule | None = None, cond: dict | None = None, cost: str = "xt",
-           aggregate: str = "joint", reference_compat: bool = False, max_batch: int = 4096,
-           candidates: int = 4, cost_channels: Optional[Sequence[int]] = None,
-           cost_frames: Optional[Sequence[int]] = None, cost_dtype: torch.dtype = torch.float64,
-           progress: bool = False, seed: int | None = None, storage: str = "memory",
-           storage_dtype: torch.dtype | str | None = None, storage_dir: str | None = None,
-           target_chunk: int | None = None, memory_limit: int | None = None, checkpoint_dir: str | None = None,
-           resume: bool = False, distributed: bool = True,
-           callback: Optional[Callable[[str, int, int], None]] = None, coarse_to_fine: Any = False,
-           free_start: bool = False) -> SearchResult:
+           cond: dict | None = None, *, teacher_grid: Schedule | None = None, dp: DPOptions | None = None,
+           storage: Storage | None = None, checkpointing: Checkpointing | None = None, progress: bool = False,
+           seed: int | None = None, callback: Optional[Callable[[str, int, int], None]] = None) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
-    - `cost`: "xt" (mean squared distance to the teacher state, the released code's) or "x0" (distance of
-      the model's clean estimate at the candidate state to the teacher's there; the `candidates` best
-      sources of each cell by xt cost are re-ranked, at one model call each).
-    - `aggregate`: "joint" (one DP, cost averaged over samples, each sample carrying its own states) or
-      "median" (a DP per sample, then the per-position median of teacher indices: the paper's OSS-ave).
-    - `reference_compat`: the authors' released semantics (see docs/search.md).
-    - Heun needs a model call at each candidate target: the `candidates` best sources of each cell by
-      the Euler predictor's cost are evaluated, so a layer costs at most (N+1) * (1 + candidates) calls.
-    - Scale (docs/scale.md): under torch.distributed each rank searches its contiguous share of `noise`
-      and the ranks all-reduce every layer's cost table, so all take the same decisions; `storage`
-      ("memory" | "cpu" | "disk" in `storage_dir`) and `storage_dtype` keep the teacher trajectory
-      elsewhere or in lower precision; `target_chunk` bounds per-layer temporaries; the peak memory is
-      estimated first and the search refused if it cannot fit (`memory_limit` bytes, else what is free);
-      `checkpoint_dir` writes the state after the teacher and every layer, `resume` continues from it.
-    - `free_start`: the first step may start from the initial state placed at any later grid point (the
-      freedom the released code's first layer has, kept here with exactly-M-step cells); the schedule then
-      records `noise_scale_time` and `sample` starts from sigma(t_start) * noise at its first time.
+    - `teacher_grid`: the grid to distil (default: the model's, `core.models.model_teacher_grid`, of
+      `teacher_steps` steps).
+    - `dp` (`DPOptions`): the cost, aggregation, candidates, free start, reference semantics, coarse to fine.
+    - `storage` (`Storage`), `checkpointing` (`Checkpointing`): scale (docs/scale.md). Under torch.distributed
+      each rank searches its contiguous share of `noise` and the ranks all-reduce every layer's cost table,
+      so all take the same decisions; the peak memory is estimated first and the search refused if it
+      cannot fit.
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
-    - `coarse_to_fine` (True or a `CoarseToFine`): the DP on a coarse sub-grid, then on bands around its
-      choices (far fewer model calls, docs/refine.md). Refinement off the grid is composed on top of this
-      search by `optimalsteps.search` (`evaluation.baselines.oss_search`), which also makes its starts.
+    Refinement off the grid is composed on top of this search by `optimalsteps.search`
+    (`evaluation.baselines.oss_search`), which also makes its starts.
     """
     started = time.perf_counter()
-    process = model_process(model)
     noise = as_noise(noise, model, "search noise")
-    check_search_args(noise, max_batch, target_chunk, memory_limit, cost_channels, cost_frames, seed)
+    inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
+    check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
+    part = dd.shard(noise.shape[0], inputs.storage.distributed)
+    progress = progress and part.is_main
+    local_noise = noise[part.start:part.stop]
+    local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
+    estimate = inputs.storage.estimate or memory_estimate(noise, inputs.teacher_steps, inputs.solver.name, inputs.dp,
+                                                          inputs.storage)
+    check_fits(estimate, noise.device, inputs.storage.memory_limit)
+    checkpointer = _checkpointer(model, noise, cond, inputs, part, seed)
+    teacher_run = _teacher_stage(model, local_noise, local_cond, inputs, checkpointer, progress)
+    if callback is not None:
+        callback("teacher", inputs.teacher_steps, inputs.teacher_steps)
+    ctx = DPContext(model=model, process=inputs.process, solver=inputs.solver,
+                    times=inputs.teacher.times.to(noise.device), teacher=teacher_run, cond=local_cond,
+                    cost=inputs.dp.cost, per_sample=inputs.dp.per_sample, steps=inputs.steps,
+                    max_batch=inputs.storage.max_batch, candidates=inputs.dp.candidates,
+                    view=lambda x: cost_view(x, inputs.dp.view.channels, inputs.dp.view.frames, tuple(noise.shape[1:])),
+                    cost_dtype=inputs.dp.view.dtype, progress=progress, sample_shape=tuple(noise.shape[1:]), part=part,
+                    chunk=inputs.storage.target_chunk, storage=inputs.storage.place, storage_dir=inputs.storage.dir,
+                    checkpointer=checkpointer, callback=callback, free_start=inputs.dp.free_start,
+                    device=noise.device, start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])))
+    traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
+    if checkpointer is not None:
+        checkpointer.close()
+    result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
+    _measure_error(result, model, local_noise, local_cond, ctx)
+    return result
+
+
+def _check_inputs(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int, solver: str, cond: dict | None,
+                  teacher_grid: Schedule | None, dp: DPOptions | None, storage: Storage | None,
+                  checkpointing: Checkpointing | None) -> _Inputs:
+    """Stage 1: every input checked, and the teacher grid resolved, before any work."""
+    process = model_process(model)
     solver_def = get_solver(solver)
     steps = check_steps(steps)
-    if cost not in COSTS:
-        raise OptimalStepsError(f"unknown cost {cost!r}; known: {', '.join(COSTS)}")
-    if aggregate not in AGGREGATES:
-        raise OptimalStepsError(f"unknown aggregate {aggregate!r}; known: {', '.join(AGGREGATES)}")
+    dp, storage, checkpointing = dp or DPOptions(), storage or Storage(), checkpointing or Checkpointing()
     if not isinstance(noise, torch.Tensor) or noise.dim() < 2 or noise.shape[0] < 1:
         raise OptimalStepsError("search noise must be a tensor [B, ...] with at least one sample")
     if not torch.isfinite(noise).all():
         raise OptimalStepsError("search noise contains NaN or inf")
-    if candidates < 1:
-        raise OptimalStepsError(f"candidates must be at least 1, got {candidates}")
-    batch = noise.shape[0]
-    storage_dtype = check_storage_dtype(parse_storage_dtype(storage_dtype))
-    check_storage(storage)
-    for key, value in (cond or {}).items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] not in (1, batch):
-            raise OptimalStepsError(f"condition {key!r} has {value.shape[0]} rows but there are {batch} noise samples")
-    if teacher_schedule is None:
-        teacher_steps = check_steps(teacher_steps)
-        teacher = default_teacher_grid(process, teacher_steps)
+    check_cond(cond, noise.shape[0])
+    if teacher_grid is None:
+        teacher = model_teacher_grid(model, check_steps(teacher_steps))
     else:
-        check_schedule_arg(teacher_schedule, "teacher_schedule")
-        teacher = teacher_schedule if isinstance(teacher_schedule, Schedule) else Schedule(teacher_schedule, process)
-        if teacher.process.name != process.name:
-            raise OptimalStepsError(f"teacher schedule is for {teacher.process.name}, the model's process is {process.name}")
-        if abs(float(teacher.times[0]) - process.t_start) > 1e-9 * max(1.0, process.t_start):
-            raise OptimalStepsError("the teacher schedule must start at the process start")
-        teacher_steps = teacher.steps
-    if steps >= teacher_steps:
-        raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher_steps})")
-    if reference_compat and solver_def.name != "euler":
+        teacher = check_teacher_grid(teacher_grid, process)
+    if steps >= teacher.steps:
+        raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher.steps})")
+    if dp.reference_compat and solver_def.name != "euler":
         raise OptimalStepsError("--reference-compat reproduces the released code, which supports only the euler solver")
-    if reference_compat and coarse_to_fine:
-        raise OptimalStepsError("--refine and --coarse-to-fine work on the exact DP, not with --reference-compat")
+    return _Inputs(process, solver_def, steps, teacher, teacher.steps, dp, storage, checkpointing)
 
-    sample_shape = tuple(noise.shape[1:])
-    cost = "xt" if reference_compat else cost
-    per_sample = reference_compat or aggregate == "median"
-    part = dd.shard(batch, distributed)
-    progress = progress and part.is_main
-    local_noise = noise[part.start:part.stop]
-    local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
 
-    estimate = memory_estimate(local_noise, teacher_steps, solver_def.name, cost, storage, storage_dtype,
-                               target_chunk, cost_dtype)
-    check_fits(estimate, noise.device, memory_limit)
+def _checkpointer(model: Any, noise: torch.Tensor, cond: dict | None, inputs: _Inputs, part: dd.Shard,
+                  seed: int | None) -> Checkpointer | None:
+    """The run's checkpoints, bound to its settings and to fingerprints of the model, noise and conditions."""
+    if inputs.checkpointing.dir is None:
+        return None
+    dp, storage = inputs.dp, inputs.storage
+    settings = run_settings(model, noise, cond, steps=inputs.steps, teacher_steps=inputs.teacher_steps,
+                            teacher_times=fingerprint(inputs.teacher.times), samples=noise.shape[0], seed=seed,
+                            solver=inputs.solver.name, cost=dp.cost, aggregate=dp.aggregate_run,
+                            reference_compat=dp.reference_compat, free_start=dp.free_start, candidates=dp.candidates,
+                            ranks=part.world, storage_dtype=_dtype_name(storage.dtype or torch.float32),
+                            cost_dtype=_dtype_name(dp.view.dtype), cost_channels=_int_list(dp.view.channels),
+                            cost_frames=_int_list(dp.view.frames),
+                            coarse_to_fine=repr(dp.coarse_to_fine) if dp.coarse_to_fine else None)
+    return Checkpointer(inputs.checkpointing.dir, settings, part.rank, inputs.checkpointing.resume)
 
-    checkpointer = None
-    if checkpoint_dir is not None:
-        settings = run_settings(model, noise, cond, steps=steps, teacher_steps=teacher_steps,
-                                teacher_times=fingerprint(teacher.times), samples=batch, seed=seed,
-                                solver=solver_def.name, cost=cost, aggregate=aggregate,
-                                reference_compat=reference_compat, free_start=free_start, candidates=candidates,
-                                ranks=part.world, storage_dtype=str(storage_dtype or "float32").replace("torch.", ""),
-                                cost_dtype=str(cost_dtype).replace("torch.", ""),
-                                cost_channels=None if cost_channels is None else [int(c) for c in cost_channels],
-                                cost_frames=None if cost_frames is None else [int(f) for f in cost_frames],
-                                coarse_to_fine=repr(coarse_to_fine) if coarse_to_fine else None)
-        checkpointer = Checkpointer(checkpoint_dir, settings, part.rank, resume)
-    teacher_run = None
-    if checkpointer is not None and resume:
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _int_list(values: Optional[Sequence[int]]) -> Optional[list[int]]:
+    return None if values is None else [int(v) for v in values]
+
+
+def _teacher_stage(model: Any, local_noise: torch.Tensor, local_cond: dict | None, inputs: _Inputs,
+                   checkpointer: Checkpointer | None, progress: bool) -> Teacher:
+    """Stage 2: the teacher trajectory on this rank's samples, from a checkpoint when resuming."""
+    storage = inputs.storage
+    if checkpointer is not None and inputs.checkpointing.resume:
         saved = checkpointer.load("teacher")
         if saved is not None:
-            place = noise.device if storage == "memory" else torch.device("cpu")
-            teacher_run = Teacher(saved["states"].to(place), None if saved["x0"] is None
-                                  else saved["x0"].to(place), int(saved["nfe"]))
-    if teacher_run is None:
-        teacher_run = run_teacher(model, local_noise, teacher, solver_def.name, local_cond, progress, max_batch,
-                                  storage_dtype, storage, storage_dir, keep_x0=(cost == "x0"))
-        if checkpointer is not None:
-            checkpointer.save("teacher", {"states": teacher_run.states.cpu(), "nfe": teacher_run.nfe,
-                                          "x0": None if teacher_run.x0 is None else teacher_run.x0.cpu()})
-    if callback is not None:
-        callback("teacher", teacher_steps, teacher_steps)
-    ctx = DPContext(model=model, process=process, solver=solver_def, times=teacher.times.to(noise.device),
-                   teacher=teacher_run, cond=local_cond, cost=cost, per_sample=per_sample, steps=steps,
-                   max_batch=max_batch, candidates=candidates,
-                   view=lambda x: cost_view(x, cost_channels, cost_frames, sample_shape),
-                   cost_dtype=cost_dtype, progress=progress, sample_shape=sample_shape, part=part,
-                   chunk=target_chunk, storage=storage, storage_dir=storage_dir, checkpointer=checkpointer,
-                   callback=callback, free_start=free_start and not reference_compat,
-                   device=noise.device, start=initial_state(process, local_noise, float(teacher.times[0])))
-    fast = None
-    if coarse_to_fine:
-        traces, cost_table, search_nfe, fast = coarse_to_fine_dp(ctx, coarse_to_fine)
-    else:
-        traces, cost_table, search_nfe = (reference_dp if reference_compat else exact_dp)(ctx)
-
+            place = local_noise.device if storage.place == "memory" else torch.device("cpu")
+            return Teacher(saved["states"].to(place), None if saved["x0"] is None else saved["x0"].to(place),
+                           int(saved["nfe"]))
+    run = run_teacher(model, local_noise, inputs.teacher, inputs.solver.name, local_cond, progress, storage.max_batch,
+                      storage.dtype, storage.place, storage.dir, keep_x0=(inputs.dp.cost == "x0"))
     if checkpointer is not None:
-        checkpointer.close()
-    per_sample_indices = None
-    last_layer = steps if not reference_compat else -1
-    if ctx.per_sample:
-        local = [trace_path(traces[b], steps, teacher_steps, reference_compat, free_start)
-                 for b in range(traces.shape[0])]
-        per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
-        indices = (reference_median if reference_compat else median_path)(per_sample_indices)
-        final_cost = float(ctx.sample_mean(cost_table[:, last_layer, teacher_steps]))
-    else:
-        indices = trace_path(traces, steps, teacher_steps, False, free_start)
-        final_cost = float(cost_table[steps, teacher_steps])
+        checkpointer.save("teacher", {"states": run.states.cpu(), "nfe": run.nfe,
+                                      "x0": None if run.x0 is None else run.x0.cpu()})
+    return run
 
+
+def _dp_stage(ctx: DPContext, dp: DPOptions):
+    """Stage 3: (traces, cost table, model calls, coarse-to-fine levels or None) of the chosen DP."""
+    if dp.coarse_to_fine:
+        return coarse_to_fine_dp(ctx, dp.coarse_to_fine)
+    traces, cost_table, nfe = (reference_dp if dp.reference_compat else exact_dp)(ctx)
+    return traces, cost_table, nfe, None
+
+
+def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Tensor, cost_table: torch.Tensor,
+                  search_nfe: int, fast: Any, started: float, seed: int | None) -> SearchResult:
+    """Stage 4: the traced schedule(s), the DP's cost, model calls, and the schedule's metadata."""
+    steps, n, dp, part = inputs.steps, inputs.teacher_steps, inputs.dp, ctx.part
+    reference, solver = dp.reference_compat, inputs.solver.name
+    per_sample_indices = None
+    if ctx.per_sample:
+        local = [trace_path(traces[b], steps, n, reference, dp.free_start) for b in range(traces.shape[0])]
+        per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
+        indices = (reference_median if reference else median_path)(per_sample_indices)
+        final_cost = float(ctx.sample_mean(cost_table[:, steps if not reference else -1, n]))
+    else:
+        indices = trace_path(traces, steps, n, False, dp.free_start)
+        final_cost = float(cost_table[steps, n])
+    teacher_run, batch = ctx.teacher, part.total
     nfe = int(ctx.global_sum(torch.tensor([teacher_run.nfe * (part.stop - part.start) + search_nfe],
                                           dtype=torch.float64)))
-    teacher_nfe = teacher_run.nfe * batch
     seconds = time.perf_counter() - started
     amplitude = amplitude_statistics(teacher_run.states, part=part)
-    schedule = _indices_schedule(indices, teacher, solver_def.name, reference_compat)
+    schedule = _indices_schedule(indices, inputs.teacher, solver, reference)
+    grid = schedule.metadata.pop("_grid")
     schedule.metadata.update({
-        "method": "oss-reference" if reference_compat else "oss",
-        "model": getattr(model, "spec", type(model).__name__),
-        "nfe": nfe, "search_nfe": nfe, "teacher_nfe": teacher_nfe, "search_seconds": round(seconds, 4),
-        "ranks": part.world, "coarse_to_fine": fast,
-        "teacher_steps": teacher_steps, "teacher_schedule": teacher.metadata.get("baseline", "custom"),
-        "solver": solver_def.name, "cost": ctx.cost, "aggregate": "median" if ctx.per_sample else "joint",
-        "samples": batch, "seed": seed, "steps": steps, "teacher_indices": indices, "dp_cost": final_cost,
-        "reference_compat": reference_compat, "free_start": free_start,
-        "calibration": {"q05": [amplitude["q05"][i] for i in schedule.metadata.get("_grid", indices)[:-1]],
-                        "q95": [amplitude["q95"][i] for i in schedule.metadata.get("_grid", indices)[:-1]]},
+        "method": "oss-reference" if reference else "oss", "model": getattr(model, "spec", type(model).__name__),
+        "nfe": nfe, "search_nfe": nfe, "teacher_nfe": teacher_run.nfe * batch, "search_seconds": round(seconds, 4),
+        "ranks": part.world, "coarse_to_fine": fast, "teacher_steps": n,
+        "teacher_grid": inputs.teacher.metadata.get("baseline", "custom"), "solver": solver, "cost": dp.cost,
+        "aggregate": dp.aggregate_run, "samples": batch, "seed": seed, "steps": steps, "teacher_indices": indices,
+        "dp_cost": final_cost, "reference_compat": reference, "free_start": dp.free_start,
+        "calibration": {"q05": [amplitude["q05"][i] for i in grid[:-1]],
+                        "q95": [amplitude["q95"][i] for i in grid[:-1]]},
     })
-    schedule.metadata.pop("_grid", None)
     per_sample_schedules = None
     if per_sample_indices is not None:
-        per_sample_schedules = [_indices_schedule(ix, teacher, solver_def.name, reference_compat)
-                                for ix in per_sample_indices]
+        per_sample_schedules = [_indices_schedule(ix, inputs.teacher, solver, reference) for ix in per_sample_indices]
         for s in per_sample_schedules:
             s.metadata.pop("_grid", None)
-    teacher_out = teacher_run.states[:, -1].to(device=noise.device, dtype=torch.promote_types(noise.dtype, torch.float32))
-    result = SearchResult(schedule, indices, per_sample_schedules, per_sample_indices, cost_table, final_cost, nfe,
-                          teacher_nfe, seconds, teacher, teacher_out, amplitude)
-    return result
+    device = ctx.device
+    teacher_out = teacher_run.states[:, -1].to(device=device, dtype=ctx.start.dtype)
+    return SearchResult(schedule, indices, per_sample_schedules, per_sample_indices, cost_table, final_cost, nfe,
+                        teacher_run.nfe * batch, seconds, inputs.teacher, teacher_out, amplitude)
 
 
-def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", cost: str = "xt",
-                    storage: str = "memory", storage_dtype: torch.dtype | str | None = None,
-                    target_chunk: int | None = None, cost_dtype: torch.dtype = torch.float64) -> dict[str, int]:
-    """Peak bytes a search of these (this rank's) noise samples will hold, by place (device, host, disk)."""
-    return estimate_search_bytes(noise.shape[0], noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
-                                 cost == "x0", check_storage(storage), parse_storage_dtype(storage_dtype) or
-                                 torch.float32, torch.promote_types(noise.dtype, torch.float32), target_chunk,
-                                 cost_dtype)
+def _measure_error(result: SearchResult, model: Any, local_noise: torch.Tensor, local_cond: dict | None,
+                   ctx: DPContext) -> None:
+    """The returned schedule's realised error on the search noise (one sample run, its calls counted apart)."""
+    out = sample(model, local_noise, result.schedule, ctx.solver.name, local_cond, max_batch=ctx.max_batch)
+    dtype = ctx.cost_dtype  # the difference in the cost's precision, as the DP's
+    diff = (out.samples.to(dtype) - result.teacher_samples.to(dtype)).reshape(local_noise.shape[0], -1)
+    per_sample = ctx.view(diff).pow(2).mean(-1)
+    result.error = float(ctx.sample_mean(per_sample))
+    result.schedule.metadata["error"] = result.error
+    result.schedule.metadata["error_nfe"] = out.nfe * ctx.part.total
+
+
+def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", dp: DPOptions | None = None,
+                    storage: Storage | None = None) -> dict[str, int]:
+    """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk)."""
+    dp, storage = dp or DPOptions(), storage or Storage()
+    part = dd.shard(noise.shape[0], storage.distributed)
+    return estimate_search_bytes(part.stop - part.start, noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
+                                 dp.cost == "x0", storage.place, storage.dtype or torch.float32,
+                                 torch.promote_types(noise.dtype, torch.float32), storage.target_chunk, dp.view.dtype)
 
 
 def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:
@@ -254,4 +283,6 @@ def coarse_to_fine_search(model: Any, noise: torch.Tensor, steps: int, teacher_s
                           factor: int = 4, rounds: int = 2, **options: Any) -> SearchResult:
     """`search` with the coarse-to-fine DP (the same teacher, far fewer model calls); `options` go to `search`."""
     fast = CoarseToFine(coarse_steps, factor, window, rounds)
-    return search(model, noise, steps, teacher_steps=teacher_steps, solver=solver, coarse_to_fine=fast, **options)
+    options = from_flat(options)
+    dp = replace(options.pop("dp", None) or DPOptions(), coarse_to_fine=fast)
+    return search(model, noise, steps, teacher_steps, solver, dp=dp, **options)

@@ -13,20 +13,9 @@ from tqdm.auto import tqdm
 from . import distributed as dd
 from ..core.errors import OptimalStepsError
 from ..core.models import index_cond, model_process, predict_x0
-from ..core.processes import NoiseProcess
-from ..core.schedules import Schedule, karras, uniform
+from ..core.schedules import Schedule
 from ..core.solvers import initial_state, solver_step
 from .memory import allocate
-
-
-def default_teacher_grid(process: NoiseProcess, teacher_steps: int) -> Schedule:
-    """The default teacher grid: uniform native time for flow / vp, Karras rho = 7 (80 -> 0.002, then 0) for ve."""
-    if process.kind == "ve":
-        return karras(process, teacher_steps, sigma_min=0.002, sigma_max=min(80.0, process.t_start))
-    return uniform(process, teacher_steps)
-
-
-teacher_schedule = default_teacher_grid
 
 
 @dataclass

@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 from torch import nn
 
 from .data import dataset_info, draw_images, load_dataset
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 from ..core.io import load_json, write_bytes, write_text
 from ..core.models import CFGModel
 from ..core.processes import ProcessLike, from_x0_eps, get_process
@@ -154,7 +154,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNet, "classifier": Classif
 
 def build_network(architecture: str, options: dict[str, Any]) -> nn.Module:
     if architecture not in ARCHITECTURES:
-        raise OptimalStepsError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        raise unknown("architecture", architecture, ARCHITECTURES)
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     try:
         return ARCHITECTURES[architecture](**options)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ..core.checks import call_user_factory, check_model
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 from ..core.models import model_process
 from .empirical import load_empirical
 from .mixture import GaussianMixture
@@ -56,9 +56,9 @@ def load_model(spec: str) -> Any:
         else:
             options = _parse_options(rest)
             allowed = {"dim", "components", "seed", "process", "spread", "std"}
-            unknown = set(options) - allowed
-            if unknown:
-                raise OptimalStepsError(f"unknown gmm option(s) {sorted(unknown)}; known: {sorted(allowed)}")
+            extra = set(options) - allowed
+            if extra:
+                raise OptimalStepsError(f"unknown gmm option(s) {sorted(extra)}; known: {sorted(allowed)}")
             try:
                 model = GaussianMixture.random(
                     dim=int(options.get("dim", 64)),
@@ -82,7 +82,7 @@ def load_model(spec: str) -> Any:
         name, _, opts = spec.partition(":")
         if name not in builtins:
             known = list(SPEC_KINDS) + sorted(builtins)
-            raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
+            raise unknown("model", spec, known)
         model = builtins[name][1](**_parse_options(opts))
     model_process(check_model(model, f"model {spec}"))
     try:

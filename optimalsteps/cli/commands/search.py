@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -14,10 +15,10 @@ from ...core.checks import check_distinct_paths, check_output_dir, check_output_
 from ...core.solvers import SOLVERS
 from ...evaluation.baselines import make_schedule, oss_search
 from ...optimize.checkpoint import clear_checkpoint
-from ...optimize.coarse import CoarseToFine
 from ...optimize.distributed import backend_for
 from ...optimize.dp import AGGREGATES, COSTS
 from ...optimize.memory import format_bytes
+from ...optimize.options import Checkpointing, DPOptions, Storage
 from ...optimize.refine import Refinement
 from ...optimize.search import memory_estimate
 from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
@@ -36,7 +37,7 @@ def add(sub: Any) -> None:
                    help="named teacher grid (default: uniform for flow/vp, karras for ve)")
     p.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
     p.add_argument("--cost", default="xt", choices=COSTS)
-    p.add_argument("--aggregate", default="joint", choices=AGGREGATES)
+    p.add_argument("--aggregate", default=None, choices=AGGREGATES, help="joint (default) or median")
     p.add_argument("--reference-compat", action="store_true",
                    help="reproduce the released code's semantics (docs/search.md)")
     p.add_argument("--free-start", action="store_true",
@@ -57,15 +58,14 @@ def init_distributed(device: torch.device) -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def refine_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """search() keyword arguments of the refinement and coarse-to-fine options."""
+def refine_from_args(args: argparse.Namespace) -> Refinement | bool:
+    """The refinement options of --refine (False without it)."""
     if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
         raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
     if args.coarse_steps is not None and not args.coarse_to_fine:
         raise OptimalStepsError("--coarse-steps needs --coarse-to-fine")
-    refine = Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method, warn=False)
-    return {"refine": refine if args.refine else False, "refine_budget": args.refine_budget,
-            "coarse_to_fine": CoarseToFine(args.coarse_steps) if args.coarse_to_fine else False}
+    return Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method,
+                      warn=False) if args.refine else False
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -75,8 +75,6 @@ def check_outputs(args: argparse.Namespace) -> None:
     check_distinct_paths({"--out": args.out, "--checkpoint": args.checkpoint, "--storage-dir": args.storage_dir,
                           "--noise": args.noise})
     check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
-    if args.resume and not args.checkpoint:
-        raise OptimalStepsError("--resume needs the --checkpoint directory of the search to continue")
     if args.storage_dir is not None and args.storage != "disk":
         raise OptimalStepsError("--storage-dir applies only to --storage disk")
     for flag, folder in (("--checkpoint", args.checkpoint), ("--storage-dir", args.storage_dir)):
@@ -87,25 +85,20 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    refine = refine_from_args(args)
+    dp, checkpointing = DPOptions.from_args(args), Checkpointing.from_args(args)
     check_outputs(args)
     model, noise, cond, metadata = search_inputs(args)
-    teacher = None
-    if args.teacher_schedule:
-        teacher = make_schedule(args.teacher_schedule, model.process, args.teacher_steps)
-    elif hasattr(model, "teacher_schedule"):  # a diffusers pipeline: its own shifted / trained-range grid
-        teacher = model.teacher_schedule(args.teacher_steps)
+    teacher_grid = make_schedule(args.teacher_schedule, model.process, args.teacher_steps) if args.teacher_schedule \
+        else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
     main_rank = init_distributed(noise.device)
-    estimate = memory_estimate(noise, args.teacher_steps, args.solver, args.cost, args.storage, args.storage_dtype,
-                               args.target_chunk)
+    storage = Storage.from_args(args)
+    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage)
     if main_rank:
         print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
-    result = oss_search(model, noise, steps=args.steps, teacher_steps=args.teacher_steps, solver=args.solver,
-                        teacher_schedule=teacher, cond=cond, cost=args.cost, aggregate=args.aggregate,
-                        reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True,
-                        seed=args.seed, storage=args.storage, storage_dtype=args.storage_dtype,
-                        storage_dir=args.storage_dir, target_chunk=args.target_chunk, memory_limit=args.memory_limit,
-                        checkpoint_dir=args.checkpoint, resume=args.resume, free_start=args.free_start,
-                        **refine_from_args(args))
+    result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
+                        dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing,
+                        progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget)
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
@@ -118,8 +111,9 @@ def report(result: Any, solver: str) -> None:
     schedule = result.schedule
     print(f"schedule ({schedule.steps} steps, {solver}): " + ", ".join(f"{v:.4g}" for v in schedule.times.tolist()))
     print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
-    print(f"cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.cost:.4g}   "
-          f"NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    print(f"DP cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.dp_cost:.4g}   "
+          f"error of the schedule on the search samples: {result.error:.4g}   NFE: {result.nfe}   "
+          f"time: {result.seconds:.1f}s")
     print_refinement(schedule)
 
 
