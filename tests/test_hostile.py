@@ -163,6 +163,19 @@ def test_model_fingerprint_follows_contents_not_identity(tmp_path, model):
     assert model_fingerprint(Own()) == "v1"
 
 
+
+def test_very_large_tensors_are_fingerprinted_from_a_sample(monkeypatch):
+    from optimalsteps.optimize import checkpoint
+
+    monkeypatch.setattr(checkpoint, "_SAMPLED_ABOVE_HOST", 1000)
+    weights = torch.arange(10_000, dtype=torch.float32)
+    before = checkpoint.fingerprint(weights)
+    assert checkpoint.fingerprint(weights.clone()) == before
+    weights[0] += 1  # the strided sample starts at the first element
+    assert checkpoint.fingerprint(weights) != before
+    assert checkpoint.fingerprint(weights.reshape(100, 100)) != checkpoint.fingerprint(weights)  # shape counts
+
+
 def test_resume_refuses_a_changed_model_and_foreign_files(tmp_path, noise):
     mix = _mixture_file(tmp_path / "mix.json")
     ckpt = tmp_path / "ckpt"
@@ -302,6 +315,7 @@ def _cli_cases(d):
         (["compare", *FAST, "--out", f"{d}/mine.txt"], "is a file, not a folder"),
         (["compare", *FAST, "--out", f"{d}/report", "--force"], "holds a folder results.json"),
         (["demo", "--out", f"{d}/mine.txt"], "is a file, not a folder"),
+        (["demo", "--teacher-steps", "20000", "--out", f"{d}/demo"], "--teacher-steps 20000 is more than 10000"),
         (["sample", *GMM, "--out", ""], "--out is empty"),
         (["sample", *GMM, "--noise", f"{d}/noise.npy", "--out", f"{d}/noise.npy", "--force"], "name the same path"),
         (["schedule", "karras", "--steps", "5", "--out", f"{d}/mine.txt"], "already exists"),
