@@ -61,14 +61,17 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _tensor_bytes(tensor: torch.Tensor) -> bytes:
     """The exact bytes of a tensor (a strided sample of a very large one), with its dtype and shape."""
-    flat = tensor.detach().reshape(-1)
-    if flat.numel() > (_SAMPLED_ABOVE_HOST if flat.device.type == "cpu" else _SAMPLED_ABOVE_DEVICE):
-        flat = flat[:: flat.numel() // _SAMPLE_SIZE]
-    flat = flat.cpu().contiguous()
-    if flat.is_complex():
-        flat = torch.view_as_real(flat).reshape(-1)
     head = f"{tensor.dtype}{tuple(tensor.shape)}".encode()
-    return head + (flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    try:
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() > (_SAMPLED_ABOVE_HOST if flat.device.type == "cpu" else _SAMPLED_ABOVE_DEVICE):
+            flat = flat[:: flat.numel() // _SAMPLE_SIZE]
+        flat = flat.cpu().contiguous()
+        if flat.is_complex():
+            flat = torch.view_as_real(flat).reshape(-1)
+        return head + (flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    except (RuntimeError, TypeError, NotImplementedError):  # meta, sparse or quantised tensors: shape only
+        return head
 
 
 def fingerprint(tensor: torch.Tensor) -> str:
@@ -84,9 +87,10 @@ def _feed(digest: Any, value: Any, depth: int, budget: list[int]) -> None:
         return
     if isinstance(value, torch.Tensor):
         digest.update(_tensor_bytes(value))
-    elif isinstance(value, np.ndarray):
-        digest.update(_tensor_bytes(torch.from_numpy(np.ascontiguousarray(value).copy())
-                                    if value.dtype.kind in "biufc" else torch.empty(0)))
+    elif isinstance(value, np.ndarray):  # any byte order or precision; object arrays by shape only
+        digest.update(f"{value.dtype}{value.shape}".encode())
+        if value.dtype.kind in "biufc":
+            digest.update(np.ascontiguousarray(value).tobytes())
     elif value is None or isinstance(value, (bool, int, float, str, bytes)):
         digest.update(repr(value).encode())
     elif isinstance(value, torch.nn.Module):  # weights count at any depth
