@@ -7,7 +7,7 @@ keyword options of `make_schedule("oss", ...)` / `compare(options={"oss": ...})`
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence
 
 import torch
@@ -169,21 +169,13 @@ def from_flat(options: dict[str, Any]) -> dict[str, Any]:
             groups[group][name] = value
         else:
             rest[key] = value
+    if groups["view"]:
+        groups["dp"]["view"] = CostView(**groups.pop("view"))
     for group in ("dp", "storage", "checkpointing"):
         if groups[group] and group in rest:
             raise OptimalStepsError(f"give {group}= or its flat options ({', '.join(groups[group])}), not both")
-    if groups["view"]:
-        groups["dp"]["view"] = CostView(**groups["view"])
     kinds = {"dp": DPOptions, "storage": Storage, "checkpointing": Checkpointing}
     for group, values in groups.items():
         if group in kinds and values:
             rest[group] = kinds[group](**values)
     return rest
-
-
-def flat_names() -> list[str]:
-    return list(FLAT_OPTIONS)
-
-
-def field_names(kind: type) -> list[str]:
-    return [f.name for f in fields(kind)]
