@@ -97,6 +97,8 @@ def add_noise_args(parser: argparse.ArgumentParser, samples_default: int) -> Non
     parser.add_argument("--samples", type=positive_int, default=samples_default, help="number of noise samples")
     parser.add_argument("--seed", type=int, default=0, help="seed of the noise")
     parser.add_argument("--noise", default=None, help="a .npy array [B, ...] of standard normal noise to use")
+    parser.add_argument("--allow-huge", action="store_true",
+                        help="run requests beyond the sanity bounds (over 10000 steps or 10^6 samples) that fit in memory")
 
 
 def add_diffusers_args(parser: argparse.ArgumentParser) -> None:
@@ -122,7 +124,8 @@ def add_scale_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--memory-limit", type=byte_size, default=None,
                        help="refuse a search estimated to need more than this (default: what is free)")
     group.add_argument("--checkpoint", default=None, help="directory of checkpoints after the teacher and each layer")
-    group.add_argument("--resume", action="store_true", help="continue the search in --checkpoint")
+    group.add_argument("--resume", action="store_true", help="continue the search in --checkpoint "
+                       "(without it, a --checkpoint directory holding a checkpoint is refused unless --force)")
 
 
 def add_refine_args(parser: argparse.ArgumentParser) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..core.checks import as_noise, check_seed, check_steps_bound
 from ..core.errors import OptimalStepsError
 from ..core.io import load_npy, write_bytes
 from ..core.models import draw_noise
@@ -23,22 +24,19 @@ def load_model_from_args(args: argparse.Namespace) -> Any:
 
 
 def load_noise(path: str, model: Any) -> torch.Tensor:
-    array = load_npy(path, "noise file")
-    if not np.issubdtype(array.dtype, np.floating):
-        raise OptimalStepsError(f"noise file {path} must hold floating-point values, got {array.dtype}")
-    shape = getattr(model, "sample_shape", None)
-    if array.ndim < 2 or array.shape[0] < 1 or (shape is not None and tuple(array.shape[1:]) != tuple(shape)):
-        want = f"[B, {', '.join(str(s) for s in shape)}]" if shape is not None else "[B, ...]"
-        raise OptimalStepsError(f"noise file {path} has shape {list(array.shape)}, expected {want}")
-    if not np.isfinite(array).all():
-        raise OptimalStepsError(f"noise file {path} contains NaN or inf")
-    return torch.from_numpy(np.ascontiguousarray(array)).to(torch.float32)
+    """A noise file as float32 [B, *sample_shape] (any float byte order or precision is read)."""
+    return as_noise(load_npy(path, "noise file"), model, f"noise file {path}").to(torch.float32)
 
 
 def noise_from_args(args: argparse.Namespace, model: Any, seed_offset: int = 0) -> torch.Tensor:
     if args.noise:
-        return load_noise(args.noise, model)
-    return draw_noise(model, args.samples, args.seed + seed_offset)
+        noise = load_noise(args.noise, model)
+        if "samples" in getattr(args, "given", ()) and args.samples != noise.shape[0]:
+            raise OptimalStepsError(f"--samples {args.samples} disagrees with --noise {args.noise}, which holds "
+                                    f"{noise.shape[0]} samples; give one of them")
+        return noise
+    return draw_noise(model, args.samples, check_seed(args.seed + seed_offset, "--seed"),
+                      allow_huge=getattr(args, "allow_huge", False))
 
 
 def cond_from_args(args: argparse.Namespace, model: Any, count: int) -> dict | None:
@@ -66,10 +64,15 @@ def guided(model: Any, args: argparse.Namespace) -> Any:
     return wrap(args.guidance)
 
 
-def schedule_from_args(name_or_file: str, process: Any, steps: int | None) -> Schedule:
+def schedule_from_args(name_or_file: str, process: Any, steps: int | None, allow_huge: bool = False) -> Schedule:
     path = Path(name_or_file)
+    if path.is_dir():
+        raise OptimalStepsError(f"--schedule {name_or_file} is a directory; give a schedule file or name")
+    if steps is not None:
+        check_steps_bound(steps, allow_huge, "--steps")
     if name_or_file.endswith(".json") or path.is_file():
         schedule = Schedule.load(path)
+        check_steps_bound(schedule.steps, allow_huge, f"the {name_or_file} schedule's step count")
         if steps is not None and steps != schedule.steps:
             schedule = schedule.interpolate(steps)
         return schedule
@@ -88,10 +91,23 @@ def search_inputs(args: argparse.Namespace):
     """(model, noise, cond, metadata) for search / compare: a diffusers pipeline or a plain model spec."""
     if args.model.startswith("diffusers:"):
         return diffusers_search_inputs(args)
+    refuse_diffusers_only(args)
     model = guided(load_model_from_args(args), args)
     noise = noise_from_args(args, model)
     cond = cond_from_args(args, model, noise.shape[0])
     return model, noise, cond, {}
+
+
+DIFFUSERS_ONLY = ("prompt", "prompts_file", "negative_prompt", "height", "width")
+
+
+def refuse_diffusers_only(args: argparse.Namespace) -> None:
+    """Prompts and resolution apply only to a diffusers pipeline: say so instead of ignoring them."""
+    given = [name for name in DIFFUSERS_ONLY if getattr(args, name, None) is not None]
+    if given:
+        flags = ", ".join("--" + name.replace("_", "-") for name in given)
+        raise OptimalStepsError(f"{flags} appl{'y' if len(given) > 1 else 'ies'} only to --model diffusers:..., "
+                                f"not to {args.model}")
 
 
 def diffusers_search_inputs(args: argparse.Namespace):

@@ -59,8 +59,17 @@ def load_json(path: str | Path, what: str) -> Any:
 def load_npy(path: str | Path, what: str) -> np.ndarray:
     """A .npy array (no pickles), or a one-line error naming `what` could not be read."""
     try:
-        return np.load(path, allow_pickle=False)
+        with open(path, "rb") as handle:
+            magic = handle.read(6)
+        if magic == b"\x93NUMPY":
+            return np.load(path, allow_pickle=False)
+    except IsADirectoryError:
+        raise OptimalStepsError(f"{what} {path} is a directory, not a .npy file") from None
     except FileNotFoundError:
         raise OptimalStepsError(f"{what} not found: {path}") from None
     except (ValueError, OSError) as exc:
         raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None
+    # numpy would call any other file "pickled data"
+    kind = "it is a .npz archive" if magic.startswith(b"PK") else \
+        "it holds pickled data, which is never loaded" if magic[:1] == b"\x80" else "it has no NumPy header"
+    raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {kind}; save one with numpy.save")

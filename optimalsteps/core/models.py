@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .checks import check_model, check_noise_count, check_schedule_arg, check_seed
 from .errors import OptimalStepsError
 from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
 from .schedules import Schedule, check_steps, karras, uniform
@@ -56,6 +57,7 @@ def model_teacher_grid(model: Any, teacher_steps: int) -> Schedule:
 
 def check_teacher_grid(grid: Any, process: NoiseProcess) -> Schedule:
     """A teacher grid as a Schedule of `process` that starts at the process start."""
+    check_schedule_arg(grid, "teacher grid")
     grid = grid if isinstance(grid, Schedule) else Schedule(grid, process)
     if grid.process.name != process.name:
         raise OptimalStepsError(f"teacher grid is for {grid.process.name}, the model's process is {process.name}")
@@ -160,10 +162,11 @@ def sample_shape(model: Any) -> tuple[int, ...]:
 
 
 def draw_noise(model: Any, count: int, seed: int, dtype: torch.dtype = torch.float32,
-               device: torch.device | str = "cpu") -> torch.Tensor:
-    """Standard normal noise [count, *sample_shape], deterministic given the seed (drawn on the CPU)."""
-    if count < 1:
-        raise OptimalStepsError(f"number of samples must be at least 1, got {count}")
+               device: torch.device | str = "cpu", allow_huge: bool = False) -> torch.Tensor:
+    """Standard normal noise [count, *sample_shape], deterministic given the seed (drawn on the CPU);
+    more than checks.MAX_SAMPLES samples need `allow_huge`, more than fit in memory are refused."""
+    count = check_noise_count(count, sample_shape(check_model(model)), allow_huge)
+    seed = check_seed(seed)
     generator = torch.Generator().manual_seed(int(seed))
     return torch.randn((count,) + sample_shape(model), generator=generator, dtype=torch.float64).to(
         dtype=dtype, device=device

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from .checks import check_number
 from .errors import OptimalStepsError, unknown
 from .io import load_json, write_text
 from .processes import FLOW, DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
@@ -52,6 +53,12 @@ class Schedule:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        from .checks import check_metadata, check_schedule_arg
+
+        check_schedule_arg(self.times, "schedule times")
+        self.metadata = check_metadata(self.metadata)
+        if self.solver is not None and not isinstance(self.solver, str):
+            raise OptimalStepsError(f"schedule solver must be a name, got {self.solver!r}")
         self.process = parse_process(self.process) if isinstance(self.process, str) else get_process(self.process)
         try:
             times = torch.as_tensor(np.asarray(self.times, dtype=np.float64) if not isinstance(self.times, torch.Tensor)
@@ -91,7 +98,7 @@ class Schedule:
         if missing:
             raise OptimalStepsError(f"{source} is missing key(s): {', '.join(missing)}")
         try:
-            return cls(data["times"], data["process"], data.get("solver"), dict(data.get("metadata") or {}))
+            return cls(data["times"], data["process"], data.get("solver"), data.get("metadata") or {})
         except OptimalStepsError as exc:
             raise OptimalStepsError(f"{source}: {exc}") from None
 
@@ -309,6 +316,7 @@ def karras(process: ProcessLike, steps: int, sigma_min: float = SIGMA_MIN, sigma
     sigma_max defaults to the process start (80 where that is infinite: flow); times by matched SNR,
     the first pinned to the process start."""
     process, steps = get_process(process), check_steps(steps)
+    rho = check_number(rho, "karras rho", 0.0, open_low=True)
     lo, hi = _sigma_range(process, sigma_min, sigma_max)
     ramp = torch.linspace(0, 1, steps, dtype=torch.float64)
     sigmas = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
@@ -336,6 +344,8 @@ def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float
     """Flow times linspace(1, 1/M, M) shifted as SD3 (static `shift`) or Flux (`mu`, or `mu` from the latent
     sequence length `image_seq_len`: 4096 tokens = 1024x1024 gives 1.15), then 0; mapped by SNR for vp / ve."""
     process, steps = get_process(process), check_steps(steps)
+    if mu is not None:  # e^mu must stay finite and the shifted times distinct
+        mu = check_number(mu, "shift mu", -30.0, 30.0)
     if image_seq_len is not None:
         if mu is not None:
             raise OptimalStepsError("shift: give mu or image_seq_len, not both")
@@ -376,6 +386,7 @@ def beta(process: ProcessLike, steps: int, a: float = 0.6, b: float = 0.6, sigma
     from scipy.stats import beta as beta_dist  # scipy.stats takes a third of a second to import: only here
 
     process, steps = get_process(process), check_steps(steps)
+    a, b = check_number(a, "beta a", 0.0, open_low=True), check_number(b, "beta b", 0.0, open_low=True)
     quantiles = torch.as_tensor(beta_dist.ppf(1.0 - np.linspace(0.0, 1.0, steps, endpoint=False), a, b),
                                 dtype=torch.float64)
     options = {"alpha": a, "beta": b}

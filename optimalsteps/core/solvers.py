@@ -17,6 +17,7 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from .checks import as_noise, check_schedule_arg
 from .errors import OptimalStepsError, unknown
 from .models import check_cond, index_cond, model_process, predict_x0
 from .processes import NoiseProcess
@@ -201,7 +202,9 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     calibration). NFE is counted per trajectory. `max_batch` samples at most that many trajectories at
     once (chunks of the noise, each with its samples' conditions); the result is the same.
     """
-    if max_batch is not None and noise.dim() >= 1 and noise.shape[0] > max_batch:
+    check_schedule_arg(schedule)
+    noise = as_noise(noise, model)
+    if max_batch is not None and noise.shape[0] > max_batch:
         return _sample_in_chunks(model, noise, schedule, solver, check_cond(cond, noise.shape[0]), calibration,
                                  return_trajectory, progress, int(max_batch))
     process = model_process(model)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..core.dm import dm
+from ..core.checks import as_noise, check_optional_int
 from ..core.errors import OptimalStepsError, unknown
 from ..core.models import draw_noise, model_process
 from ..core.processes import NoiseProcess, ProcessLike, get_process
@@ -228,19 +229,21 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
                    noise: torch.Tensor | None = None, cond: dict | None = None, solver: str = "euler",
                    progress: bool = False, **options: Any) -> dict[int, Schedule]:
     """`make_schedule` for several step counts; a searched method runs its teacher once for all of them."""
+    if not isinstance(name, str):
+        raise OptimalStepsError(f"a schedule name must be a string, got {type(name).__name__}")
     check_name(name)
     steps = [check_steps(m) for m in steps]
     process = _resolve_process(name, process, model)
     if name in CLOSED_FORMS:
         function = CLOSED_FORMS[name]
         _check_options(name, function, options)
-        return {m: function(process, m, **options) for m in steps}
+        return {m: _with_options(name, options, function, process, m, **options) for m in steps}
     if name in TABLES or name in TABLE_METHODS:
         _check_options(name, table_schedule, options)
-        return {m: table_schedule(name, process, m, **options) for m in steps}
+        return {m: _with_options(name, options, table_schedule, name, process, m, **options) for m in steps}
     if name == "dm":
         _check_options(name, dm, options)
-        return {m: dm(process, m, solver=solver, **options) for m in steps}
+        return {m: _with_options(name, options, dm, process, m, solver=solver, **options) for m in steps}
     if model is None:
         raise OptimalStepsError(f"schedule {name!r} is searched on a model: pass a model (--model)")
     if noise is None:
@@ -252,6 +255,17 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
     options = from_flat(options)
     return {m: oss_search(model, noise, m, solver=solver, cond=cond, progress=progress, **options).schedule
             for m in steps}
+
+
+def _with_options(name: str, options: dict, function: Callable[..., Schedule], *args: Any, **kwargs: Any) -> Schedule:
+    """A method's schedule; an option value of the wrong type or range is named instead of a deep TypeError."""
+    try:
+        return function(*args, **kwargs)
+    except (TypeError, ValueError, ArithmeticError) as exc:
+        if isinstance(exc, OptimalStepsError):
+            raise
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise OptimalStepsError(f"schedule {name!r} cannot use {given}: {exc}") from None
 
 
 def _resolve_process(name: str, process: ProcessLike | None, model: Any) -> NoiseProcess:
@@ -308,6 +322,8 @@ def oss_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int =
     `options` are its keyword options: teacher_grid, dp, storage, checkpointing, progress, seed, callback),
     then, with `refine` (True or a `Refinement`), the times optimised off the grid on the search samples from
     the best of the DP's schedule and every baseline, within `refine_budget` model calls (docs/refine.md)."""
+    check_optional_int(refine_budget, "refine_budget", minimum=0)
+    noise = as_noise(noise, model, "search noise")
     dp, storage = options.get("dp"), options.get("storage") or Storage()
     if refine and dp is not None and dp.reference_compat:
         raise OptimalStepsError("--refine works on the exact DP, not with --reference-compat")

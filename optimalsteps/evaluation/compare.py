@@ -12,6 +12,8 @@ import csv
 import io
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -20,9 +22,10 @@ import torch
 from tqdm.auto import tqdm
 
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
+from ..core.checks import as_noise, check_int, check_seed
 from ..core.errors import OptimalStepsError
 from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
-from ..core.io import write_bytes
+from ..core.io import check_writable, write_bytes
 from ..core.models import draw_noise, is_broadcast, model_process, model_teacher_grid
 from ..core.schedules import Schedule, check_steps
 from ..core.solvers import get_solver, sample
@@ -67,11 +70,15 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     Rows carry ROW_KEYS; PSNR uses `data_range` (default: the model's `data_range`, else the spread of the
     true data samples, else of the teacher's outputs)."""
     process = model_process(model)
+    if isinstance(steps, (str, int)) or isinstance(solvers, str) or isinstance(schedules, str):
+        raise OptimalStepsError("compare takes lists of step counts, solvers and schedule names")
     teacher_steps = check_steps(teacher_steps)
     steps, solvers, names, options = _check_compare_inputs(steps, solvers, schedules, teacher_steps, options)
-    noise = noise if noise is not None else draw_noise(model, samples, seed)
-    eval_seed = seed + EVAL_SEED_OFFSET if eval_seed is None else eval_seed
-    eval_noise = eval_noise if eval_noise is not None else draw_noise(model, eval_samples, eval_seed)
+    noise = as_noise(noise, model, "search noise") if noise is not None else draw_noise(model, samples, seed)
+    eval_seed = check_seed(seed) + EVAL_SEED_OFFSET if eval_seed is None else check_seed(eval_seed, "eval_seed")
+    eval_noise = as_noise(eval_noise, model, "evaluation noise") if eval_noise is not None else \
+        draw_noise(model, eval_samples, eval_seed)
+    check_int(max_batch, "max_batch")
     eval_cond = _eval_conditions(cond, eval_cond, eval_noise.shape[0])
 
     jobs = len(solvers) + sum(len(solvers) if _solver_specific(n) else 1 for n in names) + \
@@ -230,22 +237,41 @@ def write_report(result: CompareResult | Sequence[dict], out_dir: str | Path, ov
     rows = result.rows
     if not rows:
         raise OptimalStepsError("no rows to report")
-    out_dir = Path(out_dir)
-    written = []
-
-    def put(name: str, data: bytes) -> None:
-        write_bytes(out_dir / name, data, overwrite)
-        written.append(out_dir / name)
-
-    put("results.json", (json.dumps(rows, indent=1) + "\n").encode())
-    put("results.csv", _csv(rows).encode())
     plots = _plots(result)
-    put("results.md", markdown_report(result, plot_names=[name for name, _ in plots]
-                                      if plots is not None else None).encode())
-    put("reference.json", (json.dumps(result.reference, indent=1) + "\n").encode())
-    for name, data in plots or []:
-        put(name, data)
-    return written
+    files = [("results.json", (json.dumps(rows, indent=1) + "\n").encode()),
+             ("results.csv", _csv(rows).encode()),
+             ("results.md", markdown_report(result, plot_names=[name for name, _ in plots]
+                                            if plots is not None else None).encode()),
+             ("reference.json", (json.dumps(result.reference, indent=1) + "\n").encode())]
+    return write_together(Path(out_dir), files + list(plots or []), overwrite)
+
+
+def write_together(directory: Path, files: list[tuple[str, bytes]], overwrite: bool = False) -> list[Path]:
+    """Write a report's files as one: into a staging folder beside `directory`, then moved in (a new folder
+    is renamed into place whole). Every target is checked first, so a refusal touches nothing, and a kill
+    leaves either the old files or the new ones, never half a report."""
+    targets = [directory / name for name, _ in files]
+    if directory.exists() and not directory.is_dir():
+        raise OptimalStepsError(f"{directory} is a file, not a folder for the report")
+    for target in targets:
+        if target.is_dir():
+            raise OptimalStepsError(f"{directory} holds a folder {target.name} where a result file goes")
+        check_writable(target, overwrite)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = directory.parent / f".{directory.name}.{os.getpid()}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        for name, data in files:
+            write_bytes(staging / name, data, overwrite=True)
+        if not directory.exists():
+            os.replace(staging, directory)
+        else:
+            for name, _ in files:
+                os.replace(staging / name, directory / name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return targets
 
 
 def _csv(rows: list[dict]) -> str:

@@ -44,14 +44,26 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, s
     if directory is None:
         raise OptimalStepsError("storage 'disk' needs a directory (--storage-dir)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OptimalStepsError(f"cannot use --storage-dir {directory}: {exc.strerror or exc}") from None
     path = directory / f"{name}.{os.getpid()}.bin"
     numel = 1
     for s in shape:
         numel *= int(s)
-    with open(path, "wb") as handle:
-        handle.truncate(numel * torch.empty((), dtype=dtype).element_size())
-    return torch.from_file(str(path), shared=True, size=numel, dtype=dtype).reshape(shape)
+    try:
+        with open(path, "wb") as handle:
+            handle.truncate(numel * torch.empty((), dtype=dtype).element_size())
+        mapped = torch.from_file(str(path), shared=True, size=numel, dtype=dtype).reshape(shape)
+    except OSError as exc:
+        raise OptimalStepsError(f"cannot create the trajectory file in --storage-dir {directory}: "
+                                f"{exc.strerror or exc}") from None
+    finally:
+        # the mapping keeps the (disk-backed) pages; the name goes at once, so the file disappears
+        # when the search ends, however it ends
+        path.unlink(missing_ok=True)
+    return mapped
 
 
 def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, multistep: bool, x0_cost: bool,

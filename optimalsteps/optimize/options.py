@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ..core.checks import check_optional_int, check_storage_dtype
 from ..core.errors import OptimalStepsError, unknown
 from .coarse import CoarseToFine
 from .dp import AGGREGATES, COSTS
@@ -116,7 +117,8 @@ class Storage:
 
     def __post_init__(self):
         check_storage(self.place)
-        object.__setattr__(self, "dtype", storage_dtype(self.dtype))
+        object.__setattr__(self, "dtype", check_storage_dtype(storage_dtype(self.dtype)))
+        check_optional_int(self.memory_limit, "memory_limit (bytes)")
         for what, value in (("target_chunk", self.target_chunk), ("max_batch", self.max_batch)):
             if value is not None and (isinstance(value, bool) or int(value) != value or value < 1):
                 raise OptimalStepsError(f"{what} must be a whole number >= 1, got {value!r}")

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from . import distributed as dd
-from .checkpoint import Checkpointer, fingerprint
+from .checkpoint import Checkpointer, fingerprint, run_settings
 from .coarse import CoarseToFine, coarse_to_fine_dp
+from ..core.checks import as_noise, check_search_args
 from ..core.errors import OptimalStepsError
 from .dp import DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
 from .memory import check_fits, estimate_search_bytes
@@ -83,7 +84,9 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     (`evaluation.baselines.oss_search`), which also makes its starts.
     """
     started = time.perf_counter()
+    noise = as_noise(noise, model, "search noise")
     inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
+    check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     progress = progress and part.is_main
     local_noise = noise[part.start:part.stop]
@@ -91,7 +94,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     estimate = inputs.storage.estimate or memory_estimate(noise, inputs.teacher_steps, inputs.solver.name, inputs.dp,
                                                           inputs.storage)
     check_fits(estimate, noise.device, inputs.storage.memory_limit)
-    checkpointer = _checkpointer(model, noise, inputs, part, seed)
+    checkpointer = _checkpointer(model, noise, cond, inputs, part, seed)
     teacher_run = _teacher_stage(model, local_noise, local_cond, inputs, checkpointer, progress)
     if callback is not None:
         callback("teacher", inputs.teacher_steps, inputs.teacher_steps)
@@ -105,6 +108,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                     checkpointer=checkpointer, callback=callback, free_start=inputs.dp.free_start,
                     device=noise.device, start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])))
     traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
+    if checkpointer is not None:
+        checkpointer.close()
     result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
     _measure_error(result, model, local_noise, local_cond, ctx)
     return result
@@ -134,17 +139,29 @@ def _check_inputs(model: Any, noise: torch.Tensor, steps: int, teacher_steps: in
     return _Inputs(process, solver_def, steps, teacher, teacher.steps, dp, storage, checkpointing)
 
 
-def _checkpointer(model: Any, noise: torch.Tensor, inputs: _Inputs, part: dd.Shard,
+def _checkpointer(model: Any, noise: torch.Tensor, cond: dict | None, inputs: _Inputs, part: dd.Shard,
                   seed: int | None) -> Checkpointer | None:
+    """The run's checkpoints, bound to its settings and to fingerprints of the model, noise and conditions."""
     if inputs.checkpointing.dir is None:
         return None
-    dp = inputs.dp
-    settings = {"model": str(getattr(model, "spec", type(model).__name__)), "steps": inputs.steps,
-                "teacher_steps": inputs.teacher_steps, "teacher_times": fingerprint(inputs.teacher.times),
-                "samples": noise.shape[0], "seed": seed, "noise": fingerprint(noise), "solver": inputs.solver.name,
-                "cost": dp.cost, "aggregate": dp.aggregate_run, "reference_compat": dp.reference_compat,
-                "free_start": dp.free_start, "candidates": dp.candidates, "ranks": part.world}
+    dp, storage = inputs.dp, inputs.storage
+    settings = run_settings(model, noise, cond, steps=inputs.steps, teacher_steps=inputs.teacher_steps,
+                            teacher_times=fingerprint(inputs.teacher.times), samples=noise.shape[0], seed=seed,
+                            solver=inputs.solver.name, cost=dp.cost, aggregate=dp.aggregate_run,
+                            reference_compat=dp.reference_compat, free_start=dp.free_start, candidates=dp.candidates,
+                            ranks=part.world, storage_dtype=_dtype_name(storage.dtype or torch.float32),
+                            cost_dtype=_dtype_name(dp.view.dtype), cost_channels=_int_list(dp.view.channels),
+                            cost_frames=_int_list(dp.view.frames),
+                            coarse_to_fine=repr(dp.coarse_to_fine) if dp.coarse_to_fine else None)
     return Checkpointer(inputs.checkpointing.dir, settings, part.rank, inputs.checkpointing.resume)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _int_list(values: Optional[Sequence[int]]) -> Optional[list[int]]:
+    return None if values is None else [int(v) for v in values]
 
 
 def _teacher_stage(model: Any, local_noise: torch.Tensor, local_cond: dict | None, inputs: _Inputs,

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from scipy.integrate import solve_ivp
 
+from ..core.checks import check_allocation
 from ..core.errors import OptimalStepsError
 from ..core.io import load_json
 from ..core.processes import ProcessLike, get_process
@@ -35,6 +36,8 @@ class GaussianMixture:
         if means.dim() != 2 or means.shape[0] != k:
             raise OptimalStepsError(f"mixture 'means' must be [K][D] with K={k}, got shape {list(means.shape)}")
         d = means.shape[1]
+        if d < 1:
+            raise OptimalStepsError("mixture 'means' must have at least one dimension (D >= 1), got empty means")
         if stds.dim() == 1 and stds.shape[0] == k:
             stds = stds[:, None].expand(k, d).clone()
         if stds.shape != (k, d):
@@ -59,6 +62,7 @@ class GaussianMixture:
                spread: float = 1.0, std: float = 0.3) -> "GaussianMixture":
         if dim < 1 or components < 1:
             raise OptimalStepsError(f"gmm dim and components must be at least 1, got dim={dim}, components={components}")
+        check_allocation(components * dim * 3, 8, f"a {components}-component mixture of dimension {dim}")
         rng = np.random.default_rng(seed)
         weights = rng.dirichlet(np.full(components, 5.0))
         means = rng.normal(size=(components, dim)) * spread

@@ -11,6 +11,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Callable
 
+from ..core.checks import call_user_factory, check_model
 from ..core.errors import OptimalStepsError, unknown
 from ..core.models import model_process
 from .empirical import load_empirical
@@ -44,7 +45,9 @@ def load_model(spec: str) -> Any:
     - `python:FILE.py:NAME`: NAME() from a user file returns a model
     - a built-in name (`optimalsteps models` lists them)
     """
-    if not isinstance(spec, str) or not spec:
+    if not isinstance(spec, str):
+        raise OptimalStepsError(f"a model spec must be a string such as 'gmm:dim=8', got {type(spec).__name__}")
+    if not spec:
         raise OptimalStepsError("empty model spec")
     kind, _, rest = spec.partition(":")
     if kind == "gmm":
@@ -81,7 +84,7 @@ def load_model(spec: str) -> Any:
             known = list(SPEC_KINDS) + sorted(builtins)
             raise unknown("model", spec, known)
         model = builtins[name][1](**_parse_options(opts))
-    model_process(model)
+    model_process(check_model(model, f"model {spec}"))
     try:
         model.spec = spec
     except AttributeError:
@@ -100,9 +103,9 @@ def _load_python_model(rest: str) -> Any:
     module = importlib.util.module_from_spec(module_spec)
     try:
         module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file: report, do not crash
+    except (Exception, SystemExit) as exc:  # the user's file: report, do not crash
         raise OptimalStepsError(f"could not import {path}: {type(exc).__name__}: {exc}") from None
     factory = getattr(module, name, None)
     if not callable(factory):
         raise OptimalStepsError(f"{path} has no callable {name!r}")
-    return factory()
+    return call_user_factory(factory, f"{path}:{name}")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from ...core.errors import OptimalStepsError
-from ...core.io import check_writable
+from ...core.checks import check_distinct_paths, check_output_dir, check_steps_bound
 from ...core.models import index_cond
 from ...core.solvers import SOLVERS
 from ...evaluation.compare import DEFAULT_SCHEDULES, compare, report_paths, write_report
@@ -50,8 +50,9 @@ def schedule_options(pairs: list[str]) -> dict[str, dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> None:
-    for path in report_paths(args.out):
-        check_writable(path, args.force)
+    check_output_dir(args.out, [p.name for p in report_paths(args.out)], args.force)
+    check_distinct_paths({"--out": args.out, "--noise": args.noise})
+    check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
     options = schedule_options(args.option)
     model, noise, cond, metadata = search_inputs(args)
     eval_cond = None

@@ -5,8 +5,14 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from ...core.checks import check_output_dir, check_steps_bound
+from ...core.errors import OptimalStepsError
+from ...evaluation.compare import report_paths
 from ...evaluation.demo import DEFAULT_MODEL, DEMO_SCHEDULES, check_demo_args, run_demo
 from ..args import int_list, name_list, positive_int
+
+
+QUICK_SETS = {"steps", "solvers", "samples", "eval_samples", "teacher_steps"}  # what --quick decides
 
 
 def add(sub: Any) -> None:
@@ -22,14 +28,21 @@ def add(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a reduced run (seconds): 5 steps, euler, small sets")
     p.add_argument("--force", action="store_true", help="overwrite an existing report")
+    p.add_argument("--allow-huge", action="store_true", help="run more than 10000 teacher steps")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, [p.name for p in report_paths(args.out)] + ["report.md"], args.force)
     if args.quick:
+        clash = sorted(QUICK_SETS & getattr(args, "given", set()))
+        if clash:
+            raise OptimalStepsError(f"--quick sets its own {', '.join('--' + c.replace('_', '-') for c in clash)}; "
+                                    "drop --quick or those options")
         args.steps, args.solvers, args.samples, args.eval_samples, args.teacher_steps = [5], ["euler"], 4, 32, 40
         args.schedules = [s for s in args.schedules if s not in ("gits", "dm")]
     check_demo_args(args.steps, args.samples, args.eval_samples)
+    check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
     report = run_demo(args.out, args.model, args.steps, args.solvers, args.schedules, args.samples,
                       args.eval_samples, args.teacher_steps, args.seed, overwrite=args.force)
     print(report.read_text().split("## Samples")[0].split("## Headline", 1)[-1].strip())

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from ...core.io import check_writable
+from ...core.checks import check_distinct_paths, check_output_file, check_steps_bound
 from ...core.solvers import SOLVERS, sample
 from ...optimize.calibration import AmplitudeCalibration
 from ..args import add_model_args, add_noise_args, positive_int
@@ -31,9 +31,12 @@ def add(sub: Any) -> None:
 def run(args: argparse.Namespace) -> None:
     if args.steps is None and not args.schedule.endswith(".json"):
         args.steps = DEFAULT_STEPS
-    check_writable(args.out, args.force)
+    check_output_file(args.out, args.force)
+    check_distinct_paths({"--out": args.out, "--noise": args.noise, "--schedule": args.schedule})
+    if args.steps is not None:
+        check_steps_bound(args.steps, args.allow_huge, "--steps")
     model = guided(load_model_from_args(args), args)
-    schedule = schedule_from_args(args.schedule, model.process, args.steps)
+    schedule = schedule_from_args(args.schedule, model.process, args.steps, args.allow_huge)
     calibration = None
     if args.calibrate:
         calibration = AmplitudeCalibration.from_schedule(schedule, args.calibrate)

@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 from ...core.errors import OptimalStepsError
-from ...core.io import check_writable
+from ...core.checks import check_distinct_paths, check_output_file, check_steps_bound
 from ...core.schedules import parse_process
 from ...core.solvers import SOLVERS
 from ...evaluation.baselines import describe, make_schedule, schedule_names
@@ -42,7 +42,9 @@ def run(args: argparse.Namespace) -> None:
         return
     if args.steps is None:
         raise OptimalStepsError("--steps is required")
-    check_writable(args.out, args.force)
+    check_output_file(args.out, args.force)
+    check_distinct_paths({"--out": args.out, "--noise": args.noise})
+    check_steps_bound(args.steps, args.allow_huge, "--steps")
     options = parse_options(args.option)
     if args.family:
         options["family"] = args.family

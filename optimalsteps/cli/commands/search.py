@@ -11,9 +11,10 @@ import torch
 import torch.distributed as dist
 
 from ...core.errors import OptimalStepsError
-from ...core.io import check_writable
+from ...core.checks import check_distinct_paths, check_output_dir, check_output_file, check_steps_bound
 from ...core.solvers import SOLVERS
 from ...evaluation.baselines import make_schedule, oss_search
+from ...optimize.checkpoint import clear_checkpoint
 from ...optimize.distributed import backend_for
 from ...optimize.dp import AGGREGATES, COSTS
 from ...optimize.memory import format_bytes
@@ -43,7 +44,8 @@ def add(sub: Any) -> None:
                    help="let the first step start from the noise placed at a later grid point (docs/search.md)")
     p.add_argument("--max-batch", type=positive_int, default=4096, help="largest batch of one model call")
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
-    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite an existing --out (and, without --resume, start over in --checkpoint)")
     add_scale_args(p)
     add_refine_args(p)
     p.set_defaults(func=run)
@@ -66,10 +68,26 @@ def refine_from_args(args: argparse.Namespace) -> Refinement | bool:
                       warn=False) if args.refine else False
 
 
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every path the search writes, checked before the model is loaded; --force without --resume clears
+    an old checkpoint."""
+    check_output_file(args.out, args.force)
+    check_distinct_paths({"--out": args.out, "--checkpoint": args.checkpoint, "--storage-dir": args.storage_dir,
+                          "--noise": args.noise})
+    check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
+    if args.storage_dir is not None and args.storage != "disk":
+        raise OptimalStepsError("--storage-dir applies only to --storage disk")
+    for flag, folder in (("--checkpoint", args.checkpoint), ("--storage-dir", args.storage_dir)):
+        if folder is not None:
+            check_output_dir(folder, [], True, flag)
+    if args.checkpoint and args.force and not args.resume:
+        clear_checkpoint(args.checkpoint)
+
+
 def run(args: argparse.Namespace) -> None:
-    check_writable(args.out, args.force)
     refine = refine_from_args(args)
     dp, checkpointing = DPOptions.from_args(args), Checkpointing.from_args(args)
+    check_outputs(args)
     model, noise, cond, metadata = search_inputs(args)
     teacher_grid = make_schedule(args.teacher_schedule, model.process, args.teacher_steps) if args.teacher_schedule \
         else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
