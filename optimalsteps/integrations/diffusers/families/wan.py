@@ -1,0 +1,114 @@
+"""Wan 2.1 / 2.2 text-to-video: video latents [B, C, F, H, W], CFG as two calls; Wan 2.2's second expert
+(`transformer_2`) takes the steps below the pipeline's boundary timestep (boundary_ratio x 1000). Its
+`__call__` takes no schedule: schedules run through the library's own loop (`sample_pipeline`)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ..common import CallOptions, Guidance, PipelineModel, device_of, flow_timestep, sequence_length, split_conditions
+from ..family import Family, Request
+from ..prompts import check_unconditional, negatives
+
+
+class WanModel(PipelineModel):
+    def __init__(self, net: Any, guidance: Guidance, sample_shape: tuple[int, ...], spec: str, num_train_timesteps: int,
+                 attention: Optional[dict], net_2: Any, guidance_2: Guidance, boundary: Optional[float],
+                 expand_timesteps: bool):
+        super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
+        self.net_2, self.guidance_2, self.boundary, self.expand_timesteps = net_2, guidance_2, boundary, expand_timesteps
+
+    def expert(self, t: torch.Tensor) -> torch.Tensor:
+        """1 where the first (high-noise) expert runs at time t, 2 where `transformer_2` does."""
+        if self.net_2 is None or self.boundary is None:
+            return torch.ones_like(t, dtype=torch.long)
+        return torch.where(flow_timestep(t, self.num_train_timesteps) >= self.boundary, 1, 2)
+
+    def _forward(self, net: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        timestep = flow_timestep(t, self.num_train_timesteps)
+        if self.expand_timesteps:
+            # Wan 2.2 TI2V: one timestep per latent token (patches of 2 x 2 pixels per frame)
+            tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
+            timestep = timestep[:, None].expand(x.shape[0], tokens)
+        return net(hidden_states=x.to(net.dtype), timestep=timestep, encoder_hidden_states=cond["prompt_embeds"],
+                   attention_kwargs=self.attention, return_dict=False)[0]
+
+    @torch.no_grad()
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        positive, negative = split_conditions(cond, x.shape[0])
+        experts = self.expert(t)
+        out = None
+        # the search mixes times in one batch: each row goes to the expert the pipeline uses at its time
+        for which, net, guidance in ((1, self.net, self.guidance), (2, self.net_2, self.guidance_2)):
+            idx = (experts == which).nonzero().squeeze(1)
+            if len(idx) == 0:
+                continue
+            pick = (lambda d: {k: v[idx] for k, v in d.items()}) if len(idx) < len(t) else (lambda d: d)
+            part = guidance(lambda a, b, c, net=net: self._forward(net, a, b, c), x[idx], t[idx], pick(positive),
+                            pick(negative) if negative is not None else None)
+            if out is None:
+                out = torch.empty(x.shape, dtype=part.dtype, device=part.device)
+            out[idx] = part
+        return out
+
+
+class Wan(Family):
+    name = "wan"
+    label = "Wan 2.1/2.2 text-to-video (WanTransformer3DModel)"
+    denoisers = ("WanTransformer3DModel",)
+    custom_schedule = False
+    video = True
+    packed = False
+
+    def matches(self, components: dict[str, set[str]]) -> bool:
+        nets = components.get("transformer", set()) | components.get("transformer_2", set())
+        # image-to-video (an image encoder / processor) and VACE (its own transformer class) condition the
+        # network on more than text: not this family
+        return bool(nets & set(self.denoisers)) and not ({"image_encoder", "image_processor"} & set(components))
+
+    def net(self, pipe: Any) -> Any:
+        return pipe.transformer if pipe.transformer is not None else pipe.transformer_2
+
+    def vae_scale_factor(self, pipe: Any) -> int:
+        return int(getattr(pipe, "vae_scale_factor_spatial", 8))
+
+    def size_rules(self, vae_scale_factor: int, net_config: Any) -> dict:
+        return {"multiple": 16}  # what the pipeline's check_inputs demands
+
+    def default_run(self, pipe: Any, scheduler: Any, steps: int, height: int, width: int) -> None:
+        scheduler.set_timesteps(steps)
+
+    def boundary(self, pipe: Any) -> Optional[float]:
+        """The timestep (boundary_ratio x num_train_timesteps) where Wan 2.2 hands over to transformer_2."""
+        ratio = pipe.config.get("boundary_ratio")
+        if ratio is None or getattr(pipe, "transformer_2", None) is None:
+            return None
+        return ratio * pipe.scheduler.config.num_train_timesteps
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        c, cfg = request.conditioning, request.kind == "cfg"
+        check_unconditional(pipe, c, cfg)
+        embeds, neg = pipe.encode_prompt(
+            prompt=c.texts, negative_prompt=negatives(request.options.negative_prompt, c.count),
+            do_classifier_free_guidance=cfg, num_videos_per_prompt=request.per_prompt,
+            prompt_embeds=c.embeds.get("prompt_embeds"), negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
+            max_sequence_length=sequence_length(pipe, request.options), device=device_of(pipe))
+        dtype = self.net(pipe).dtype
+        return {"prompt_embeds": embeds.to(dtype), **({"negative_prompt_embeds": neg.to(dtype)} if cfg else {})}
+
+    def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
+        net = self.net(pipe)
+        vsf, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        shape = (net.config.in_channels, (request.frames - 1) // temporal + 1, request.height // vsf,
+                 request.width // vsf)
+        model = WanModel(pipe.transformer, Guidance(request.scale), shape, request.spec,
+                         pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
+                         getattr(pipe, "transformer_2", None), Guidance(request.scale), self.boundary(pipe),
+                         bool(pipe.config.get("expand_timesteps", False)))
+        return model, torch.float32
+
+    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return pipe.prepare_latents(inputs.batch, inputs.model.sample_shape[0], inputs.height, inputs.width,
+                                    inputs.num_frames, inputs.dtype, device_of(pipe), generator)
