@@ -54,6 +54,9 @@ class SD(Family):
         h, w = (size, size) if isinstance(size, int) else tuple(size)
         return h * vsf, w * vsf
 
+    def size_rules(self, vae_scale_factor: int, net_config: Any) -> dict:
+        return {"multiple": 8}  # what the pipelines' check_inputs demand
+
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         if pipe.unet.config.time_cond_proj_dim is not None:
             raise OptimalStepsError("UNets with a guidance embedding (time_cond_proj_dim, LCM) are not supported")
