@@ -64,7 +64,9 @@ def current_settings(pipe: Any, family: Family, height: int, width: int, guidanc
                                 "height": height, "width": width}
     if family.flow:
         info = family.shift(pipe, height, width, steps)[1]
-        settings.update({k: v for k, v in info.items() if k != "mu_steps"})
+        # where mu follows the step count (Flux 2) it is no setting of its own: the schedule's steps fix it
+        skip = ("mu", "mu_steps") if family.steps_set_mu else ()
+        settings.update({k: v for k, v in info.items() if k not in skip})
     if guidance is not None:
         settings["guidance_scale"] = float(guidance)
     if num_frames is not None:

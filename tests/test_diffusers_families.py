@@ -1,0 +1,194 @@
+"""The pipeline families added after the first six, on tiny random pipelines built in code (no downloads).
+
+For each: the search's teacher equals the pipeline's own run on the teacher grid (and its own many-step run),
+`pipe(..., **pipeline_kwargs(schedule, pipe))` equals `sample_pipeline(...)` for the same seed, and the call
+options (max_sequence_length, true CFG, ...) change both sides the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+diffusers = pytest.importorskip("diffusers")
+
+from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
+from optimalsteps.integrations import diffusers as od  # noqa: E402
+
+TOL = torch.finfo(torch.float32).eps * 2000  # float32 rounding over a few tiny transformer calls and steps
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def flow_scheduler(**extra):
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=4, max_image_seq_len=64, **extra)
+
+
+def quiet(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def final_latents(pipe, **call):
+    """The latents after the last step, as the pipeline holds them (before any unpacking or VAE)."""
+    seen = {}
+
+    def keep(_, i, t, tensors):
+        seen["latents"] = tensors["latents"].clone()
+        return tensors
+
+    try:
+        pipe(**call, callback_on_step_end=keep, output_type="latent")
+    except AttributeError:  # pipelines that denormalise with a VAE even for latent output; we have none
+        pass
+    return seen["latents"]
+
+
+def check_family(pipe, prompts, call, seed=1, steps=3, teacher_steps=8, **options):
+    """The search's teacher is the pipeline's own run; pipeline_kwargs reproduces sample_pipeline."""
+    result = od.search_pipeline(pipe, prompts, steps=steps, teacher_steps=teacher_steps, seed=seed, **call, **options)
+    embeds = prompts if isinstance(prompts, dict) else {"prompt": prompts}
+    teacher = final_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.teacher, pipe),
+                            generator=gen(seed))
+    assert rel_err(result.teacher_samples, teacher) < TOL
+    ours = od.sample_pipeline(pipe, prompts, result.schedule, generator=gen(seed + 3), **call, **options)
+    theirs = final_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.schedule, pipe),
+                           generator=gen(seed + 3))
+    assert ours.shape == theirs.shape
+    assert rel_err(ours, theirs) < TOL
+    return result, ours
+
+
+# ------------------------------------------------------------------------------------ QwenImage
+
+def qwen_pipe():
+    torch.manual_seed(0)
+    transformer = diffusers.QwenImageTransformer2DModel(
+        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()
+    return quiet(diffusers.QwenImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                             transformer=transformer))
+
+
+def qwen_embeds():
+    g = gen(3)
+    return {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+            "prompt_embeds_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+            "negative_prompt_embeds": torch.randn(2, 4, 16, generator=g),
+            "negative_prompt_embeds_mask": torch.ones(2, 4, dtype=torch.long)}
+
+
+def test_qwenimage_true_cfg_and_sequence_length():
+    pipe, embeds = qwen_pipe(), qwen_embeds()
+    call = dict(height=64, width=64)
+    result, guided = check_family(pipe, embeds, call, true_cfg_scale=3.0)
+    recorded = result.schedule.metadata["diffusers"]
+    assert recorded["family"] == "qwenimage" and recorded["dynamic_shift"] and recorded["true_cfg_scale"] == 3.0
+    # the teacher is the pipeline's own 8-step run: its default grid is the search's teacher grid
+    own = final_latents(pipe, **embeds, **call, true_cfg_scale=3.0, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    # the options change the model on both sides the same way
+    short = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), max_sequence_length=3,
+                               true_cfg_scale=3.0, **call)
+    theirs = final_latents(pipe, **embeds, **call, true_cfg_scale=3.0, max_sequence_length=3, generator=gen(4),
+                           **od.pipeline_kwargs(result.schedule, pipe))
+    assert rel_err(short, theirs) < TOL and rel_err(short, guided) > 1e-3
+    plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), true_cfg_scale=1.0, **call)
+    assert rel_err(plain, guided) > 1e-3
+
+
+# -------------------------------------------------------------------------------------- Flux 2
+
+def flux2_transformer(guidance_embeds: bool):
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds).eval()
+
+
+def test_flux2_mu_follows_the_step_count():
+    pipe = quiet(diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                         transformer=flux2_transformer(True)))
+    embeds = {"prompt_embeds": torch.randn(2, 5, 16, generator=gen(5))}
+    call = dict(height=64, width=64, guidance_scale=3.0)
+    result, _ = check_family(pipe, embeds, call)
+    assert result.schedule.metadata["diffusers"]["guidance"] == "distilled"
+    # mu differs between 3 and 8 steps, so a sigmas schedule must come with its step count
+    kwargs = od.pipeline_kwargs(result.schedule, pipe)
+    assert kwargs["num_inference_steps"] == 3
+    assert abs(od.flow_shift(pipe, 64, 64, 3)[1]["mu"] - od.flow_shift(pipe, 64, 64, 8)[1]["mu"]) > 1e-3
+    pipe.scheduler.set_timesteps(sigmas=kwargs["sigmas"], mu=od.flow_shift(pipe, 64, 64, 3)[1]["mu"])
+    assert torch.allclose(pipe.scheduler.sigmas.double(), result.schedule.times, atol=1e-6)
+    own = final_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+
+
+def test_flux2_klein_cfg():
+    pipe = quiet(diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None,
+                                              tokenizer=None, transformer=flux2_transformer(False), is_distilled=False))
+    g = gen(6)
+    embeds = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
+              "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
+    result, guided = check_family(pipe, embeds, dict(height=32, width=32, guidance_scale=3.0))
+    assert result.schedule.metadata["diffusers"]["guidance"] == "cfg"
+    plain = od.sample_pipeline(pipe, embeds, result.schedule, height=32, width=32, guidance_scale=1.0,
+                               generator=gen(4))
+    assert rel_err(plain, guided) > 1e-3
+
+
+# -------------------------------------------------------------------------------------- Chroma
+
+def test_chroma_masks_and_cfg():
+    torch.manual_seed(0)
+    transformer = diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1).eval()
+    pipe = quiet(diffusers.ChromaPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                          transformer=transformer))
+    g = gen(7)
+    embeds = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+              "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+              "negative_prompt_embeds": torch.randn(2, 5, 16, generator=g),
+              "negative_prompt_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    check_family(pipe, embeds, dict(height=64, width=64, guidance_scale=3.0))
+    with pytest.raises(OptimalStepsError, match="ChromaPipeline takes no true_cfg_scale"):
+        od.sample_pipeline(pipe, embeds, od.pipeline_teacher(pipe, 4, 64, 64), height=64, width=64,
+                           true_cfg_scale=2.0)
+
+
+# ------------------------------------------------------------------------------------ refusals
+
+def test_unsupported_pipelines_name_the_supported_families():
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
+                                 block_out_channels=(8, 8), norm_num_groups=4,
+                                 down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
+    with pytest.raises(OptimalStepsError, match=r"DDPMPipeline is not supported; supported families: Flux.*QwenImage"):
+        od.pipeline_family(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()))
+    pipe = qwen_pipe()
+    pipe.scheduler = diffusers.DDIMScheduler()
+    with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
+        od.pipeline_family(pipe)
+    with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
+        od.sample_pipeline(qwen_pipe(), qwen_embeds(), od.pipeline_teacher(qwen_pipe(), 4, 64, 64), height=64,
+                           width=64, max_seq_len=3)
