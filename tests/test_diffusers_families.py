@@ -192,3 +192,50 @@ def test_unsupported_pipelines_name_the_supported_families():
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         od.sample_pipeline(qwen_pipe(), qwen_embeds(), od.pipeline_teacher(qwen_pipe(), 4, 64, 64), height=64,
                            width=64, max_seq_len=3)
+
+
+# ------------------------------------------------------------------------------ Wan 2.2's experts
+
+def wan_transformer(seed: int):
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+
+
+class Timesteps:
+    """The timesteps a network is called at."""
+
+    def __init__(self, module):
+        self.seen = []
+        module.register_forward_pre_hook(lambda _, args, kwargs: self.seen.extend(kwargs["timestep"].tolist()),
+                                         with_kwargs=True)
+
+
+def test_wan22_experts_switch_exactly_at_the_boundary():
+    pipe = quiet(diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
+                                       transformer_2=wan_transformer(1), boundary_ratio=0.875,
+                                       scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)))
+    g = gen(13)
+    embeds = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+              "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    call = dict(height=32, width=32, num_frames=5, guidance_scale=5.0)
+    # the pipeline's own two-expert run, each expert with its own guidance scale, through the library's loop
+    theirs = pipe(**embeds, num_inference_steps=6, generator=gen(2), output_type="latent", guidance_scale_2=2.0,
+                  **call).frames
+    ours = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 6, 32, 32), generator=gen(2),
+                              guidance_scale_2=2.0, **call)
+    assert rel_err(ours, theirs) < TOL
+    result = od.search_pipeline(pipe, embeds, steps=4, teacher_steps=16, seed=0, **call)
+    times = result.schedule.times.tolist()
+    assert 0.875 in times and result.high_sigmas[-1] == result.low_sigmas[0] == 0.875
+    assert result.high_sigmas + result.low_sigmas[1:] == times and result.split_step == times.index(0.875)
+    assert result.experts == [1] * result.split_step + [2] * (4 - result.split_step)
+    assert result.schedule.metadata["diffusers"]["pipeline"] == "WanPipeline"
+    high, low = Timesteps(pipe.transformer), Timesteps(pipe.transformer_2)
+    od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(0), **call)
+    # CFG: two calls per step; each expert sees only its own side of the boundary
+    assert len(high.seen) == 2 * result.split_step and len(low.seen) == 2 * (4 - result.split_step)
+    assert min(high.seen) > 875.0 >= max(low.seen)
+    with pytest.raises(OptimalStepsError, match="high_steps must be between 1 and 3"):
+        od.search_pipeline(pipe, embeds, steps=4, teacher_steps=16, high_steps=4, **call)

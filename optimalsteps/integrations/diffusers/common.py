@@ -87,10 +87,12 @@ class CallOptions:
     max_sequence_length: Optional[int] = None
     attention_kwargs: Optional[dict] = None
     image: Any = None
+    guidance_scale_2: Optional[float] = None  # Wan 2.2's second expert
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""
-        names = ("negative_prompt", "true_cfg_scale", "num_frames", "max_sequence_length", "attention_kwargs", "image")
+        names = ("negative_prompt", "true_cfg_scale", "num_frames", "max_sequence_length", "attention_kwargs", "image",
+                 "guidance_scale_2")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

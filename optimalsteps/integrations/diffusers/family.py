@@ -117,6 +117,10 @@ class Family:
             raise OptimalStepsError(f"num_frames must be 1 more than a multiple of {temporal}, got {frames!r}")
         return int(frames)
 
+    def expert_boundary(self, pipe: Any) -> Optional[float]:
+        """The flow sigma where a second expert network takes over (Wan 2.2); None for one network."""
+        return None
+
     # ---------------------------------------------------------------------- the shift
     def mu(self, pipe: Any, height: int, width: int, steps: Optional[int]) -> float:
         config = pipe.scheduler.config

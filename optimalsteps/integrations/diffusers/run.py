@@ -18,7 +18,8 @@ from ...core.solvers import get_solver, sample
 from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
-from .schedules import in_process, pipeline_teacher
+from .experts import ExpertSchedule, default_high_steps, search_experts
+from .schedules import in_process, pipeline_schedule, pipeline_teacher
 from .settings import current_settings, guidance_scale, model_id, resolution, warn_settings
 
 
@@ -137,6 +138,7 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
 
     steps = check_steps(steps)
     call_options = {k: options.pop(k) for k in list(options) if k in _CALL_FIELDS}
+    high_steps = options.pop("high_steps", None)
     if teacher_schedule is None and steps >= check_steps(teacher_steps):
         raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher_steps})")
     inputs = pipeline_inputs(pipe, prompts, guidance_scale, height, width, negative_prompt=negative_prompt,
@@ -147,11 +149,31 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator), inputs.model.process,
                           float(teacher_schedule.times[0]))
+    recorded = {**inputs.metadata, "seed": int(seed)}
+    boundary = family_of(pipe).expert_boundary(pipe)
+    if boundary is not None:
+        return _search_experts(pipe, inputs, noise, steps, high_steps, teacher_schedule, boundary, recorded, seed,
+                               options)
+    if high_steps is not None:
+        raise OptimalStepsError("high_steps is for pipelines with two experts (Wan 2.2 with transformer_2)")
     result = search(inputs.model, noise, steps, teacher_schedule=teacher_schedule, cond=inputs.cond, seed=seed,
                     **options)
-    recorded = {**inputs.metadata, "seed": int(seed)}
     for schedule in [result.schedule, result.teacher] + list(result.per_sample or []):
         schedule.metadata["diffusers"] = dict(recorded)
+    return result
+
+
+def _search_experts(pipe: Any, inputs: PipelineInputs, noise: torch.Tensor, steps: int, high_steps: Optional[int],
+                    teacher: Schedule, boundary: float, recorded: dict, seed: int, options: dict) -> ExpertSchedule:
+    from ...optimize.search import search
+
+    if high_steps is None:
+        high_steps = default_high_steps(pipeline_schedule(pipe, steps, inputs.height, inputs.width), boundary, steps)
+    model = copy.copy(inputs.model)
+    model.low_at_boundary = True  # the step at the boundary is the second stage's
+    result = search_experts(search, model, noise, steps, high_steps, teacher, boundary, inputs.cond,
+                            options.pop("solver", "euler"), seed=seed, **options)
+    result.schedule.metadata["diffusers"] = dict(recorded)
     return result
 
 
@@ -182,5 +204,8 @@ def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_sc
     if not family.flow and (config.get("clip_sample") or config.get("thresholding")):
         warnings.warn(f"{type(pipe.scheduler).__name__} clips or thresholds x0 (clip_sample / thresholding); "
                       "sample_pipeline solves the ODE without it", SettingsWarning, stacklevel=2)
+    model = inputs.model
+    if "split_step" in schedule.metadata and hasattr(model, "low_at_boundary"):
+        model.low_at_boundary = True  # a two-expert schedule: its step at the boundary is the second expert's
     noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator), process, float(schedule.times[0]))
-    return sample(inputs.model, noise, schedule, solver=solver, cond=inputs.cond, progress=progress).samples
+    return sample(model, noise, schedule, solver=solver, cond=inputs.cond, progress=progress).samples

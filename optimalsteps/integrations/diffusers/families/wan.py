@@ -19,12 +19,19 @@ class WanModel(PipelineModel):
                  expand_timesteps: bool):
         super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
         self.net_2, self.guidance_2, self.boundary, self.expand_timesteps = net_2, guidance_2, boundary, expand_timesteps
+        # a searched two-expert schedule's step AT the boundary is the second stage's first (see experts.py);
+        # the pipeline's own rule gives that time to the first expert
+        self.low_at_boundary = False
 
     def expert(self, t: torch.Tensor) -> torch.Tensor:
         """1 where the first (high-noise) expert runs at time t, 2 where `transformer_2` does."""
         if self.net_2 is None or self.boundary is None:
             return torch.ones_like(t, dtype=torch.long)
-        return torch.where(flow_timestep(t, self.num_train_timesteps) >= self.boundary, 1, 2)
+        timestep = flow_timestep(t, self.num_train_timesteps)
+        if self.low_at_boundary:
+            edge = flow_timestep(torch.tensor(self.boundary / self.num_train_timesteps), self.num_train_timesteps)
+            return torch.where(timestep > edge.to(timestep.device), 1, 2)
+        return torch.where(timestep >= self.boundary, 1, 2)
 
     def _forward(self, net: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         timestep = flow_timestep(t, self.num_train_timesteps)
@@ -80,12 +87,12 @@ class Wan(Family):
     def default_run(self, pipe: Any, scheduler: Any, steps: int, height: int, width: int) -> None:
         scheduler.set_timesteps(steps)
 
-    def boundary(self, pipe: Any) -> Optional[float]:
-        """The timestep (boundary_ratio x num_train_timesteps) where Wan 2.2 hands over to transformer_2."""
+    def expert_boundary(self, pipe: Any) -> Optional[float]:
+        """The flow sigma (boundary_ratio) where Wan 2.2 hands over to transformer_2; None with one expert."""
         ratio = pipe.config.get("boundary_ratio")
         if ratio is None or getattr(pipe, "transformer_2", None) is None:
             return None
-        return ratio * pipe.scheduler.config.num_train_timesteps
+        return float(ratio)
 
     def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
         c, cfg = request.conditioning, request.kind == "cfg"
@@ -103,9 +110,12 @@ class Wan(Family):
         vsf, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
         shape = (net.config.in_channels, (request.frames - 1) // temporal + 1, request.height // vsf,
                  request.width // vsf)
-        model = WanModel(pipe.transformer, Guidance(request.scale), shape, request.spec,
-                         pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
-                         getattr(pipe, "transformer_2", None), Guidance(request.scale), self.boundary(pipe),
+        steps = pipe.scheduler.config.num_train_timesteps
+        ratio = self.expert_boundary(pipe)
+        scale_2 = request.scale if request.options.guidance_scale_2 is None else float(request.options.guidance_scale_2)
+        model = WanModel(pipe.transformer, Guidance(request.scale), shape, request.spec, steps,
+                         request.options.attention_kwargs, getattr(pipe, "transformer_2", None), Guidance(scale_2),
+                         None if ratio is None else ratio * steps,
                          bool(pipe.config.get("expand_timesteps", False)))
         return model, torch.float32
 
