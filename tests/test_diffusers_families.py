@@ -239,3 +239,28 @@ def test_wan22_experts_switch_exactly_at_the_boundary():
     assert min(high.seen) > 875.0 >= max(low.seen)
     with pytest.raises(OptimalStepsError, match="high_steps must be between 1 and 3"):
         od.search_pipeline(pipe, embeds, steps=4, teacher_steps=16, high_steps=4, **call)
+
+
+# ------------------------------------------------------------------------------------------ UniPC
+
+def test_unipc_flow_scheduler_takes_a_schedule():
+    from optimalsteps.core.schedules import Schedule
+    from optimalsteps.core.solvers import SOLVERS
+
+    pipe = qwen_pipe()
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                       flow_shift=3.0)
+    schedule = Schedule([1.0, 0.7, 0.3, 0.1, 0.0], "flow", solver="unipc" if "unipc" in SOLVERS else None)
+    kwargs = od.pipeline_kwargs(schedule, pipe, height=64, width=64)
+    assert od.flow_shift(pipe, 64, 64)[0] == 3.0
+    pipe.scheduler.set_timesteps(sigmas=kwargs["sigmas"])
+    # UniPC moves a first sigma of 1 down by 1e-6 (its log would be infinite); the rest is the schedule
+    assert abs(float(pipe.scheduler.sigmas[0]) - 1.0) <= 1e-6 + torch.finfo(torch.float32).eps
+    assert torch.allclose(pipe.scheduler.sigmas[1:].double(), schedule.times[1:], atol=1e-6)
+    assert od.scheduler_solver(pipe.scheduler) == "unipc"
+    if "unipc" not in SOLVERS:
+        pytest.skip("sample_pipeline equality with UniPC needs the 'unipc' solver in core/solvers.py (engineer unipc)")
+    embeds = {k: v for k, v in qwen_embeds().items() if not k.startswith("negative")}
+    ours = od.sample_pipeline(pipe, embeds, schedule, height=64, width=64, generator=gen(4), solver="unipc")
+    theirs = final_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
+    assert rel_err(ours, theirs) < TOL

@@ -190,6 +190,13 @@ class PipelineModel:
         self.dtype = getattr(net, "dtype", torch.float32)
         self.num_train_timesteps, self.attention = num_train_timesteps, attention
         self._teacher: Optional[Callable[[int], Schedule]] = None
+        # UniPC / DPM-Solver with flow sigmas hand the network int64 timesteps (sigma * 1000, truncated)
+        self.integer_timesteps = False
+
+    def flow_timestep(self, t: torch.Tensor) -> torch.Tensor:
+        """The timestep the pipeline's scheduler hands the network at flow sigma t."""
+        timestep = flow_timestep(t, self.num_train_timesteps)
+        return torch.trunc(timestep) if self.integer_timesteps else timestep
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError

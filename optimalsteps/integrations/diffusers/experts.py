@@ -14,7 +14,7 @@ so the schedules found are exact for euler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 

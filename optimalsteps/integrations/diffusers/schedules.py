@@ -181,7 +181,9 @@ def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, wid
     # the scheduler maps s to k s / (1 + (k - 1) s); hand it the preimage of each schedule sigma, written
     # so that sigma = 1 stays exactly 1 for any k
     unshifted = sigmas / (sigmas + k * (1.0 - sigmas))
-    return {"sigmas": unshifted.tolist(), **family.schedule_extras(pipe, info, schedule.steps)}
+    # UniPC shifts the sigmas with array arithmetic: a list would fail inside its set_timesteps
+    values = unshifted.numpy() if name == "UniPCMultistepScheduler" else unshifted.tolist()
+    return {"sigmas": values, **family.schedule_extras(pipe, info, schedule.steps)}
 
 
 def _discrete_kwargs(schedule: Schedule, pipe: Any) -> dict[str, Any]:

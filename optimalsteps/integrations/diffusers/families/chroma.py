@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..common import Guidance, PipelineModel, device_of, flow_timestep, lora_scale, sequence_length
+from ..common import Guidance, PipelineModel, device_of, lora_scale, sequence_length
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -19,7 +19,7 @@ class ChromaModel(PipelineModel):
         self.img_ids = img_ids
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        timestep = flow_timestep(t, self.num_train_timesteps).to(self.dtype) / 1000
+        timestep = self.flow_timestep(t).to(self.dtype) / 1000
         embeds, mask = cond["prompt_embeds"], cond.get("prompt_attention_mask")
         if mask is not None:  # the pipeline extends the text mask over the image tokens
             mask = torch.cat([mask, torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=mask.device)], dim=1)

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_parameters, device_of, flow_timestep, lora_scale,
+from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_parameters, device_of, lora_scale,
                       sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
@@ -25,7 +25,7 @@ class FluxModel(PipelineModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # the pipeline casts the timestep to the latents' dtype, then hands the transformer timestep / 1000
-        timestep = flow_timestep(t, self.num_train_timesteps).to(self.dtype) / 1000
+        timestep = self.flow_timestep(t).to(self.dtype) / 1000
         guidance = None
         if self.embedded_guidance is not None:
             guidance = torch.full((x.shape[0],), self.embedded_guidance, dtype=torch.float32, device=x.device)

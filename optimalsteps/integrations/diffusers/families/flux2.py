@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..common import CallOptions, Guidance, PipelineModel, device_of, flow_timestep, sequence_length
+from ..common import CallOptions, Guidance, PipelineModel, device_of, sequence_length
 from ..family import Family, Request
 from ..prompts import check_unconditional
 
@@ -22,7 +22,7 @@ class Flux2Model(PipelineModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n = x.shape[0]
-        timestep = flow_timestep(t, self.num_train_timesteps).to(self.dtype) / 1000
+        timestep = self.flow_timestep(t).to(self.dtype) / 1000
         guidance = None
         if self.embedded_guidance is not None:
             guidance = torch.full((n,), self.embedded_guidance, dtype=torch.float32, device=x.device)

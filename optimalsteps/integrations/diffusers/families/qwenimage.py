@@ -9,7 +9,7 @@ import torch
 
 from ....core.errors import OptimalStepsError
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      flow_timestep, sequence_length)
+                      sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
 
@@ -22,7 +22,7 @@ class QwenImageModel(PipelineModel):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n = x.shape[0]
-        timestep = flow_timestep(t, self.num_train_timesteps).to(self.dtype) / 1000
+        timestep = self.flow_timestep(t).to(self.dtype) / 1000
         guidance = None
         if self.embedded_guidance is not None:
             guidance = torch.full((n,), self.embedded_guidance, dtype=torch.float32, device=x.device)

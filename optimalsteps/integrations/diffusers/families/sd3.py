@@ -7,14 +7,14 @@ from typing import Any
 
 import torch
 
-from ..common import Guidance, PipelineModel, device_of, flow_timestep, lora_scale, sequence_length
+from ..common import Guidance, PipelineModel, device_of, lora_scale, sequence_length
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
 
 class SD3Model(PipelineModel):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        return self.net(hidden_states=x.to(self.dtype), timestep=flow_timestep(t, self.num_train_timesteps),
+        return self.net(hidden_states=x.to(self.dtype), timestep=self.flow_timestep(t),
                         encoder_hidden_states=cond["prompt_embeds"], pooled_projections=cond["pooled_prompt_embeds"],
                         joint_attention_kwargs=self.attention, return_dict=False)[0]
 

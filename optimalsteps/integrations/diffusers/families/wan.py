@@ -8,7 +8,7 @@ from typing import Any, Optional
 
 import torch
 
-from ..common import CallOptions, Guidance, PipelineModel, device_of, flow_timestep, sequence_length, split_conditions
+from ..common import Guidance, PipelineModel, device_of, flow_timestep, sequence_length, split_conditions
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -27,14 +27,14 @@ class WanModel(PipelineModel):
         """1 where the first (high-noise) expert runs at time t, 2 where `transformer_2` does."""
         if self.net_2 is None or self.boundary is None:
             return torch.ones_like(t, dtype=torch.long)
-        timestep = flow_timestep(t, self.num_train_timesteps)
+        timestep = self.flow_timestep(t)
         if self.low_at_boundary:
             edge = flow_timestep(torch.tensor(self.boundary / self.num_train_timesteps), self.num_train_timesteps)
             return torch.where(timestep > edge.to(timestep.device), 1, 2)
         return torch.where(timestep >= self.boundary, 1, 2)
 
     def _forward(self, net: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        timestep = flow_timestep(t, self.num_train_timesteps)
+        timestep = self.flow_timestep(t)
         if self.expand_timesteps:
             # Wan 2.2 TI2V: one timestep per latent token (patches of 2 x 2 pixels per frame)
             tokens = x.shape[2] * (x.shape[3] // 2) * (x.shape[4] // 2)
