@@ -264,3 +264,23 @@ def test_unipc_flow_scheduler_takes_a_schedule():
     ours = od.sample_pipeline(pipe, embeds, schedule, height=64, width=64, generator=gen(4), solver="unipc")
     theirs = final_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
     assert rel_err(ours, theirs) < TOL
+
+
+# ------------------------------------------------------------------------------------------ Z-Image
+
+def test_zimage_list_embeddings_reversed_time_and_its_cfg():
+    torch.manual_seed(0)
+    transformer = diffusers.ZImageTransformer2DModel(
+        in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
+        axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]).eval()
+    pipe = quiet(diffusers.ZImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                          transformer=transformer))
+    g = gen(3)
+    embeds = {"prompt_embeds": [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)],
+              "negative_prompt_embeds": [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]}
+    call = dict(height=64, width=64, guidance_scale=2.0)
+    result, guided = check_family(pipe, embeds, call)
+    own = final_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "guidance_scale": 0.0})
+    assert rel_err(plain, guided) > 1e-3

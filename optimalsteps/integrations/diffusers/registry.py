@@ -15,10 +15,11 @@ from .families.qwenimage import QwenImage
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
 from .families.wan import Wan
+from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(),
-    QwenImage(), Flux2(), Chroma(),
+    QwenImage(), Flux2(), Chroma(), ZImage(),
 )
 
 
