@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
 from optimalsteps.integrations import diffusers as od  # noqa: E402
+from optimalsteps.integrations.diffusers import tiny  # noqa: E402
 
 TOL = torch.finfo(torch.float32).eps * 2000  # float32 rounding over a few tiny transformer calls and steps
 
@@ -35,16 +36,6 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
-
-
-def flow_scheduler(**extra):
-    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                     base_image_seq_len=4, max_image_seq_len=64, **extra)
-
-
-def quiet(pipe):
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def final_latents(pipe, **call):
@@ -79,25 +70,9 @@ def check_family(pipe, prompts, call, seed=1, steps=3, teacher_steps=8, **option
 
 # ------------------------------------------------------------------------------------ QwenImage
 
-def qwen_pipe():
-    torch.manual_seed(0)
-    transformer = diffusers.QwenImageTransformer2DModel(
-        patch_size=2, in_channels=16, out_channels=4, num_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(2, 2, 4)).eval()
-    return quiet(diffusers.QwenImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                                             transformer=transformer))
-
-
-def qwen_embeds():
-    g = gen(3)
-    return {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
-            "prompt_embeds_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
-            "negative_prompt_embeds": torch.randn(2, 4, 16, generator=g),
-            "negative_prompt_embeds_mask": torch.ones(2, 4, dtype=torch.long)}
-
-
 def test_qwenimage_true_cfg_and_sequence_length():
-    pipe, embeds = qwen_pipe(), qwen_embeds()
+    case = tiny.qwenimage()
+    pipe, embeds = case.pipe, case.prompts
     call = dict(height=64, width=64)
     result, guided = check_family(pipe, embeds, call, true_cfg_scale=3.0)
     recorded = result.schedule.metadata["diffusers"]
@@ -117,19 +92,9 @@ def test_qwenimage_true_cfg_and_sequence_length():
 
 # -------------------------------------------------------------------------------------- Flux 2
 
-def flux2_transformer(guidance_embeds: bool):
-    torch.manual_seed(0)
-    return diffusers.Flux2Transformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
-        guidance_embeds=guidance_embeds).eval()
-
-
 def test_flux2_mu_follows_the_step_count():
-    pipe = quiet(diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                                         transformer=flux2_transformer(True)))
-    embeds = {"prompt_embeds": torch.randn(2, 5, 16, generator=gen(5))}
-    call = dict(height=64, width=64, guidance_scale=3.0)
+    case = tiny.flux2()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
     result, _ = check_family(pipe, embeds, call)
     assert result.schedule.metadata["diffusers"]["guidance"] == "distilled"
     # mu differs between 3 and 8 steps, so a sigmas schedule must come with its step count
@@ -143,12 +108,9 @@ def test_flux2_mu_follows_the_step_count():
 
 
 def test_flux2_klein_cfg():
-    pipe = quiet(diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None,
-                                              tokenizer=None, transformer=flux2_transformer(False), is_distilled=False))
-    g = gen(6)
-    embeds = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
-              "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
-    result, guided = check_family(pipe, embeds, dict(height=32, width=32, guidance_scale=3.0))
+    case = tiny.flux2_klein()
+    pipe, embeds = case.pipe, case.prompts
+    result, guided = check_family(pipe, embeds, case.call)
     assert result.schedule.metadata["diffusers"]["guidance"] == "cfg"
     plain = od.sample_pipeline(pipe, embeds, result.schedule, height=32, width=32, guidance_scale=1.0,
                                generator=gen(4))
@@ -158,18 +120,8 @@ def test_flux2_klein_cfg():
 # -------------------------------------------------------------------------------------- Chroma
 
 def test_chroma_masks_and_cfg():
-    torch.manual_seed(0)
-    transformer = diffusers.ChromaTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
-        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
-        approximator_layers=1).eval()
-    pipe = quiet(diffusers.ChromaPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                                          transformer=transformer))
-    g = gen(7)
-    embeds = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
-              "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
-              "negative_prompt_embeds": torch.randn(2, 5, 16, generator=g),
-              "negative_prompt_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    case = tiny.chroma()
+    pipe, embeds = case.pipe, case.prompts
     check_family(pipe, embeds, dict(height=64, width=64, guidance_scale=3.0))
     with pytest.raises(OptimalStepsError, match="ChromaPipeline takes no true_cfg_scale"):
         od.sample_pipeline(pipe, embeds, od.pipeline_teacher(pipe, 4, 64, 64), height=64, width=64,
@@ -185,23 +137,17 @@ def test_unsupported_pipelines_name_the_supported_families():
                                  down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2)
     with pytest.raises(OptimalStepsError, match=r"DDPMPipeline is not supported; supported families: Flux.*QwenImage"):
         od.pipeline_family(diffusers.DDPMPipeline(unet=unet, scheduler=diffusers.DDPMScheduler()))
-    pipe = qwen_pipe()
+    pipe = tiny.qwenimage().pipe
     pipe.scheduler = diffusers.DDIMScheduler()
     with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
         od.pipeline_family(pipe)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
-        od.sample_pipeline(qwen_pipe(), qwen_embeds(), od.pipeline_teacher(qwen_pipe(), 4, 64, 64), height=64,
+        case = tiny.qwenimage()
+        od.sample_pipeline(case.pipe, case.prompts, od.pipeline_teacher(case.pipe, 4, 64, 64), height=64,
                            width=64, max_seq_len=3)
 
 
 # ------------------------------------------------------------------------------ Wan 2.2's experts
-
-def wan_transformer(seed: int):
-    torch.manual_seed(seed)
-    return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
-
 
 class Timesteps:
     """The timesteps a network is called at."""
@@ -213,12 +159,8 @@ class Timesteps:
 
 
 def test_wan22_experts_switch_exactly_at_the_boundary():
-    pipe = quiet(diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
-                                       transformer_2=wan_transformer(1), boundary_ratio=0.875,
-                                       scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0)))
-    g = gen(13)
-    embeds = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
-              "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    case = tiny.wan22()
+    pipe, embeds = case.pipe, case.prompts
     call = dict(height=32, width=32, num_frames=5, guidance_scale=5.0)
     # the pipeline's own two-expert run, each expert with its own guidance scale, through the library's loop
     theirs = pipe(**embeds, num_inference_steps=6, generator=gen(2), output_type="latent", guidance_scale_2=2.0,
@@ -247,7 +189,7 @@ def test_unipc_flow_scheduler_takes_a_schedule():
     from optimalsteps.core.schedules import Schedule
     from optimalsteps.core.solvers import SOLVERS
 
-    pipe = qwen_pipe()
+    pipe = tiny.qwenimage().pipe
     pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
                                                        flow_shift=3.0)
     schedule = Schedule([1.0, 0.7, 0.3, 0.1, 0.0], "flow", solver="unipc" if "unipc" in SOLVERS else None)
@@ -260,7 +202,7 @@ def test_unipc_flow_scheduler_takes_a_schedule():
     assert od.scheduler_solver(pipe.scheduler) == "unipc"
     if "unipc" not in SOLVERS:
         pytest.skip("sample_pipeline equality with UniPC needs the 'unipc' solver in core/solvers.py (engineer unipc)")
-    embeds = {k: v for k, v in qwen_embeds().items() if not k.startswith("negative")}
+    embeds = {k: v for k, v in tiny.qwenimage().prompts.items() if not k.startswith("negative")}
     ours = od.sample_pipeline(pipe, embeds, schedule, height=64, width=64, generator=gen(4), solver="unipc")
     theirs = final_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
     assert rel_err(ours, theirs) < TOL
@@ -269,15 +211,8 @@ def test_unipc_flow_scheduler_takes_a_schedule():
 # ------------------------------------------------------------------------------------------ Z-Image
 
 def test_zimage_list_embeddings_reversed_time_and_its_cfg():
-    torch.manual_seed(0)
-    transformer = diffusers.ZImageTransformer2DModel(
-        in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=2, cap_feat_dim=16,
-        axes_dims=[4, 6, 6], axes_lens=[64, 32, 32]).eval()
-    pipe = quiet(diffusers.ZImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                                          transformer=transformer))
-    g = gen(3)
-    embeds = {"prompt_embeds": [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)],
-              "negative_prompt_embeds": [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]}
+    case = tiny.zimage()
+    pipe, embeds = case.pipe, case.prompts
     call = dict(height=64, width=64, guidance_scale=2.0)
     result, guided = check_family(pipe, embeds, call)
     own = final_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))

@@ -1,0 +1,149 @@
+"""Tiny randomly initialised pipelines of the supported families, built in code in a second on a CPU with
+no downloads: for the tests, the equality benchmark (benchmarks/diffusers_equality.py) and a quick check of
+a new diffusers release. Each comes with prompt embeddings (no text encoders) and the call it is run with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class TinyCase:
+    name: str
+    pipe: Any
+    prompts: dict  # the pipeline's own embedding arguments
+    call: dict  # height, width, guidance, ... as passed to both pipe(...) and sample_pipeline(...)
+    custom_schedule: bool = True  # pipe(...) takes sigmas; otherwise compare on pipeline_schedule
+    notes: dict = field(default_factory=dict)
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def flow_scheduler(**extra: Any) -> Any:
+    import diffusers
+
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=4, max_image_seq_len=64, **extra)
+
+
+def _quiet(pipe: Any) -> Any:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwenimage() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                axes_dims_rope=(2, 2, 4)).eval()
+    pipe = diffusers.QwenImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                       transformer=net)
+    g = _gen(3)
+    prompts = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "prompt_embeds_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+               "negative_prompt_embeds": torch.randn(2, 4, 16, generator=g),
+               "negative_prompt_embeds_mask": torch.ones(2, 4, dtype=torch.long)}
+    return TinyCase("QwenImage, mu, true CFG 3 (norm-rescaled), text masks", _quiet(pipe), prompts,
+                    dict(height=64, width=64, true_cfg_scale=3.0))
+
+
+def flux2_transformer(guidance_embeds: bool) -> Any:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds).eval()
+
+
+def flux2() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                   transformer=flux2_transformer(True))
+    return TinyCase("Flux 2, mu(resolution, steps), distilled guidance 3", _quiet(pipe),
+                    {"prompt_embeds": torch.randn(2, 5, 16, generator=_gen(5))}, dict(height=64, width=64,
+                                                                                      guidance_scale=3.0))
+
+
+def flux2_klein() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                        transformer=flux2_transformer(False), is_distilled=False)
+    g = _gen(6)
+    prompts = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
+    return TinyCase("Flux 2 Klein, CFG 3", _quiet(pipe), prompts, dict(height=32, width=32, guidance_scale=3.0))
+
+
+def chroma() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1).eval()
+    pipe = diffusers.ChromaPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                    transformer=net)
+    g = _gen(7)
+    prompts = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+               "negative_prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    return TinyCase("Chroma, mu, CFG 3, text masks", _quiet(pipe), prompts, dict(height=64, width=64,
+                                                                                  guidance_scale=3.0))
+
+
+def zimage() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                             n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                             axes_lens=[64, 32, 32]).eval()
+    pipe = diffusers.ZImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                    transformer=net)
+    g = _gen(3)
+    prompts = {"prompt_embeds": [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)],
+               "negative_prompt_embeds": [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]}
+    return TinyCase("Z-Image, mu, CFG 2 (pos + s (pos - neg)), list embeddings", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=2.0))
+
+
+def wan_transformer(seed: int) -> Any:
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+
+
+def wan22() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
+                                 transformer_2=wan_transformer(1), boundary_ratio=0.875,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    return TinyCase("Wan 2.2 two experts (boundary 0.875), shift 5, CFG 5 / 2", _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=5, guidance_scale=5.0, guidance_scale_2=2.0),
+                    custom_schedule=False)
+
+
+CASES: dict[str, Callable[[], TinyCase]] = {
+    "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
+    "wan22": wan22,
+}
