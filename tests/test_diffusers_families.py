@@ -38,30 +38,15 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def final_latents(pipe, **call):
-    """The latents after the last step, as the pipeline holds them (before any unpacking or VAE)."""
-    seen = {}
-
-    def keep(_, i, t, tensors):
-        seen["latents"] = tensors["latents"].clone()
-        return tensors
-
-    try:
-        pipe(**call, callback_on_step_end=keep, output_type="latent")
-    except AttributeError:  # pipelines that denormalise with a VAE even for latent output; we have none
-        pass
-    return seen["latents"]
-
-
 def check_family(pipe, prompts, call, seed=1, steps=3, teacher_steps=8, **options):
     """The search's teacher is the pipeline's own run; pipeline_kwargs reproduces sample_pipeline."""
     result = od.search_pipeline(pipe, prompts, steps=steps, teacher_steps=teacher_steps, seed=seed, **call, **options)
     embeds = prompts if isinstance(prompts, dict) else {"prompt": prompts}
-    teacher = final_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.teacher, pipe),
+    teacher = tiny.pipeline_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.teacher, pipe),
                             generator=gen(seed))
     assert rel_err(result.teacher_samples, teacher) < TOL
     ours = od.sample_pipeline(pipe, prompts, result.schedule, generator=gen(seed + 3), **call, **options)
-    theirs = final_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.schedule, pipe),
+    theirs = tiny.pipeline_latents(pipe, **embeds, **call, **options, **od.pipeline_kwargs(result.schedule, pipe),
                            generator=gen(seed + 3))
     assert ours.shape == theirs.shape
     assert rel_err(ours, theirs) < TOL
@@ -78,12 +63,12 @@ def test_qwenimage_true_cfg_and_sequence_length():
     recorded = result.schedule.metadata["diffusers"]
     assert recorded["family"] == "qwenimage" and recorded["dynamic_shift"] and recorded["true_cfg_scale"] == 3.0
     # the teacher is the pipeline's own 8-step run: its default grid is the search's teacher grid
-    own = final_latents(pipe, **embeds, **call, true_cfg_scale=3.0, num_inference_steps=8, generator=gen(1))
+    own = tiny.pipeline_latents(pipe, **embeds, **call, true_cfg_scale=3.0, num_inference_steps=8, generator=gen(1))
     assert rel_err(result.teacher_samples, own) < TOL
     # the options change the model on both sides the same way
     short = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), max_sequence_length=3,
                                true_cfg_scale=3.0, **call)
-    theirs = final_latents(pipe, **embeds, **call, true_cfg_scale=3.0, max_sequence_length=3, generator=gen(4),
+    theirs = tiny.pipeline_latents(pipe, **embeds, **call, true_cfg_scale=3.0, max_sequence_length=3, generator=gen(4),
                            **od.pipeline_kwargs(result.schedule, pipe))
     assert rel_err(short, theirs) < TOL and rel_err(short, guided) > 1e-3
     plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), true_cfg_scale=1.0, **call)
@@ -103,7 +88,7 @@ def test_flux2_mu_follows_the_step_count():
     assert abs(od.flow_shift(pipe, 64, 64, 3)[1]["mu"] - od.flow_shift(pipe, 64, 64, 8)[1]["mu"]) > 1e-3
     pipe.scheduler.set_timesteps(sigmas=kwargs["sigmas"], mu=od.flow_shift(pipe, 64, 64, 3)[1]["mu"])
     assert torch.allclose(pipe.scheduler.sigmas.double(), result.schedule.times, atol=1e-6)
-    own = final_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
     assert rel_err(result.teacher_samples, own) < TOL
 
 
@@ -204,7 +189,7 @@ def test_unipc_flow_scheduler_takes_a_schedule():
         pytest.skip("sample_pipeline equality with UniPC needs the 'unipc' solver in core/solvers.py (engineer unipc)")
     embeds = {k: v for k, v in tiny.qwenimage().prompts.items() if not k.startswith("negative")}
     ours = od.sample_pipeline(pipe, embeds, schedule, height=64, width=64, generator=gen(4), solver="unipc")
-    theirs = final_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
+    theirs = tiny.pipeline_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
     assert rel_err(ours, theirs) < TOL
 
 
@@ -215,7 +200,7 @@ def test_zimage_list_embeddings_reversed_time_and_its_cfg():
     pipe, embeds = case.pipe, case.prompts
     call = dict(height=64, width=64, guidance_scale=2.0)
     result, guided = check_family(pipe, embeds, call)
-    own = final_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
     assert rel_err(result.teacher_samples, own) < TOL
     plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "guidance_scale": 0.0})
     assert rel_err(plain, guided) > 1e-3

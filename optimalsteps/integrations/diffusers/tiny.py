@@ -20,6 +20,21 @@ class TinyCase:
     notes: dict = field(default_factory=dict)
 
 
+def pipeline_latents(pipe: Any, **call: Any) -> torch.Tensor:
+    """The latents after the pipeline's last step, as its loop holds them (before unpacking or any VAE)."""
+    seen = {}
+
+    def keep(_, i, t, tensors):
+        seen["latents"] = tensors["latents"].clone()
+        return tensors
+
+    try:
+        pipe(**call, callback_on_step_end=keep, output_type="latent")
+    except AttributeError:  # pipelines that denormalise with their VAE even for latent output; tiny ones have none
+        pass
+    return seen["latents"]
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -129,6 +144,36 @@ def wan_transformer(seed: int) -> Any:
         text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
 
 
+def flux() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                           pooled_projection_dim=16, guidance_embeds=True,
+                                           axes_dims_rope=(2, 2, 4)).eval()
+    pipe = diffusers.FluxPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=net)
+    g = _gen(7)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "negative_pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux.1, mu, distilled guidance 3.5, true CFG 2", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=3.5, true_cfg_scale=2.0))
+
+
+def wan21() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    return TinyCase("Wan 2.1, shift 5, CFG 5", _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=5, guidance_scale=5.0), custom_schedule=False)
+
+
 def wan22() -> TinyCase:
     import diffusers
 
@@ -144,6 +189,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
+    "flux": flux, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
     "wan22": wan22,
 }
