@@ -204,3 +204,19 @@ def test_zimage_list_embeddings_reversed_time_and_its_cfg():
     assert rel_err(result.teacher_samples, own) < TOL
     plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "guidance_scale": 0.0})
     assert rel_err(plain, guided) > 1e-3
+
+
+# ---------------------------------------------------------------------------------- Flux Kontext
+
+def test_flux_kontext_reference_image_and_max_area():
+    case = tiny.flux_kontext()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result, with_image = check_family(pipe, embeds, call)
+    assert od.pipeline_family(pipe) == "flux" and result.schedule.metadata["diffusers"]["max_area"] == 64 * 64
+    without = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "image": None})
+    assert rel_err(without, with_image) > 1e-3  # the reference image reaches the transformer
+    # the call's size is fitted to max_area as the pipeline fits it
+    fitted = od.pipeline_inputs(pipe, embeds, 3.5, 64, 32, max_area=64 * 64)
+    assert (fitted.height, fitted.width) == (80, 32)  # sqrt(4096 * 2) = 90.5 and sqrt(4096 / 2) = 45, floored to 16
+    with pytest.raises(OptimalStepsError, match="FluxPipeline takes no image"):
+        od.sample_pipeline(tiny.flux().pipe, embeds, result.schedule, **call)

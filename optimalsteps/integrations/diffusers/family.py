@@ -12,7 +12,7 @@ What a family says:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import numpy as np
@@ -39,6 +39,7 @@ class Request:
     per_prompt: int  # images_per_prompt
     options: CallOptions
     spec: str
+    extras: dict[str, Any] = field(default_factory=dict)  # what a family's encode hands its build
 
 
 def class_names(obj: Any) -> set[str]:
@@ -98,6 +99,10 @@ class Family:
             return int(h), int(w)
         size = pipe.default_sample_size * self.vae_scale_factor(pipe)
         return size, size
+
+    def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
+        """The size the pipeline really generates for a requested one (Flux Kontext fits it to max_area)."""
+        return height, width
 
     def size_rules(self, vae_scale_factor: int, net_config: Any) -> dict[str, Optional[int]]:
         return {"multiple": vae_scale_factor * (2 if self.packed else 1)}

@@ -162,6 +162,21 @@ def flux() -> TinyCase:
                     dict(height=64, width=64, guidance_scale=3.5, true_cfg_scale=2.0))
 
 
+def flux_kontext() -> TinyCase:
+    """Flux Kontext with a reference image given as latents (a 4-channel tiny 'VAE': no VAE is built)."""
+    import diffusers
+
+    parts = flux().pipe.components
+    pipe = diffusers.FluxKontextPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                  "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.latent_channels = 4  # what a VAE with 4 latent channels would set
+    g = _gen(9)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux Kontext, reference image latents, max_area, mu, distilled guidance 3.5", _quiet(pipe),
+                    prompts, dict(height=64, width=64, guidance_scale=3.5, max_area=64 * 64,
+                                  image=torch.randn(1, 4, 8, 8, generator=g)))
+
+
 def wan21() -> TinyCase:
     import diffusers
 
@@ -189,6 +204,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
     "wan22": wan22,
 }
