@@ -220,3 +220,14 @@ def test_flux_kontext_reference_image_and_max_area():
     assert (fitted.height, fitted.width) == (80, 32)  # sqrt(4096 * 2) = 90.5 and sqrt(4096 / 2) = 45, floored to 16
     with pytest.raises(OptimalStepsError, match="FluxPipeline takes no image"):
         od.sample_pipeline(tiny.flux().pipe, embeds, result.schedule, **call)
+
+
+# -------------------------------------------------------------------------------------- AuraFlow
+
+def test_auraflow_batched_cfg():
+    case = tiny.auraflow()
+    result, guided = check_family(case.pipe, case.prompts, case.call)
+    assert result.schedule.metadata["diffusers"]["shift"] == 1.73
+    plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4),
+                               **{**case.call, "guidance_scale": 1.0})
+    assert rel_err(plain, guided) > 1e-3

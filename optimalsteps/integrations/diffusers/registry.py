@@ -7,6 +7,7 @@ from typing import Any
 
 from ...core.errors import OptimalStepsError
 from .family import Family, components_of
+from .families.auraflow import AuraFlow
 from .families.chroma import Chroma
 from .families.dit import DiT
 from .families.flux import Flux
@@ -19,7 +20,7 @@ from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(),
-    QwenImage(), Flux2(), Chroma(), ZImage(),
+    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(),
 )
 
 

@@ -17,6 +17,7 @@ class TinyCase:
     prompts: dict  # the pipeline's own embedding arguments
     call: dict  # height, width, guidance, ... as passed to both pipe(...) and sample_pipeline(...)
     custom_schedule: bool = True  # pipe(...) takes sigmas; otherwise compare on pipeline_schedule
+    default_is_teacher: bool = True  # pipe(num_inference_steps=N) runs the teacher grid (linspace under the shift)
     notes: dict = field(default_factory=dict)
 
 
@@ -135,6 +136,24 @@ def zimage() -> TinyCase:
                     dict(height=64, width=64, guidance_scale=2.0))
 
 
+def auraflow() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                               num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                               joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                               pos_embed_max_size=64).eval()
+    pipe = diffusers.AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
+                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.73))
+    g = _gen(8)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g), "prompt_attention_mask": torch.ones(2, 6),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6)}  # the pipeline reshapes them; its network ignores them
+    return TinyCase("AuraFlow, shift 1.73, CFG 3.5", _quiet(pipe), prompts, dict(height=64, width=64, guidance_scale=3.5),
+                    default_is_teacher=False)
+
+
 def wan_transformer(seed: int) -> Any:
     import diffusers
 
@@ -204,6 +223,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow,
     "wan22": wan22,
 }
