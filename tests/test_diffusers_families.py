@@ -231,3 +231,15 @@ def test_auraflow_batched_cfg():
     plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4),
                                **{**case.call, "guidance_scale": 1.0})
     assert rel_err(plain, guided) > 1e-3
+
+
+# --------------------------------------------------------------------------------------- Lumina 2
+
+def test_lumina2_reversed_time_renormalised_cfg():
+    case = tiny.lumina2()
+    result, guided = check_family(case.pipe, case.prompts, case.call)
+    own = tiny.pipeline_latents(case.pipe, **case.prompts, **case.call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4),
+                               **{**case.call, "guidance_scale": 1.0})
+    assert rel_err(plain, guided) > 1e-3

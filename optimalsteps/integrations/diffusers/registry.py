@@ -12,6 +12,7 @@ from .families.chroma import Chroma
 from .families.dit import DiT
 from .families.flux import Flux
 from .families.flux2 import Flux2
+from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
@@ -20,7 +21,7 @@ from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(),
-    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(),
+    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(),
 )
 
 

@@ -155,6 +155,25 @@ def auraflow() -> TinyCase:
                     default_is_teacher=False)
 
 
+def lumina2() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
+                                              num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2,
+                                              multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
+                                              cap_feat_dim=16).eval()
+    pipe = diffusers.Lumina2Pipeline(transformer=net, scheduler=flow_scheduler(), vae=None, text_encoder=None,
+                                     tokenizer=None)
+    g = _gen(10)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    return TinyCase("Lumina 2, mu (of the channel count), CFG 4 norm-rescaled, text masks", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=4.0))
+
+
 def wan_transformer(seed: int) -> Any:
     import diffusers
 
@@ -224,6 +243,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
     "wan22": wan22,
 }
