@@ -243,3 +243,21 @@ def test_lumina2_reversed_time_renormalised_cfg():
     plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4),
                                **{**case.call, "guidance_scale": 1.0})
     assert rel_err(plain, guided) > 1e-3
+
+
+# ------------------------------------------------------------------------------ Wan image-to-video
+
+def test_wan_image_to_video_through_the_library_loop():
+    case = tiny.wan_i2v()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "wan-i2v"
+    theirs = pipe(**embeds, num_inference_steps=4, generator=gen(2), output_type="latent", **call).frames
+    ours = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 4, 16, 16), generator=gen(2), **call)
+    assert ours.shape == theirs.shape and rel_err(ours, theirs) < TOL
+    other = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 4, 16, 16), generator=gen(2),
+                               **{**call, "image": -call["image"]})
+    assert rel_err(other, ours) > 1e-3  # the first frame reaches the network
+    result = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=6, seed=3, **call)
+    assert result.schedule.steps == 2 and result.schedule.metadata["diffusers"]["family"] == "wan-i2v"
+    with pytest.raises(OptimalStepsError, match="needs image="):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{k: v for k, v in call.items() if k != "image"})

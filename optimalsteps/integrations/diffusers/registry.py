@@ -16,11 +16,11 @@ from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
-from .families.wan import Wan
+from .families.wan import Wan, WanI2V
 from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
-    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(),
+    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
     QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(),
 )
 

@@ -228,6 +228,29 @@ def wan21() -> TinyCase:
                     dict(height=32, width=32, num_frames=5, guidance_scale=5.0), custom_schedule=False)
 
 
+def wan_i2v() -> TinyCase:
+    """Wan image-to-video (2.2 style: no CLIP image encoder) with a tiny Wan VAE for the first frame."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                                     latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0],
+                                     scale_factor_temporal=2, scale_factor_spatial=2).eval()
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(  # 4 latent + 2 frame-mask + 4 condition channels in
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=net,
+                                             image_encoder=None, image_processor=None,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    return TinyCase("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", _quiet(pipe), prompts,
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+
+
 def wan22() -> TinyCase:
     import diffusers
 
@@ -243,6 +266,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2, "wan-i2v": wan_i2v,
     "wan22": wan22,
 }

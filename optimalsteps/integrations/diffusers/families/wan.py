@@ -8,7 +8,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..common import Guidance, PipelineModel, device_of, flow_timestep, sequence_length, split_conditions
+from ....core.errors import OptimalStepsError
+from ..common import CallOptions, Guidance, PipelineModel, device_of, flow_timestep, sequence_length, split_conditions
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -122,3 +123,59 @@ class Wan(Family):
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         return pipe.prepare_latents(inputs.batch, inputs.model.sample_shape[0], inputs.height, inputs.width,
                                     inputs.num_frames, inputs.dtype, device_of(pipe), generator)
+
+
+class WanI2VModel(WanModel):
+    """Wan image-to-video: the network sees the latents with the image condition (frame mask and VAE latents
+    of the first frame) appended on the channel axis, and Wan 2.1's CLIP image embeddings."""
+
+    def _forward(self, net: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        h = torch.cat([x, cond["condition"].to(x.dtype)], dim=1).to(net.dtype)
+        return net(hidden_states=h, timestep=self.flow_timestep(t), encoder_hidden_states=cond["prompt_embeds"],
+                   encoder_hidden_states_image=cond.get("image_embeds"), attention_kwargs=self.attention,
+                   return_dict=False)[0]
+
+
+class WanI2V(Wan):
+    name = "wan-i2v"
+    label = "Wan 2.1/2.2 image-to-video (WanTransformer3DModel with an image condition)"
+
+    def matches(self, components: dict[str, set[str]]) -> bool:
+        nets = components.get("transformer", set()) | components.get("transformer_2", set())
+        return bool(nets & set(self.denoisers)) and bool({"image_encoder", "image_processor"} & set(components))
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        if options.image is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs image=..., the first frame")
+        if pipe.config.get("expand_timesteps"):
+            raise OptimalStepsError("Wan image-to-video with expand_timesteps (TI2V) is not supported yet")
+        if getattr(pipe, "vae", None) is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs its VAE to encode the first frame")
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        cond = super().encode(pipe, request)
+        image, batch = request.options.image, request.conditioning.count * request.per_prompt
+        if getattr(pipe, "image_encoder", None) is not None:
+            embeds = pipe.encode_image(image, device_of(pipe))
+            cond["image_embeds"] = embeds.repeat(batch, 1, 1).to(self.net(pipe).dtype)
+        pixels = pipe.video_processor.preprocess(image, height=request.height, width=request.width)
+        # the VAE encodes the first frame in its argmax mode: no draw from the generator
+        _, cond["condition"] = pipe.prepare_latents(
+            pixels.to(device_of(pipe), dtype=torch.float32), batch, pipe.vae.config.z_dim, request.height,
+            request.width, request.frames, torch.float32, device_of(pipe), torch.Generator(device="cpu").manual_seed(0))
+        return cond
+
+    def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
+        model, dtype = super().build(pipe, request, cond)
+        i2v = WanI2VModel.__new__(WanI2VModel)
+        i2v.__dict__.update(model.__dict__)
+        i2v.sample_shape = (pipe.vae.config.z_dim,) + tuple(model.sample_shape[1:])
+        return i2v, dtype
+
+    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        # prepare_latents draws the noise first, then encodes the image (without the generator): the noise
+        # alone, without a VAE pass per draw
+        return randn_tensor((inputs.batch,) + tuple(inputs.model.sample_shape), generator=generator,
+                            device=device_of(pipe), dtype=torch.float32)
