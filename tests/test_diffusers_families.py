@@ -126,6 +126,12 @@ def test_unsupported_pipelines_name_the_supported_families():
     pipe.scheduler = diffusers.DDIMScheduler()
     with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
         od.pipeline_family(pipe)
+    parts = tiny.flux().pipe.components
+    img2img = diffusers.FluxImg2ImgPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                     "text_encoder_2", "tokenizer_2", "transformer")})
+    assert od.pipeline_family(img2img) == "flux"  # recognised by its transformer, then refused for what it needs
+    with pytest.raises(OptimalStepsError, match="FluxImg2ImgPipeline needs strength, which the flux family does not"):
+        od.pipeline_inputs(img2img, tiny.flux().prompts, height=64, width=64)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         case = tiny.qwenimage()
         od.sample_pipeline(case.pipe, case.prompts, od.pipeline_teacher(case.pipe, 4, 64, 64), height=64,
