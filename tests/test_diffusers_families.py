@@ -267,3 +267,16 @@ def test_wan_image_to_video_through_the_library_loop():
     assert result.schedule.steps == 2 and result.schedule.metadata["diffusers"]["family"] == "wan-i2v"
     with pytest.raises(OptimalStepsError, match="needs image="):
         od.sample_pipeline(pipe, embeds, result.schedule, **{k: v for k, v in call.items() if k != "image"})
+
+
+# ------------------------------------------------------------------------------------------- SANA
+
+def test_sana_batched_cfg_and_resolution_binning():
+    case = tiny.sana()
+    result, guided = check_family(case.pipe, case.prompts, case.call)
+    plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4),
+                               **{**case.call, "guidance_scale": 1.0})
+    assert rel_err(plain, guided) > 1e-3
+    # the pipeline snaps sizes to aspect-ratio bins by default; a tiny transformer has no bins
+    with pytest.raises(OptimalStepsError, match="no bins for sample_size 8"):
+        od.pipeline_inputs(case.pipe, case.prompts, height=256, width=256)

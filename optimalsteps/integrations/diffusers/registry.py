@@ -14,6 +14,7 @@ from .families.flux import Flux
 from .families.flux2 import Flux2
 from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
+from .families.sana import Sana
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
 from .families.wan import Wan, WanI2V
@@ -21,7 +22,7 @@ from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
-    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(),
+    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(),
 )
 
 

@@ -174,6 +174,26 @@ def lumina2() -> TinyCase:
                     dict(height=64, width=64, guidance_scale=4.0))
 
 
+def sana() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                           cross_attention_dim=16, caption_channels=16, sample_size=8).eval()
+    pipe = diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
+                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = _gen(12)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    # without a VAE the pipeline's scale factor is 32: 256 pixels are 8 latents
+    return TinyCase("SANA, shift 3, CFG 4.5, text masks", _quiet(pipe), prompts,
+                    dict(height=256, width=256, guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None),
+                    default_is_teacher=False)
+
+
 def wan_transformer(seed: int) -> Any:
     import diffusers
 
@@ -266,6 +286,6 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2, "wan-i2v": wan_i2v,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2, "sana": sana, "wan-i2v": wan_i2v,
     "wan22": wan22,
 }
