@@ -69,6 +69,7 @@ class Wan(Family):
     custom_schedule = False
     video = True
     packed = False
+    model_class = WanModel
 
     def matches(self, components: dict[str, set[str]]) -> bool:
         nets = components.get("transformer", set()) | components.get("transformer_2", set())
@@ -106,15 +107,17 @@ class Wan(Family):
         dtype = self.net(pipe).dtype
         return {"prompt_embeds": embeds.to(dtype), **({"negative_prompt_embeds": neg.to(dtype)} if cfg else {})}
 
+    def latent_channels(self, pipe: Any) -> int:
+        return int(self.net(pipe).config.in_channels)
+
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        net = self.net(pipe)
         vsf, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-        shape = (net.config.in_channels, (request.frames - 1) // temporal + 1, request.height // vsf,
+        shape = (self.latent_channels(pipe), (request.frames - 1) // temporal + 1, request.height // vsf,
                  request.width // vsf)
         steps = pipe.scheduler.config.num_train_timesteps
         ratio = self.expert_boundary(pipe)
         scale_2 = request.scale if request.options.guidance_scale_2 is None else float(request.options.guidance_scale_2)
-        model = WanModel(pipe.transformer, Guidance(request.scale), shape, request.spec, steps,
+        model = self.model_class(pipe.transformer, Guidance(request.scale), shape, request.spec, steps,
                          request.options.attention_kwargs, getattr(pipe, "transformer_2", None), Guidance(scale_2),
                          None if ratio is None else ratio * steps,
                          bool(pipe.config.get("expand_timesteps", False)))
@@ -137,6 +140,7 @@ class WanI2VModel(WanModel):
 
 
 class WanI2V(Wan):
+    model_class = WanI2VModel
     name = "wan-i2v"
     label = "Wan 2.1/2.2 image-to-video (WanTransformer3DModel with an image condition)"
 
@@ -165,12 +169,8 @@ class WanI2V(Wan):
             request.width, request.frames, torch.float32, device_of(pipe), torch.Generator(device="cpu").manual_seed(0))
         return cond
 
-    def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        model, dtype = super().build(pipe, request, cond)
-        i2v = WanI2VModel.__new__(WanI2VModel)
-        i2v.__dict__.update(model.__dict__)
-        i2v.sample_shape = (pipe.vae.config.z_dim,) + tuple(model.sample_shape[1:])
-        return i2v, dtype
+    def latent_channels(self, pipe: Any) -> int:
+        return int(pipe.vae.config.z_dim)  # the network's input also holds the condition channels
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         from diffusers.utils.torch_utils import randn_tensor
