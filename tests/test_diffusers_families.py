@@ -280,3 +280,17 @@ def test_sana_batched_cfg_and_resolution_binning():
     # the pipeline snaps sizes to aspect-ratio bins by default; a tiny transformer has no bins
     with pytest.raises(OptimalStepsError, match="no bins for sample_size 8"):
         od.pipeline_inputs(case.pipe, case.prompts, height=256, width=256)
+
+
+# ------------------------------------------------------------------------------- HunyuanVideo 1.5
+
+def test_hunyuanvideo15_guider_and_two_text_encoders():
+    case = tiny.hunyuanvideo15()
+    result, guided = check_family(case.pipe, case.prompts, case.call)
+    assert result.schedule.metadata["diffusers"]["guidance"] == "cfg"
+    case.pipe.guider = case.pipe.guider.new(guidance_scale=1.0)
+    plain = od.sample_pipeline(case.pipe, case.prompts, result.schedule, generator=gen(4), **case.call)
+    assert rel_err(plain, guided) > 1e-3
+    case.pipe.guider = case.pipe.guider.new(guidance_scale=6.0, stop=0.5)
+    with pytest.raises(OptimalStepsError, match="plain ClassifierFreeGuidance guider"):
+        od.sample_pipeline(case.pipe, case.prompts, result.schedule, **case.call)

@@ -11,9 +11,6 @@ import torch
 from ...core.errors import OptimalStepsError
 from .common import call_parameters
 
-# per-token masks that travel with embeddings (QwenImage, Chroma); they are per-sample conditions too
-MASK_SUFFIXES = ("_embeds_mask", "_attention_mask")
-
 
 @dataclass
 class Conditioning:
@@ -56,9 +53,9 @@ def check_negative(negative_prompt: Any, count: int) -> None:
 
 
 def _allowed(pipe: Any) -> set[str]:
+    # prompt_embeds, pooled ones, second encoders' (_2) and their masks
     return {name for name in call_parameters(pipe)
-            if (name.endswith("_embeds") or name.endswith(MASK_SUFFIXES))
-            and not name.startswith(("ip_adapter", "negative_ip_adapter"))}
+            if ("_embeds" in name or name.endswith("_attention_mask")) and not name.startswith(("ip_adapter", "negative_ip_adapter"))}
 
 
 def embeddings(pipe: Any, embeds: dict, negative_prompt: Any, pooled: bool, same_shape: bool) -> Conditioning:
@@ -77,7 +74,7 @@ def embeddings(pipe: Any, embeds: dict, negative_prompt: Any, pooled: bool, same
     for name, value in given.items():
         if not isinstance(value, torch.Tensor) or value.dim() < 2:
             raise OptimalStepsError(f"{name} must be a tensor [B, ...]")
-        if not name.endswith(MASK_SUFFIXES) and not value.is_floating_point():
+        if "mask" not in name and not value.is_floating_point():
             raise OptimalStepsError(f"{name} must be a floating-point tensor [B, ...]")
     count = given["prompt_embeds"].shape[0]
     for name, value in given.items():

@@ -12,6 +12,7 @@ from .families.chroma import Chroma
 from .families.dit import DiT
 from .families.flux import Flux
 from .families.flux2 import Flux2
+from .families.hunyuanvideo15 import HunyuanVideo15
 from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
 from .families.sana import Sana
@@ -22,7 +23,7 @@ from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
-    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(),
+    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
 )
 
 
