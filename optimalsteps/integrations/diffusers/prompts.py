@@ -55,7 +55,8 @@ def check_negative(negative_prompt: Any, count: int) -> None:
 def _allowed(pipe: Any) -> set[str]:
     # prompt_embeds, pooled ones, second encoders' (_2) and their masks
     return {name for name in call_parameters(pipe)
-            if ("_embeds" in name or name.endswith("_attention_mask")) and not name.startswith(("ip_adapter", "negative_ip_adapter"))}
+            if ("_embeds" in name or name.endswith("_attention_mask"))
+            and not name.startswith(("ip_adapter", "negative_ip_adapter"))}
 
 
 def embeddings(pipe: Any, embeds: dict, negative_prompt: Any, pooled: bool, same_shape: bool) -> Conditioning:

@@ -31,7 +31,8 @@ def _options(guidance: Optional[float], negative_prompt: Any, images_per_prompt:
     known = set(inspect.signature(CallOptions).parameters)
     unknown = sorted(set(call_options) - known)
     if unknown:
-        raise OptimalStepsError(f"unknown pipeline call option(s) {unknown}; known: {sorted(known - {'guidance_scale'})}")
+        names = sorted(known - {"guidance_scale"})
+        raise OptimalStepsError(f"unknown pipeline call option(s) {unknown}; known: {names}")
     return CallOptions(guidance_scale=guidance, negative_prompt=negative_prompt, images_per_prompt=images_per_prompt,
                        true_cfg_scale=true_cfg_scale, num_frames=num_frames, **call_options)
 

@@ -154,10 +154,10 @@ def auraflow() -> TinyCase:
     g = _gen(8)
     prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g), "prompt_attention_mask": torch.ones(2, 6),
                "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
-               "negative_prompt_attention_mask": torch.ones(2, 6)}  # the pipeline reshapes them; its network ignores them
+               "negative_prompt_attention_mask": torch.ones(2, 6)}  # reshaped by the pipeline, unused by its network
     # the tiny transformer's text path is weak: a large scale makes the guidance visible in the latents
-    return TinyCase("AuraFlow, shift 1.73, CFG 100", _quiet(pipe), prompts, dict(height=64, width=64, guidance_scale=100.0),
-                    default_is_teacher=False)
+    return TinyCase("AuraFlow, shift 1.73, CFG 100", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=100.0), default_is_teacher=False)
 
 
 def lumina2() -> TinyCase:
@@ -246,7 +246,8 @@ def flux() -> TinyCase:
     pipe = diffusers.FluxPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
                                   text_encoder_2=None, tokenizer_2=None, transformer=net)
     g = _gen(7)
-    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
                "negative_prompt_embeds": torch.randn(2, 8, 32, generator=g),
                "negative_pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
     return TinyCase("Flux.1, mu, distilled guidance 3.5, true CFG 2", _quiet(pipe), prompts,
@@ -262,7 +263,8 @@ def flux_kontext() -> TinyCase:
                                                                   "text_encoder_2", "tokenizer_2", "transformer")})
     pipe.latent_channels = 4  # what a VAE with 4 latent channels would set
     g = _gen(9)
-    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g), "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
     return TinyCase("Flux Kontext, reference image latents, max_area, mu, distilled guidance 3.5", _quiet(pipe),
                     prompts, dict(height=64, width=64, guidance_scale=3.5, max_area=64 * 64,
                                   image=torch.randn(1, 4, 8, 8, generator=g)))
@@ -318,6 +320,8 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2, "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2, "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
+    "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
+    "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
     "wan22": wan22,
 }

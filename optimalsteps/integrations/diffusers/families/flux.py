@@ -12,7 +12,8 @@ from typing import Any, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of, lora_scale,
+from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
+                      lora_scale,
                       sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
@@ -79,7 +80,8 @@ class Flux(Family):
         cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
         if _true_cfg(options) > CFG_THRESHOLD and has_negative(c, options.negative_prompt):
             neg, neg_pooled, _ = pipe.encode_prompt(
-                prompt=negatives(options.negative_prompt, c.count), prompt_embeds=c.embeds.get("negative_prompt_embeds"),
+                prompt=negatives(options.negative_prompt, c.count),
+                prompt_embeds=c.embeds.get("negative_prompt_embeds"),
                 pooled_prompt_embeds=c.embeds.get("negative_pooled_prompt_embeds"), **common)
             cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
         if options.image is not None:
@@ -94,7 +96,8 @@ class Flux(Family):
         if "image_latents" in cond:
             img_ids = torch.cat([img_ids, request.extras["image_ids"]], dim=0)
         embedded = request.scale if pipe.transformer.config.guidance_embeds else None
-        model = FluxModel(pipe.transformer, Guidance(_true_cfg(request.options)), (h * w, pipe.transformer.config.in_channels),
+        shape = (h * w, pipe.transformer.config.in_channels)
+        model = FluxModel(pipe.transformer, Guidance(_true_cfg(request.options)), shape,
                           request.spec, pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
                           embedded, img_ids)
         model.dtype = dtype

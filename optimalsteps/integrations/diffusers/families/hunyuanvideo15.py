@@ -40,7 +40,7 @@ class HunyuanVideo15(Family):
     packed = False
 
     def matches(self, components: dict[str, set[str]]) -> bool:
-        return super().matches(components) and "image_encoder" not in components and "feature_extractor" not in components
+        return super().matches(components) and not ({"image_encoder", "feature_extractor"} & set(components))
 
     def vae_scale_factor(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor_spatial)
@@ -58,8 +58,9 @@ class HunyuanVideo15(Family):
 
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         guider = pipe.guider
-        if type(guider).__name__ != "ClassifierFreeGuidance" or guider.config.start != 0.0 or guider.config.stop != 1.0 \
-                or guider.config.guidance_rescale or guider.config.use_original_formulation:
+        config = guider.config
+        if (type(guider).__name__ != "ClassifierFreeGuidance" or config.start != 0.0 or config.stop != 1.0
+                or config.guidance_rescale or config.use_original_formulation):
             raise OptimalStepsError("HunyuanVideo 1.5 is supported with a plain ClassifierFreeGuidance guider over "
                                     "the whole run (start 0, stop 1, no rescale)")
         return "cfg" if guider._enabled and guider.num_conditions > 1 else "none"
@@ -92,8 +93,9 @@ class HunyuanVideo15(Family):
         vision = torch.zeros(1, pipe.vision_num_semantic_tokens, pipe.vision_states_dim, dtype=net.dtype,
                              device=device_of(pipe))
         scale = float(pipe.guider.guidance_scale) if request.kind == "cfg" else 1.0
-        model = HunyuanVideo15Model(net, Guidance(scale), shape, request.spec, pipe.scheduler.config.num_train_timesteps,
-                                    request.options.attention_kwargs, vision=vision)
+        model = HunyuanVideo15Model(net, Guidance(scale), shape, request.spec,
+                                    pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
+                                    vision=vision)
         return model, net.dtype
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:

@@ -51,7 +51,8 @@ class QwenImage(Family):
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"
 
-    def _encode(self, pipe: Any, request: Request, texts: Any, embeds: Any, mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, pipe: Any, request: Request, texts: Any, embeds: Any,
+                mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = pipe.encode_prompt(prompt=texts, prompt_embeds=embeds, prompt_embeds_mask=mask,
                                           device=device_of(pipe), num_images_per_prompt=request.per_prompt,
                                           max_sequence_length=sequence_length(pipe, request.options))
@@ -67,7 +68,8 @@ class QwenImage(Family):
         cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
         if true_cfg(pipe, options) > CFG_THRESHOLD and has_negative(c, options.negative_prompt):
             neg, neg_mask = self._encode(pipe, request, negatives(options.negative_prompt, c.count),
-                                         c.embeds.get("negative_prompt_embeds"), c.embeds.get("negative_prompt_embeds_mask"))
+                                         c.embeds.get("negative_prompt_embeds"),
+                                         c.embeds.get("negative_prompt_embeds_mask"))
             cond.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
         return cond
 

@@ -19,7 +19,8 @@ class WanModel(PipelineModel):
                  attention: Optional[dict], net_2: Any, guidance_2: Guidance, boundary: Optional[float],
                  expand_timesteps: bool):
         super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
-        self.net_2, self.guidance_2, self.boundary, self.expand_timesteps = net_2, guidance_2, boundary, expand_timesteps
+        self.net_2, self.guidance_2, self.boundary = net_2, guidance_2, boundary
+        self.expand_timesteps = expand_timesteps
         # a searched two-expert schedule's step AT the boundary is the second stage's first (see experts.py);
         # the pipeline's own rule gives that time to the first expert
         self.low_at_boundary = False

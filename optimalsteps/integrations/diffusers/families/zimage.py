@@ -65,7 +65,8 @@ class ZImage(Family):
             return text_conditioning(pipe, prompts, options.negative_prompt, False, False)
         unknown = sorted(set(prompts) - {"prompt_embeds", "negative_prompt_embeds"})
         if unknown or "prompt_embeds" not in prompts:
-            raise OptimalStepsError(f"Z-Image embeddings are prompt_embeds (and negative_prompt_embeds), got {sorted(prompts)}")
+            raise OptimalStepsError("Z-Image embeddings are prompt_embeds (and negative_prompt_embeds), got "
+                                    f"{sorted(prompts)}")
         embeds = {k: _as_list(k, v) for k, v in prompts.items()}
         count = len(embeds["prompt_embeds"])
         if "negative_prompt_embeds" in embeds and len(embeds["negative_prompt_embeds"]) != count:
@@ -79,11 +80,12 @@ class ZImage(Family):
         if c.texts is not None:
             positive, negative = pipe.encode_prompt(
                 prompt=c.texts, device=device_of(pipe), do_classifier_free_guidance=cfg,
-                negative_prompt=request.options.negative_prompt, max_sequence_length=sequence_length(pipe, request.options))
+                negative_prompt=request.options.negative_prompt,
+                max_sequence_length=sequence_length(pipe, request.options))
         elif cfg and negative is None:
             raise OptimalStepsError("Z-Image guidance with prompt embeddings needs negative_prompt_embeds")
         repeat = request.per_prompt
-        lists = [[e for e in positive for _ in range(repeat)]] + ([[e for e in negative for _ in range(repeat)]] if cfg else [])
+        lists = [[e for e in group for _ in range(repeat)] for group in ([positive, negative] if cfg else [positive])]
         length = max(e.shape[0] for group in lists for e in group)
         cond = dict(zip(("prompt_embeds", "prompt_lengths"), _padded(lists[0], length)))
         if cfg:
