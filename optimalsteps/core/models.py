@@ -48,9 +48,6 @@ def model_teacher_grid(model: Any, teacher_steps: int) -> Schedule:
     has one, else `default_teacher_grid`. Search and compare both read it here."""
     process = model_process(model)
     own = getattr(model, "teacher_grid", None)
-    if own is None:
-        # the diffusers integration attaches `teacher_schedule` at run time until its models define teacher_grid
-        own = getattr(model, "teacher_schedule", None)
     grid = own(check_steps(teacher_steps)) if callable(own) else default_teacher_grid(process, teacher_steps)
     return check_teacher_grid(grid, process)
 

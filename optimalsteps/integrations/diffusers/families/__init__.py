@@ -1,0 +1,1 @@
+"""One module per diffusers pipeline family; `registry.py` lists them."""

@@ -1,0 +1,87 @@
+"""QwenImage: packed latents [B, seq, 4C] with per-token text masks; true CFG (`true_cfg_scale`, default 4,
+on when a negative prompt is given) as a second call, rescaled to the conditional prediction's norm."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+
+from ....core.errors import OptimalStepsError
+from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
+                      sequence_length)
+from ..family import Family, Request
+from ..prompts import has_negative, negatives
+
+
+class QwenImageModel(PipelineModel):
+    def __init__(self, net: Any, guidance: Guidance, sample_shape: tuple[int, ...], spec: str, num_train_timesteps: int,
+                 attention: Optional[dict], embedded_guidance: Optional[float], image_shape: tuple[int, int, int]):
+        super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
+        self.embedded_guidance, self.image_shape = embedded_guidance, image_shape
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        n = x.shape[0]
+        timestep = self.flow_timestep(t).to(self.dtype) / 1000
+        guidance = None
+        if self.embedded_guidance is not None:
+            guidance = torch.full((n,), self.embedded_guidance, dtype=torch.float32, device=x.device)
+        return self.net(hidden_states=x.to(self.dtype), timestep=timestep, guidance=guidance,
+                        encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
+                        encoder_hidden_states=cond["prompt_embeds"], img_shapes=[[self.image_shape]] * n,
+                        attention_kwargs=self.attention or {}, return_dict=False)[0]
+
+
+def true_cfg(pipe: Any, options: CallOptions) -> float:
+    value = options.true_cfg_scale if options.true_cfg_scale is not None else call_default(pipe, "true_cfg_scale")
+    return 1.0 if value is None else float(value)
+
+
+class QwenImage(Family):
+    name = "qwenimage"
+    label = "QwenImage (QwenImageTransformer2DModel, text-to-image)"
+    denoisers = ("QwenImageTransformer2DModel",)
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        super().check_options(pipe, options)
+        if "image" in call_parameters(pipe):
+            raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the qwenimage family does not "
+                                    "reproduce yet (QwenImagePipeline is supported)")
+
+    def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
+        return "distilled" if pipe.transformer.config.guidance_embeds else "none"
+
+    def _encode(self, pipe: Any, request: Request, texts: Any, embeds: Any,
+                mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, mask = pipe.encode_prompt(prompt=texts, prompt_embeds=embeds, prompt_embeds_mask=mask,
+                                          device=device_of(pipe), num_images_per_prompt=request.per_prompt,
+                                          max_sequence_length=sequence_length(pipe, request.options))
+        # no mask is an all-ones mask; one is kept so the negative branch never inherits the positive's
+        if mask is None:
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
+        return embeds, mask
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        c, options = request.conditioning, request.options
+        embeds, mask = self._encode(pipe, request, c.texts, c.embeds.get("prompt_embeds"),
+                                    c.embeds.get("prompt_embeds_mask"))
+        cond = {"prompt_embeds": embeds, "prompt_embeds_mask": mask}
+        if true_cfg(pipe, options) > CFG_THRESHOLD and has_negative(c, options.negative_prompt):
+            neg, neg_mask = self._encode(pipe, request, negatives(options.negative_prompt, c.count),
+                                         c.embeds.get("negative_prompt_embeds"),
+                                         c.embeds.get("negative_prompt_embeds_mask"))
+            cond.update(negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+        return cond
+
+    def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
+        dtype = cond["prompt_embeds"].dtype
+        vsf = self.vae_scale_factor(pipe)
+        h, w = request.height // vsf // 2, request.width // vsf // 2
+        config = pipe.transformer.config
+        embedded = request.scale if config.guidance_embeds else None
+        guidance = Guidance(true_cfg(pipe, request.options), renorm=True)
+        model = QwenImageModel(pipe.transformer, guidance, (h * w, config.in_channels), request.spec,
+                               pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs, embedded,
+                               (1, h, w))
+        model.dtype = dtype
+        return model, dtype

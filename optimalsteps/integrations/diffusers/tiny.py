@@ -1,0 +1,327 @@
+"""Tiny randomly initialised pipelines of the supported families, built in code in a second on a CPU with
+no downloads: for the tests, the equality benchmark (benchmarks/diffusers_equality.py) and a quick check of
+a new diffusers release. Each comes with prompt embeddings (no text encoders) and the call it is run with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+
+@dataclass
+class TinyCase:
+    name: str
+    pipe: Any
+    prompts: dict  # the pipeline's own embedding arguments
+    call: dict  # height, width, guidance, ... as passed to both pipe(...) and sample_pipeline(...)
+    custom_schedule: bool = True  # pipe(...) takes sigmas; otherwise compare on pipeline_schedule
+    default_is_teacher: bool = True  # pipe(num_inference_steps=N) runs the teacher grid (linspace under the shift)
+    notes: dict = field(default_factory=dict)
+
+
+def pipeline_latents(pipe: Any, **call: Any) -> torch.Tensor:
+    """The latents after the pipeline's last step, as its loop holds them (before unpacking or any VAE)."""
+    import inspect
+
+    if "callback_on_step_end" not in inspect.signature(type(pipe).__call__).parameters:
+        out = pipe(**call, output_type="latent")
+        return out.frames if hasattr(out, "frames") else out.images
+    seen = {}
+
+    def keep(_, i, t, tensors):
+        seen["latents"] = tensors["latents"].clone()
+        return tensors
+
+    try:
+        pipe(**call, callback_on_step_end=keep, output_type="latent")
+    except AttributeError:  # pipelines that denormalise with their VAE even for latent output; tiny ones have none
+        pass
+    return seen["latents"]
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def flow_scheduler(**extra: Any) -> Any:
+    import diffusers
+
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                     base_image_seq_len=4, max_image_seq_len=64, **extra)
+
+
+def _quiet(pipe: Any) -> Any:
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def qwenimage() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=1,
+                                                attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                                axes_dims_rope=(2, 2, 4)).eval()
+    pipe = diffusers.QwenImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                       transformer=net)
+    g = _gen(3)
+    prompts = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "prompt_embeds_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]),
+               "negative_prompt_embeds": torch.randn(2, 4, 16, generator=g),
+               "negative_prompt_embeds_mask": torch.ones(2, 4, dtype=torch.long)}
+    return TinyCase("QwenImage, mu, true CFG 3 (norm-rescaled), text masks", _quiet(pipe), prompts,
+                    dict(height=64, width=64, true_cfg_scale=3.0))
+
+
+def flux2_transformer(guidance_embeds: bool) -> Any:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, timestep_guidance_channels=16, axes_dims_rope=(2, 2, 2, 2),
+        guidance_embeds=guidance_embeds).eval()
+
+
+def flux2() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                   transformer=flux2_transformer(True))
+    return TinyCase("Flux 2, mu(resolution, steps), distilled guidance 3", _quiet(pipe),
+                    {"prompt_embeds": torch.randn(2, 5, 16, generator=_gen(5))}, dict(height=64, width=64,
+                                                                                      guidance_scale=3.0))
+
+
+def flux2_klein() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                        transformer=flux2_transformer(False), is_distilled=False)
+    g = _gen(6)
+    prompts = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
+    return TinyCase("Flux 2 Klein, CFG 3", _quiet(pipe), prompts, dict(height=32, width=32, guidance_scale=3.0))
+
+
+def chroma() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.ChromaTransformer2DModel(
+        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+        joint_attention_dim=16, axes_dims_rope=(2, 2, 4), approximator_num_channels=8, approximator_hidden_dim=16,
+        approximator_layers=1).eval()
+    pipe = diffusers.ChromaPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                    transformer=net)
+    g = _gen(7)
+    prompts = {"prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]], dtype=torch.bool),
+               "negative_prompt_embeds": torch.randn(2, 5, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 5, dtype=torch.bool)}
+    return TinyCase("Chroma, mu, CFG 3, text masks", _quiet(pipe), prompts, dict(height=64, width=64,
+                                                                                  guidance_scale=3.0))
+
+
+def zimage() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.ZImageTransformer2DModel(in_channels=4, dim=32, n_layers=1, n_refiner_layers=1, n_heads=2,
+                                             n_kv_heads=2, cap_feat_dim=16, axes_dims=[4, 6, 6],
+                                             axes_lens=[64, 32, 32]).eval()
+    pipe = diffusers.ZImagePipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                    transformer=net)
+    g = _gen(3)
+    prompts = {"prompt_embeds": [torch.randn(5, 16, generator=g), torch.randn(3, 16, generator=g)],
+               "negative_prompt_embeds": [torch.randn(4, 16, generator=g), torch.randn(2, 16, generator=g)]}
+    return TinyCase("Z-Image, mu, CFG 2 (pos + s (pos - neg)), list embeddings", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=2.0))
+
+
+def auraflow() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.AuraFlowTransformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_mmdit_layers=1,
+                                               num_single_dit_layers=1, attention_head_dim=8, num_attention_heads=2,
+                                               joint_attention_dim=16, caption_projection_dim=16, out_channels=4,
+                                               pos_embed_max_size=64).eval()
+    pipe = diffusers.AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
+                                      scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=1.73))
+    g = _gen(8)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g), "prompt_attention_mask": torch.ones(2, 6),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6)}  # reshaped by the pipeline, unused by its network
+    # the tiny transformer's text path is weak: a large scale makes the guidance visible in the latents
+    return TinyCase("AuraFlow, shift 1.73, CFG 100", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=100.0), default_is_teacher=False)
+
+
+def lumina2() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.Lumina2Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, hidden_size=32, num_layers=1,
+                                              num_refiner_layers=1, num_attention_heads=2, num_kv_heads=2,
+                                              multiple_of=16, axes_dim_rope=(4, 6, 6), axes_lens=(64, 32, 32),
+                                              cap_feat_dim=16).eval()
+    pipe = diffusers.Lumina2Pipeline(transformer=net, scheduler=flow_scheduler(), vae=None, text_encoder=None,
+                                     tokenizer=None)
+    g = _gen(10)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    return TinyCase("Lumina 2, mu (of the channel count), CFG 4 norm-rescaled, text masks", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=4.0))
+
+
+def sana() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.SanaTransformer2DModel(in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=8,
+                                           num_layers=1, num_cross_attention_heads=2, cross_attention_head_dim=8,
+                                           cross_attention_dim=16, caption_channels=16, sample_size=8).eval()
+    pipe = diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
+                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
+    g = _gen(12)
+    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
+    # without a VAE the pipeline's scale factor is 32: 256 pixels are 8 latents
+    return TinyCase("SANA, shift 3, CFG 4.5, text masks", _quiet(pipe), prompts,
+                    dict(height=256, width=256, guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None),
+                    default_is_teacher=False)
+
+
+def hunyuanvideo15() -> TinyCase:
+    import diffusers
+    from diffusers.guiders import ClassifierFreeGuidance
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 8), layers_per_block=1,
+                                                spatial_compression_ratio=2, temporal_compression_ratio=2).eval()
+    torch.manual_seed(0)
+    net = diffusers.HunyuanVideo15Transformer3DModel(  # 4 latent + 4 image-condition + 1 mask channels in
+        in_channels=9, out_channels=4, num_attention_heads=2, attention_head_dim=8, num_layers=1, num_refiner_layers=1,
+        text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=8, rope_axes_dim=(2, 2, 4), target_size=32,
+        task_type="t2v").eval()
+    pipe = diffusers.HunyuanVideo15Pipeline(text_encoder=None, tokenizer=None, transformer=net, vae=vae,
+                                            scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                            text_encoder_2=None, tokenizer_2=None,
+                                            guider=ClassifierFreeGuidance(guidance_scale=6.0))
+    g = _gen(5)
+    prompts = {}
+    for prefix in ("", "negative_"):
+        prompts.update({prefix + "prompt_embeds": torch.randn(1, 6, 16, generator=g),
+                        prefix + "prompt_embeds_mask": torch.tensor([[1] * 5 + [0]]),
+                        prefix + "prompt_embeds_2": torch.randn(1, 4, 8, generator=g),
+                        prefix + "prompt_embeds_mask_2": torch.ones(1, 4, dtype=torch.long)})
+    return TinyCase("HunyuanVideo 1.5, shift 5, guider CFG 6, two text encoders", _quiet(pipe), prompts,
+                    dict(height=16, width=16, num_frames=5))
+
+
+def wan_transformer(seed: int) -> Any:
+    import diffusers
+
+    torch.manual_seed(seed)
+    return diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+
+
+def flux() -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                           pooled_projection_dim=16, guidance_embeds=True,
+                                           axes_dims_rope=(2, 2, 4)).eval()
+    pipe = diffusers.FluxPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
+                                  text_encoder_2=None, tokenizer_2=None, transformer=net)
+    g = _gen(7)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "negative_pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux.1, mu, distilled guidance 3.5, true CFG 2", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=3.5, true_cfg_scale=2.0))
+
+
+def flux_kontext() -> TinyCase:
+    """Flux Kontext with a reference image given as latents (a 4-channel tiny 'VAE': no VAE is built)."""
+    import diffusers
+
+    parts = flux().pipe.components
+    pipe = diffusers.FluxKontextPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
+                                                                  "text_encoder_2", "tokenizer_2", "transformer")})
+    pipe.latent_channels = 4  # what a VAE with 4 latent channels would set
+    g = _gen(9)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux Kontext, reference image latents, max_area, mu, distilled guidance 3.5", _quiet(pipe),
+                    prompts, dict(height=64, width=64, guidance_scale=3.5, max_area=64 * 64,
+                                  image=torch.randn(1, 4, 8, 8, generator=g)))
+
+
+def wan21() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    return TinyCase("Wan 2.1, shift 5, CFG 5", _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=5, guidance_scale=5.0), custom_schedule=False)
+
+
+def wan_i2v() -> TinyCase:
+    """Wan image-to-video (2.2 style: no CLIP image encoder) with a tiny Wan VAE for the first frame."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
+                                     latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0],
+                                     scale_factor_temporal=2, scale_factor_spatial=2).eval()
+    torch.manual_seed(0)
+    net = diffusers.WanTransformer3DModel(  # 4 latent + 2 frame-mask + 4 condition channels in
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=4,
+        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=net,
+                                             image_encoder=None, image_processor=None,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    return TinyCase("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", _quiet(pipe), prompts,
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+
+
+def wan22() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
+                                 transformer_2=wan_transformer(1), boundary_ratio=0.875,
+                                 scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(13)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    return TinyCase("Wan 2.2 two experts (boundary 0.875), shift 5, CFG 5 / 2", _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=5, guidance_scale=5.0, guidance_scale_2=2.0),
+                    custom_schedule=False)
+
+
+CASES: dict[str, Callable[[], TinyCase]] = {
+    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
+    "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
+    "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
+    "wan22": wan22,
+}
