@@ -83,26 +83,42 @@ def _torchmetrics_clip(device: torch.device, model_name: str):
     return clip
 
 
+def _torchmetrics_inception(device: torch.device):
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    net = FrechetInceptionDistance(feature=2048).inception.to(device)  # torch-fidelity's FID Inception
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        return net(_unit_uint8(images).to(device)).reshape(images.shape[0], -1).detach().cpu()
+    return features
+
+
+def _cleanfid_inception(device: torch.device):
+    import numpy as np
+    from cleanfid.features import build_feature_extractor
+    from cleanfid.resize import make_resizer
+
+    net = build_feature_extractor("clean", device, use_dataparallel=False)
+    resize = make_resizer("PIL", False, "bicubic", (299, 299))  # clean-fid's own resizing of uint8 images
+
+    def features(images: torch.Tensor) -> torch.Tensor:
+        batch = np.stack([resize(img.permute(1, 2, 0).numpy()) for img in _unit_uint8(images).cpu()])
+        x = torch.from_numpy(batch).permute(0, 3, 1, 2).float().to(device)
+        return net(x).reshape(images.shape[0], -1).detach().cpu()
+    return features
+
+
 def _inception_features(device: torch.device):
     """FID features: torchmetrics' Inception (torch-fidelity weights), else clean-fid's extractor."""
     try:
-        from torchmetrics.image.fid import NoTrainInceptionV3
-
-        net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"]).to(device)
-
-        def features(images: torch.Tensor) -> torch.Tensor:
-            return net(_unit_uint8(images).to(device)).reshape(images.shape[0], -1).detach().cpu()
-        return features
-    except ImportError:
+        return _torchmetrics_inception(device)
+    except ImportError as first:
         try:
-            from cleanfid.features import build_feature_extractor
+            return _cleanfid_inception(device)
         except ImportError:
-            raise ImportError("neither torchmetrics nor clean-fid", name="torchmetrics or clean-fid") from None
-        extractor = build_feature_extractor("clean", device)
-
-        def features(images: torch.Tensor) -> torch.Tensor:
-            return torch.as_tensor(extractor(_unit_uint8(images).float().to(device))).reshape(images.shape[0], -1)
-        return features
+            why = ("torchmetrics or clean-fid" if first.name == "torchmetrics"
+                   else f"clean-fid, and torchmetrics' FID says {_first_line(first)}")
+            raise ImportError(why, name=why) from None
 
 
 def default_image_metrics(device: torch.device | str = "cpu",
