@@ -34,9 +34,9 @@ MIXTURE = "gmm:dim={dim},components={components},seed=0,process={process}"
 def settings(quick: bool) -> dict:
     if quick:
         return dict(dim=8, components=4, samples=4, eval_samples=128, teacher_steps=40, steps=[4],
-                    digits_steps=[4], digits_teacher_steps=30, reference_steps=60)
-    return dict(dim=32, components=8, samples=16, eval_samples=1024, teacher_steps=200, steps=[4, 8],
-                digits_steps=[6], digits_teacher_steps=60, reference_steps=100)
+                    digits_samples=4, digits_steps=[4], digits_teacher_steps=30, reference_steps=60)
+    return dict(dim=32, components=8, samples=32, eval_samples=1024, teacher_steps=200, steps=[4, 8],
+                digits_samples=16, digits_steps=[6], digits_teacher_steps=60, reference_steps=100)
 
 
 def reference_outputs(model, noise: torch.Tensor, steps: int) -> tuple[torch.Tensor, str]:
@@ -71,20 +71,26 @@ def transfer_rows(model, schedules: dict[str, Schedule], noise: torch.Tensor, re
     return rows
 
 
+def _best(rows: list[dict], solver: str, key: str, pick) -> str:
+    return pick((r for r in rows if r["solver"] == solver), key=lambda r: r[key])["schedule"]
+
+
 def markdown(title: str, steps: int, rows: list[dict], schedules: dict[str, Schedule]) -> str:
     lines = [f"#### {title}, {steps} steps: mean PSNR dB / mean MSE against the reference (rows: schedule, "
-             "columns: the solver that runs it)", "",
+             "columns: the solver that runs it; bold: the column's best of each)", "",
              "| schedule searched for | times | " + " | ".join(f"{s} (NFE {nfe_per_trajectory(s, steps)})"
                                                           for s in SOLVERS) + " |",
              "|---|---|" + "---:|" * len(SOLVERS)]
-    # bold: the best mean PSNR of each column (mean MSE may rank differently: it weighs the worst samples)
-    best = {s: max((r for r in rows if r["solver"] == s), key=lambda r: r["psnr"])["schedule"] for s in SOLVERS}
+    # mean PSNR averages log errors, mean MSE the errors: the hardest samples weigh more in the MSE
+    best_psnr = {s: _best(rows, s, "psnr", max) for s in SOLVERS}
+    best_mse = {s: _best(rows, s, "mse", min) for s in SOLVERS}
     for name, schedule in schedules.items():
         cells = []
         for solver in SOLVERS:
             r = next(r for r in rows if r["schedule"] == name and r["solver"] == solver)
-            cell = f"{r['psnr']:.2f} / {r['mse']:.3g}"
-            cells.append(f"**{cell}**" if best[solver] == name else cell)
+            p, m = f"{r['psnr']:.2f}", f"{r['mse']:.3g}"
+            cells.append(f"{f'**{p}**' if best_psnr[solver] == name else p} / "
+                         f"{f'**{m}**' if best_mse[solver] == name else m}")
         times = ", ".join(f"{t:.3g}" for t in schedule.times.tolist())
         label = name.removeprefix("oss-") if name.startswith("oss-") else "(default closed form)"
         lines.append(f"| {label} | {times} | " + " | ".join(cells) + " |")
@@ -93,29 +99,33 @@ def markdown(title: str, steps: int, rows: list[dict], schedules: dict[str, Sche
 
 
 def switching_notes(rows: list[dict]) -> list[str]:
-    """Per running solver: its own schedule against the best and worst other solver's schedule."""
+    """Per running solver: its own schedule against the best and worst other solver's schedule (by mean
+    PSNR), and the default; MSE as a ratio to the own schedule's."""
     notes = []
     for solver in SOLVERS:
-        col = {r["schedule"]: r["psnr"] for r in rows if r["solver"] == solver}
+        col = {r["schedule"]: r for r in rows if r["solver"] == solver}
         own = col[f"oss-{solver}"]
-        others = {k: v for k, v in col.items() if k.startswith("oss-") and k != f"oss-{solver}"}
-        worst = min(others, key=others.get)
-        best = max(others, key=others.get)
-        notes.append(f"- run with {solver}: own schedule {own:.2f} dB; best other {best.removeprefix('oss-')} "
-                     f"{others[best] - own:+.2f} dB; worst other {worst.removeprefix('oss-')} "
-                     f"{others[worst] - own:+.2f} dB; default {col['default'] - own:+.2f} dB")
+        others = [k for k in col if k.startswith("oss-") and k != f"oss-{solver}"]
+        best = max(others, key=lambda k: col[k]["psnr"])
+        worst = min(others, key=lambda k: col[k]["psnr"])
+
+        def versus(name: str) -> str:
+            return f"{col[name]['psnr'] - own['psnr']:+.2f} dB, MSE x{col[name]['mse'] / own['mse']:.2f}"
+        notes.append(f"- run with {solver}: own schedule {own['psnr']:.2f} dB (MSE {own['mse']:.3g}); best other "
+                     f"{best.removeprefix('oss-')} {versus(best)}; worst other {worst.removeprefix('oss-')} "
+                     f"{versus(worst)}; default {versus('default')}")
     return notes
 
 
-def run_model(spec: str, title: str, steps_list: list[int], cfg: dict, teacher_steps: int) -> str:
+def run_model(spec: str, title: str, steps_list: list[int], cfg: dict, teacher_steps: int, samples: int) -> str:
     started = time.perf_counter()
     model = load_model(spec)
-    search_noise = draw_noise(model, cfg["samples"], 0)
+    search_noise = draw_noise(model, samples, 0)
     eval_noise = draw_noise(model, cfg["eval_samples"], 1)  # held out: another seed than the search's
     reference, how = reference_outputs(model, eval_noise, cfg["reference_steps"])
     data_range = float(reference.max() - reference.min())
     parts = [f"### {title}", "",
-             f"`{spec}`; search: {cfg['samples']} noises (seed 0), {teacher_steps}-step teacher of each solver; "
+             f"`{spec}`; search: {samples} noises (seed 0), {teacher_steps}-step teacher of each solver; "
              f"evaluation: {cfg['eval_samples']} held-out noises (seed 1) against {how}; PSNR range "
              f"{data_range:.3g}.", ""]
     for steps in steps_list:
@@ -136,9 +146,11 @@ def main():
     for name in args.models.split(","):
         if name in ("flow", "vp", "ve"):
             spec = MIXTURE.format(dim=cfg["dim"], components=cfg["components"], process=name)
-            print(run_model(spec, f"mixture {name}", cfg["steps"], cfg, cfg["teacher_steps"]), flush=True)
+            print(run_model(spec, f"mixture {name}", cfg["steps"], cfg, cfg["teacher_steps"], cfg["samples"]),
+                  flush=True)
         else:
-            print(run_model(name, name, cfg["digits_steps"], cfg, cfg["digits_teacher_steps"]), flush=True)
+            print(run_model(name, name, cfg["digits_steps"], cfg, cfg["digits_teacher_steps"], cfg["digits_samples"]),
+                  flush=True)
 
 
 if __name__ == "__main__":
