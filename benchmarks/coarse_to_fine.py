@@ -1,7 +1,7 @@
 """Coarse-to-fine search against the full search on the same 200-point teacher grid: model calls, wall time,
 the DP's final cost on the search samples and the error on held-out noise.
 
-For every model, solver and step count M, `search(...)` and `search(..., coarse_to_fine=True)` run on the
+For every model, solver and step count M, `search(...)` and `search(..., dp=DPOptions(coarse_to_fine=True))` run on the
 same B search samples with the same teacher; both schedules are then scored on E held-out noises (mean
 squared error against the exact ODE solution for mixtures, against the teacher of the same solver on the
 same noise for the digits models). The held-out ratio comes with the standard error of the paired
@@ -19,7 +19,8 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, load_model, sample, search
-from optimalsteps.optimize.search import default_teacher_schedule
+from optimalsteps.core.models import default_teacher_grid
+from optimalsteps.optimize.options import DPOptions
 
 
 def per_sample_error(model, noise, schedule, solver, reference, chunk=1024):
@@ -32,7 +33,8 @@ def per_sample_error(model, noise, schedule, solver, reference, chunk=1024):
 
 def timed_search(model, noise, steps, teacher_steps, solver, fast):
     started = time.perf_counter()
-    result = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver, coarse_to_fine=fast)
+    result = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
+                    dp=DPOptions(coarse_to_fine=fast))
     return result, time.perf_counter() - started
 
 
@@ -40,7 +42,7 @@ def rows_for(model, name, noise, held, exact, solvers, steps_list, teacher_steps
     for solver in solvers:
         reference = exact
         if reference is None:
-            teacher = default_teacher_schedule(model.process, teacher_steps)
+            teacher = default_teacher_grid(model.process, teacher_steps)
             reference = torch.cat([sample(model, held[s:s + 1024], teacher, solver=solver).samples
                                    for s in range(0, held.shape[0], 1024)])
         for steps in steps_list:
@@ -57,9 +59,9 @@ def rows_for(model, name, noise, held, exact, solvers, steps_list, teacher_steps
             shape = f"{levels['coarse_steps']}" + "".join(f"→{lv['stride']}(±{lv['window']})×{lv['rounds']}"
                                                          for lv in levels["levels"])
             same = "yes" if fast.indices == full.indices else "no"
-            summary.append((nfe_ratio, held_ratio, se, fast.cost / full.cost))
+            summary.append((nfe_ratio, held_ratio, se, fast.dp_cost / full.dp_cost))
             print(f"| {name} | {solver} | {steps} | {full.nfe} | {fast.nfe} | {nfe_ratio:.2f} | {dp_nfe_ratio:.2f} | "
-                  f"{t_full:.1f} | {t_fast:.1f} | {shape} | {same} | {fast.cost / full.cost:.3f} | {base:.4g} | "
+                  f"{t_full:.1f} | {t_fast:.1f} | {shape} | {same} | {fast.dp_cost / full.dp_cost:.3f} | {base:.4g} | "
                   f"{float(e_fast.mean()):.4g} | {held_ratio:.3f} ± {se:.3f} |", flush=True)
 
 

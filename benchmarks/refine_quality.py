@@ -23,9 +23,10 @@ import time
 import torch
 
 from optimalsteps import GaussianMixture, load_model, sample, search
-from optimalsteps.optimize.refine import baseline_starts, refine_schedule
+from optimalsteps.evaluation.baselines import baseline_starts
+from optimalsteps.optimize.refine import refine_schedule
 from optimalsteps.core.schedules import uniform
-from optimalsteps.optimize.search import default_teacher_schedule
+from optimalsteps.core.models import default_teacher_grid
 from optimalsteps.core.solvers import nfe_per_trajectory
 
 SOLVERS = ("euler", "heun", "dpmpp2m")
@@ -49,7 +50,7 @@ def ratio(errors, other):
 
 
 def teacher_outputs(model, noise, solver, teacher_steps, chunk=1024):
-    teacher = default_teacher_schedule(model.process, teacher_steps)
+    teacher = default_teacher_grid(model.process, teacher_steps)
     return torch.cat([sample(model, noise[s:s + chunk], teacher, solver=solver).samples
                       for s in range(0, noise.shape[0], chunk)])
 

@@ -16,7 +16,7 @@ import time
 import torch
 
 from optimalsteps.evaluation.compare import compare, markdown_table
-from optimalsteps.core.models import load_model
+from optimalsteps.testbeds.registry import load_model
 
 SCHEDULES = ["oss", "uniform", "karras", "logsnr", "shift", "kl-optimal", "beta", "gits", "dm"]
 

@@ -24,8 +24,9 @@ from optimalsteps.core.errors import OptimalStepsError
 from optimalsteps.evaluation.metrics import mse
 from optimalsteps.testbeds.mixture import GaussianMixture
 from optimalsteps.core.models import draw_noise
-from optimalsteps.core.schedules import Schedule, check_writable, write_text
-from optimalsteps.optimize.search import teacher_schedule
+from optimalsteps.core.io import check_writable, write_text
+from optimalsteps.core.schedules import Schedule
+from optimalsteps.core.models import default_teacher_grid
 from optimalsteps.core.solvers import sample
 
 CLOSED_AND_TABLES = ["uniform", "logsnr", "karras", "shift", "beta", "kl-optimal", "cosine", "ays-sd15"]
@@ -59,7 +60,7 @@ def search_noise_check(model, rows: list[dict], cfg: dict) -> list[dict]:
     """Every schedule's MSE against the teacher on the search noise itself: tells a search that overfits its
     noise (wins there, loses on fresh noise) from one that does not find the best schedule even there."""
     noise = draw_noise(model, cfg["samples"], 0)  # the noise compare searched on (its seed 0)
-    teacher = teacher_schedule(model.process, cfg["teacher_steps"])
+    teacher = default_teacher_grid(model.process, cfg["teacher_steps"])
     out = []
     for solver in dict.fromkeys(r["solver"] for r in rows):
         target = sample(model, noise, teacher, solver).samples

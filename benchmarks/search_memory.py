@@ -41,6 +41,7 @@ def _rss_anon_mb() -> float:
 
 def _worker(shape, storage, dtype, teacher_steps, samples, queue):
     from optimalsteps import search
+    from optimalsteps.optimize.options import Storage
     from optimalsteps.optimize.search import memory_estimate
 
     torch.set_num_threads(2)
@@ -59,12 +60,12 @@ def _worker(shape, storage, dtype, teacher_steps, samples, queue):
     thread.start()
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = search(model, noise, steps=5, teacher_steps=teacher_steps, storage=storage, storage_dtype=dtype,
-                        storage_dir=tmp, target_chunk=16, max_batch=64)
+        place = Storage(storage, dtype=dtype, dir=tmp, target_chunk=16, max_batch=64)
+        result = search(model, noise, steps=5, teacher_steps=teacher_steps, storage=place)
         seconds = time.perf_counter() - started
     stop.set()
     thread.join()
-    est = memory_estimate(noise, teacher_steps, "euler", "xt", storage, dtype, 16)
+    est = memory_estimate(noise, teacher_steps, "euler", storage=Storage(storage, dtype=dtype, target_chunk=16))
     queue.put((peak[0] - base, sum(est.values()) / 2**20, est["device"] / 2**20, seconds, result.indices))
 
 

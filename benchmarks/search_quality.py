@@ -13,6 +13,7 @@ import torch
 
 from optimalsteps import GaussianMixture, sample, search
 from optimalsteps.core.schedules import uniform
+from optimalsteps.optimize.options import DPOptions
 
 
 def held_out_error(model, noise, exact, schedule, solver):
@@ -44,13 +45,15 @@ def main():
             for steps in steps_list:
                 row = {"uniform": held_out_error(model, held, exact, uniform(process, steps), solver)}
                 if solver == "euler":
-                    ref = search(model, noise, steps=steps, teacher_steps=teacher_steps, reference_compat=True)
+                    ref = search(model, noise, steps=steps, teacher_steps=teacher_steps,
+                                 dp=DPOptions(reference_compat=True))
                     row["released"] = held_out_error(model, held, exact, ref.schedule, solver)
                 for aggregate in ("joint", "median"):
                     r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
-                               aggregate=aggregate)
+                               dp=DPOptions(aggregate=aggregate))
                     row[aggregate] = held_out_error(model, held, exact, r.schedule, solver)
-                r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver, free_start=True)
+                r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
+                           dp=DPOptions(free_start=True))
                 row["free start"] = held_out_error(model, held, exact, r.schedule, solver)
                 best = min(row, key=row.get)
                 cells = [f"{row[k]:.4f}" if k in row else "n/a (euler only)" for k in

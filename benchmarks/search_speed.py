@@ -2,10 +2,10 @@
 
 - "plain Algorithm 1": the paper's algorithm as written, one sample at a time, one batched model call per
   layer, every candidate state of every (source, target) pair materialised, exactly-M-step cells (the
-  semantics of `search(..., aggregate="median")`, whose per-sample schedules must be identical).
+  semantics of `search(..., dp=DPOptions(aggregate="median"))`, whose per-sample schedules must be identical).
 - "released loop": the released code's batched loop structure (one batched model call per layer, then
   a Python loop over sources and targets with "at most k steps" cells and noise placed at any grid
-  point), the semantics of `search(..., reference_compat=True)`.
+  point), the semantics of `search(..., dp=DPOptions(reference_compat=True))`.
 
 Each variant runs in its own process so that its peak resident memory can be read (ru_maxrss, minus the
 process's size before the search). Run: python benchmarks/search_speed.py [--quick]
@@ -22,7 +22,9 @@ import torch
 
 from optimalsteps import GaussianMixture, search
 from optimalsteps.core.models import predict_x0
-from optimalsteps.optimize.search import default_teacher_schedule, run_teacher
+from optimalsteps.core.models import default_teacher_grid
+from optimalsteps.optimize.options import DPOptions
+from optimalsteps.optimize.teacher import run_teacher
 from optimalsteps.core.solvers import update_coefficients
 
 
@@ -117,17 +119,17 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
     torch.set_num_threads(2)
     model = GaussianMixture.random(dim=dim, components=8, seed=0, process="flow")
     noise = torch.randn(8, dim, generator=torch.Generator().manual_seed(0))[:samples]
-    teacher = default_teacher_schedule(model.process, teacher_steps)
+    teacher = default_teacher_grid(model.process, teacher_steps)
     base = _rss_mb()
     started = time.perf_counter()
     if variant == "search (exact, per sample)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="median")
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="median"))
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "search (joint)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="joint")
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="joint"))
         schedules, nfe = [r.indices], r.nfe
     elif variant == "search (reference-compat)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, reference_compat=True)
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(reference_compat=True))
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "plain Algorithm 1":
         schedules, nfe = plain_algorithm1(model, noise, teacher, steps)

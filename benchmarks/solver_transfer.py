@@ -21,11 +21,12 @@ import time
 
 import torch
 
-from optimalsteps.core.models import draw_noise, load_model
+from optimalsteps.core.models import default_teacher_grid, draw_noise
 from optimalsteps.core.schedules import Schedule
 from optimalsteps.core.solvers import nfe_per_trajectory, sample
 from optimalsteps.evaluation.metrics import mse, psnr
-from optimalsteps.optimize.search import default_teacher_schedule, search
+from optimalsteps import search
+from optimalsteps.testbeds.registry import load_model
 
 SOLVERS = ("euler", "heun", "dpmpp2m", "unipc")
 MIXTURE = "gmm:dim={dim},components={components},seed=0,process={process}"
@@ -43,9 +44,9 @@ def reference_outputs(model, noise: torch.Tensor, steps: int) -> tuple[torch.Ten
     """The common reference on the held-out noise, and how it was made."""
     if hasattr(model, "exact_solution"):
         return model.exact_solution(noise), "the exact ODE solution (DOP853, rtol 1e-10)"
-    grid = default_teacher_schedule(model.process, steps)
+    grid = default_teacher_grid(model.process, steps)
     full = sample(model, noise, grid, "unipc").samples
-    half = sample(model, noise, default_teacher_schedule(model.process, steps // 2), "unipc").samples
+    half = sample(model, noise, default_teacher_grid(model.process, steps // 2), "unipc").samples
     spread = float(full.max() - full.min())
     return full, (f"{steps}-step UniPC on the default grid (its PSNR to {steps // 2} steps: "
                   f"{psnr(half, full, spread):.1f} dB)")
@@ -56,7 +57,7 @@ def searched_schedules(model, noise: torch.Tensor, steps: int, teacher_steps: in
     out = {}
     for solver in SOLVERS:
         out[f"oss-{solver}"] = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver).schedule
-    out["default"] = default_teacher_schedule(model.process, steps)
+    out["default"] = default_teacher_grid(model.process, steps)
     return out
 
 

@@ -8,8 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from optimalsteps.evaluation.baselines import (TABLES, dm, dm_objective, get_table, line_deviation, local_cost_matrix, local_dp,
-                                    make_schedule, make_schedules, schedule_names, table_levels)
+from optimalsteps.core.dm import dm, dm_objective
+from optimalsteps.core.tables import TABLES, get_table, table_levels
+from optimalsteps.evaluation.baselines import (line_deviation, local_cost_matrix, local_dp, make_schedule, make_schedules,
+                                               schedule_names)
 from optimalsteps.cli import main
 from optimalsteps.core.errors import OptimalStepsError
 from optimalsteps.testbeds.mixture import GaussianMixture

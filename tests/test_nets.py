@@ -107,7 +107,9 @@ def test_guidance_is_the_cfg_combination():
     t = torch.tensor([0.7, 0.3])
     labels = torch.tensor([4, 9])
     cond, uncond = base(x, t, labels=labels), base(x, t)
-    assert torch.allclose(guided(x, t, labels=labels), uncond + 3.5 * (cond - uncond), atol=1e-5)
+    # one batched call of 2B against two of B: float32 convolutions may round differently, amplified by 1 + 2 * 3.5
+    atol = 64 * torch.finfo(torch.float32).eps * 8.0 * float(torch.maximum(cond.abs().max(), uncond.abs().max()))
+    assert torch.allclose(guided(x, t, labels=labels), uncond + 3.5 * (cond - uncond), atol=atol)
     assert torch.equal(base(x, t, labels=torch.tensor(10)), uncond)  # 10 is the null class
     assert torch.allclose(guided.with_guidance(1.0)(x, t, labels=labels), cond, atol=1e-6)
     assert torch.allclose(guided(x, t, labels=4), guided(x, t, labels=torch.tensor([4, 4])))  # one label for all

@@ -7,8 +7,10 @@ import torch
 
 from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample, search
 from optimalsteps.cli import main
-from optimalsteps.optimize.refine import (CoarseToFine, Refinement, coarse_to_fine_search, final_error, from_unit,
-                                 level_strides, refine_schedule, to_unit)
+from optimalsteps.optimize.coarse import CoarseToFine, level_strides
+from optimalsteps.optimize.refine import Refinement, final_error, from_unit, refine_schedule, to_unit
+from optimalsteps.optimize.options import DPOptions
+from optimalsteps.optimize.search import coarse_to_fine_search
 from optimalsteps.core.schedules import karras, logsnr, uniform
 from optimalsteps.core.solvers import nfe_per_trajectory
 
@@ -69,7 +71,7 @@ def test_refinement_gains_where_the_grid_search_is_not_the_optimum():
     result = refine_schedule(model, noise, dp.schedule, "dpmpp2m", dp.teacher_samples)
     assert result.stopped in ("converged", "evaluations")
     assert result.error_after < 0.5 * result.error_before
-    assert result.error_before == pytest.approx(dp.cost, rel=1e-6)
+    assert result.error_before == pytest.approx(dp.dp_cost, rel=1e-6)
     assert result.history[0][1] == result.error_before
     assert all(b[1] < a[1] and b[0] > a[0] for a, b in zip(result.history, result.history[1:]))
 
@@ -116,7 +118,7 @@ def test_search_with_refinement_records_both_nfe_counts_and_beats_every_start():
     assert meta["method"] == "oss-refined"
     starts = result.refinement.start_errors
     assert {"oss", "uniform", "karras", "gits", "boss", "dm"} <= set(starts)
-    assert starts["oss"] == pytest.approx(plain.cost, rel=1e-6)
+    assert starts["oss"] == pytest.approx(plain.dp_cost, rel=1e-6)
     realised = final_error(model, noise, result.schedule, "dpmpp2m", plain.teacher_samples)[0]
     assert realised == pytest.approx(result.refinement.error_after, rel=1e-9)
     assert realised <= min(starts.values())
@@ -160,7 +162,7 @@ def test_bad_refinement_input_is_named():
     with pytest.raises(OptimalStepsError, match="budget must be a whole number"):
         refine_schedule(model, noise, uniform(model.process, 3), "euler", target, budget_nfe=0)
     with pytest.raises(OptimalStepsError, match="reference-compat"):
-        search(model, noise, steps=3, teacher_steps=20, reference_compat=True, refine=True)
+        search(model, noise, steps=3, teacher_steps=20, dp=DPOptions(reference_compat=True), refine=True)
 
 
 # ---------------------------------------------------------------------------------- coarse to fine
@@ -178,14 +180,15 @@ def test_coarse_to_fine_is_close_to_the_full_search_for_fewer_calls(process, sol
     model = _model(process, dim=8, seed=0)
     noise = _noise(4, 8, seed=5)
     full = search(model, noise, steps=3, teacher_steps=48, solver=solver)
-    fast = search(model, noise, steps=3, teacher_steps=48, solver=solver, coarse_to_fine=CoarseToFine(coarse_steps=8))
+    fast = search(model, noise, steps=3, teacher_steps=48, solver=solver,
+                  dp=DPOptions(coarse_to_fine=CoarseToFine(coarse_steps=8)))
     path = fast.indices
     assert len(path) == 4 and path[0] == 0 and path[-1] == 48 and all(b > a for a, b in zip(path, path[1:]))
     assert torch.equal(fast.schedule.times, full.teacher.times[path])
     # the recorded cost is the traced schedule's real final error, and close to the full search's
     realised = final_error(model, noise, fast.schedule, solver, fast.teacher_samples)[0]
-    assert realised == pytest.approx(fast.cost, rel=1e-6)
-    assert fast.cost <= 1.1 * full.cost
+    assert realised == pytest.approx(fast.dp_cost, rel=1e-6)
+    assert fast.dp_cost <= 1.1 * full.dp_cost
     assert fast.nfe < 0.7 * full.nfe
     assert fast.teacher_nfe == full.teacher_nfe
     info = fast.schedule.metadata["coarse_to_fine"]
@@ -197,13 +200,13 @@ def test_coarse_to_fine_without_a_coarser_grid_is_the_full_search():
     noise = _noise()
     full = search(model, noise, steps=3, teacher_steps=12, solver="dpmpp2m")
     same = coarse_to_fine_search(model, noise, 3, teacher_steps=12, solver="dpmpp2m", coarse_steps=12)
-    assert same.indices == full.indices and same.nfe == full.nfe and same.cost == pytest.approx(full.cost)
+    assert same.indices == full.indices and same.nfe == full.nfe and same.dp_cost == pytest.approx(full.dp_cost)
 
 
 def test_coarse_to_fine_with_median_aggregation():
     model = _model("flow", dim=6)
     noise = _noise(3)
-    fast = search(model, noise, steps=3, teacher_steps=40, aggregate="median", coarse_to_fine=True)
+    fast = search(model, noise, steps=3, teacher_steps=40, dp=DPOptions(aggregate="median", coarse_to_fine=True))
     assert len(fast.per_sample_indices) == 3
     for path in fast.per_sample_indices:
         realised = final_error(model, noise[:1], fast.teacher.times[path], "euler", fast.teacher_samples[:1])[0]
@@ -215,9 +218,9 @@ def test_bad_coarse_to_fine_options_are_named():
     model = _model()
     noise = _noise()
     with pytest.raises(OptimalStepsError, match="coarse_steps must be a whole number >= 4"):
-        search(model, noise, steps=3, teacher_steps=40, coarse_to_fine=CoarseToFine(coarse_steps=3))
+        search(model, noise, steps=3, teacher_steps=40, dp=DPOptions(coarse_to_fine=CoarseToFine(coarse_steps=3)))
     with pytest.raises(OptimalStepsError, match="factor"):
-        search(model, noise, steps=3, teacher_steps=40, coarse_to_fine=CoarseToFine(factor=1))
+        search(model, noise, steps=3, teacher_steps=40, dp=DPOptions(coarse_to_fine=CoarseToFine(factor=1)))
 
 
 # ---------------------------------------------------------------------------------------- CLI

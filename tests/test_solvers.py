@@ -80,7 +80,8 @@ def test_dpmpp2m_last_step_returns_the_clean_estimate(gen):
     noise = torch.randn(3, 4, generator=gen)
     res = sample(model, noise, torch.tensor([1.0, 0.3, 0.05, 0.0]), solver="dpmpp2m", return_trajectory=True)
     before = res.trajectory[-2]
-    assert torch.allclose(res.samples, model(before, torch.full((3,), 0.05)), atol=1e-5)
+    atol = 64 * torch.finfo(torch.float32).eps * float(res.samples.abs().max())  # float32 states
+    assert torch.allclose(res.samples, model(before, torch.full((3,), 0.05)), atol=atol)
 
 
 def test_nfe_counts(gen):

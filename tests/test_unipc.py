@@ -11,6 +11,7 @@ from optimalsteps import GaussianMixture, sample, search
 from optimalsteps.core.processes import FLOW, VP
 from optimalsteps.core.schedules import karras, logsnr
 from optimalsteps.core.solvers import get_solver, nfe_per_trajectory, unic_coefficients
+from optimalsteps.optimize.options import Checkpointing, DPOptions, Storage
 
 EPS64 = torch.finfo(torch.float64).eps
 
@@ -54,7 +55,7 @@ def test_dp_against_brute_force_on_a_small_grid(process):
         result = search(model, noise, steps=steps, teacher_steps=n, solver="unipc")
         grid = result.teacher.times
         realised = _error(sample(model, noise, result.schedule, solver="unipc").samples, result.teacher_samples)
-        assert realised == pytest.approx(result.cost, rel=1e-9, abs=1e-14)
+        assert realised == pytest.approx(result.dp_cost, rel=1e-9, abs=1e-14)
         # every cell of the DP's table is the brute-force best one-step extension of the previous layer
         costs, path = _dp_by_sampling(model, noise, grid, steps)
         assert result.indices == path
@@ -62,7 +63,7 @@ def test_dp_against_brute_force_on_a_small_grid(process):
             assert float(result.cost_table[k, j]) == pytest.approx(cost, rel=1e-9, abs=1e-14)
         finals = {p: _error(sample(model, noise, grid[[0, *p, n]], solver="unipc").samples, result.teacher_samples)
                   for p in itertools.combinations(range(1, n), steps - 1)}
-        assert min(finals.values()) <= result.cost * (1 + 1e-9)
+        assert min(finals.values()) <= result.dp_cost * (1 + 1e-9)
         if steps <= 2:  # one state per cell loses nothing here: the DP is the global optimum
             assert realised == pytest.approx(min(finals.values()), rel=1e-9, abs=1e-14)
 
@@ -70,12 +71,12 @@ def test_dp_against_brute_force_on_a_small_grid(process):
 def test_dp_with_x0_cost_median_coarse_to_fine_and_free_start_stays_exact():
     model = GaussianMixture.random(dim=6, components=3, seed=2, process="vp")
     noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    for options in ({"cost": "x0"}, {"coarse_to_fine": True}, {"free_start": True}):
+    for options in (DPOptions(cost="x0"), DPOptions(coarse_to_fine=True), DPOptions(free_start=True)):
         # the x0 cost scores the final cell on the state itself (the clean end's estimate is the state)
-        result = search(model, noise, steps=4, teacher_steps=24, solver="unipc", **options)
+        result = search(model, noise, steps=4, teacher_steps=24, solver="unipc", dp=options)
         out = sample(model, noise, result.schedule, solver="unipc").samples
-        assert _error(out, result.teacher_samples) == pytest.approx(result.cost, rel=1e-9, abs=1e-14), options
-    result = search(model, noise, steps=4, teacher_steps=24, solver="unipc", aggregate="median")
+        assert _error(out, result.teacher_samples) == pytest.approx(result.dp_cost, rel=1e-9, abs=1e-14), options
+    result = search(model, noise, steps=4, teacher_steps=24, solver="unipc", dp=DPOptions(aggregate="median"))
     for b, schedule in enumerate(result.per_sample):  # each sample's own path realises its own cost
         out = sample(model, noise[b:b + 1], schedule, solver="unipc").samples
         assert _error(out, result.teacher_samples[b:b + 1]) == pytest.approx(
@@ -193,10 +194,12 @@ def test_resume_and_target_blocks_give_the_same_schedule(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        search(model, noise, steps=4, teacher_steps=30, solver="unipc", checkpoint_dir=str(tmp_path),
-               callback=stop_after_two)
-    resumed = search(model, noise, steps=4, teacher_steps=30, solver="unipc", checkpoint_dir=str(tmp_path),
-                     resume=True)
-    blocks = search(model, noise, steps=4, teacher_steps=30, solver="unipc", storage="cpu", target_chunk=5)
+        search(model, noise, steps=4, teacher_steps=30, solver="unipc",
+               checkpointing=Checkpointing(dir=str(tmp_path)), callback=stop_after_two)
+    resumed = search(model, noise, steps=4, teacher_steps=30, solver="unipc",
+                     checkpointing=Checkpointing(dir=str(tmp_path), resume=True))
+    blocks = search(model, noise, steps=4, teacher_steps=30, solver="unipc",
+                    storage=Storage(place="cpu", target_chunk=5))
     assert resumed.indices == blocks.indices == whole.indices
-    assert resumed.cost == pytest.approx(whole.cost, rel=1e-6) and blocks.cost == pytest.approx(whole.cost, rel=1e-6)
+    assert resumed.dp_cost == pytest.approx(whole.dp_cost, rel=1e-6)
+    assert blocks.dp_cost == pytest.approx(whole.dp_cost, rel=1e-6)

@@ -1,23 +1,24 @@
-"""The model contract, classifier-free guidance, and `load_model(spec)`.
+"""The model contract: what a model is, how its prediction becomes a clean estimate, classifier-free
+guidance, and drawing noise of a model's sample shape.
 
 A model is any callable `model(x, t, **cond)` with attributes `process` ("flow" | "vp" | "ve", or a
 `NoiseProcess`) and `prediction` ("x0" | "eps" | "v" | "velocity"); `x` is `[B, ...]` and `t` a tensor
 `[B]` in the process's native time. Optional attributes: `sample_shape` (the shape of one sample, used
 when noise must be drawn), `data_samples(n, generator)` (true data, for distribution metrics),
-`spec` (the string it was loaded from).
+`spec` (the string it was loaded from), `teacher_grid(teacher_steps) -> Schedule` (the grid a search or a
+comparison distils for this model, e.g. a pipeline's shifted or trained-range grid; read through
+`model_teacher_grid`, which falls back to `default_teacher_grid`).
 """
 
 from __future__ import annotations
 
-import importlib.util
-import json
-from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from .errors import OptimalStepsError
 from .processes import NoiseProcess, check_prediction, get_process, to_x0_eps
+from .schedules import Schedule, check_steps, karras, uniform
 
 
 class Model(Protocol):
@@ -32,6 +33,35 @@ def model_process(model: Any) -> NoiseProcess:
         raise OptimalStepsError("a model needs attributes 'process' and 'prediction' (see optimalsteps.models)")
     check_prediction(model.prediction)
     return get_process(model.process)
+
+
+def default_teacher_grid(process: NoiseProcess, teacher_steps: int) -> Schedule:
+    """The default teacher grid: uniform native time for flow / vp, Karras rho = 7 (80 -> 0.002, then 0) for ve."""
+    if process.kind == "ve":
+        return karras(process, teacher_steps, sigma_min=0.002, sigma_max=min(80.0, process.t_start))
+    return uniform(process, teacher_steps)
+
+
+def model_teacher_grid(model: Any, teacher_steps: int) -> Schedule:
+    """The teacher grid of `teacher_steps` steps for `model`: its own `teacher_grid(teacher_steps)` where it
+    has one, else `default_teacher_grid`. Search and compare both read it here."""
+    process = model_process(model)
+    own = getattr(model, "teacher_grid", None)
+    if own is None:
+        # the diffusers integration attaches `teacher_schedule` at run time until its models define teacher_grid
+        own = getattr(model, "teacher_schedule", None)
+    grid = own(check_steps(teacher_steps)) if callable(own) else default_teacher_grid(process, teacher_steps)
+    return check_teacher_grid(grid, process)
+
+
+def check_teacher_grid(grid: Any, process: NoiseProcess) -> Schedule:
+    """A teacher grid as a Schedule of `process` that starts at the process start."""
+    grid = grid if isinstance(grid, Schedule) else Schedule(grid, process)
+    if grid.process.name != process.name:
+        raise OptimalStepsError(f"teacher grid is for {grid.process.name}, the model's process is {process.name}")
+    if abs(float(grid.times[0]) - process.t_start) > 1e-9 * max(1.0, process.t_start):
+        raise OptimalStepsError("the teacher grid must start at the process start")
+    return grid
 
 
 def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None = None) -> torch.Tensor:
@@ -57,15 +87,28 @@ def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None =
     return x0
 
 
+# Conditions, one rule everywhere: a tensor whose first dimension is 1 (or a scalar, or a non-tensor) is
+# broadcast to every sample; a tensor with B rows holds one row per sample; any other row count is an error.
+
+def is_broadcast(value: Any) -> bool:
+    """Whether a condition value is shared by all samples (not a tensor, a scalar, or first dimension 1)."""
+    return not isinstance(value, torch.Tensor) or value.dim() == 0 or value.shape[0] == 1
+
+
+def check_cond(cond: dict | None, batch: int) -> dict | None:
+    """`cond` unchanged, after checking every per-sample tensor has one row per each of `batch` samples."""
+    for key, value in (cond or {}).items():
+        if not is_broadcast(value) and value.shape[0] != batch:
+            raise OptimalStepsError(f"condition {key!r} has {value.shape[0]} rows but there are {batch} noise samples")
+    return cond
+
+
 def index_cond(cond: dict | None, index: torch.Tensor) -> dict | None:
-    """The conditions of the samples at `index` (per-sample tensors are indexed on their first dimension)."""
+    """The conditions of the samples at `index`: per-sample tensors indexed on their first dimension,
+    broadcast ones kept as they are."""
     if not cond:
         return cond
-    # a first dimension of 1 is broadcast by the model and stays as it is
-    return {
-        k: v[index] if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1 else v
-        for k, v in cond.items()
-    }
+    return {k: v if is_broadcast(v) else v[index] for k, v in cond.items()}
 
 
 def _times_text(t: torch.Tensor) -> str:
@@ -89,7 +132,7 @@ class CFGModel:
         self.guidance_scale = float(guidance_scale)
         self.cond_key = cond_key
         self.uncond_value = uncond_value
-        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range"):
+        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range", "teacher_grid"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 
@@ -109,106 +152,6 @@ class CFGModel:
         return out_u + self.guidance_scale * (out_c - out_u)
 
 
-# ----------------------------------------------------------------------------------- load_model
-
-# name -> (one-line description, loader taking keyword options). Filled by the modules that own them.
-def _builtin_models() -> dict[str, tuple[str, Callable[..., Any]]]:
-    models: dict[str, tuple[str, Callable[..., Any]]] = {}
-    try:
-        from ..testbeds import nets  # trained digit models (present once weights are committed)
-
-        models.update(nets.BUILTIN_MODELS)
-    except ImportError:
-        pass
-    return models
-
-
-def _parse_options(text: str) -> dict[str, str]:
-    options = {}
-    for part in filter(None, text.split(",")):
-        if "=" not in part:
-            raise OptimalStepsError(f"model option {part!r} is not key=value")
-        key, value = part.split("=", 1)
-        options[key.strip()] = value.strip()
-    return options
-
-
-def load_model(spec: str) -> Any:
-    """A model from a spec string (the CLI's --model).
-
-    - `gmm:FILE.json` or `gmm:dim=64,components=8,seed=0,process=flow`: exact Gaussian mixture
-    - `empirical:DATASET[,process=flow]`: the exact denoiser of a finite dataset (digits, mnist)
-    - `python:FILE.py:NAME`: NAME() from a user file returns a model
-    - a built-in name (`optimalsteps models` lists them)
-    """
-    if not isinstance(spec, str) or not spec:
-        raise OptimalStepsError("empty model spec")
-    kind, _, rest = spec.partition(":")
-    if kind == "gmm":
-        from ..testbeds.mixture import GaussianMixture
-
-        if rest.endswith(".json") or Path(rest).is_file():
-            model = GaussianMixture.from_json(rest)
-        else:
-            options = _parse_options(rest)
-            allowed = {"dim", "components", "seed", "process", "spread", "std"}
-            unknown = set(options) - allowed
-            if unknown:
-                raise OptimalStepsError(f"unknown gmm option(s) {sorted(unknown)}; known: {sorted(allowed)}")
-            try:
-                model = GaussianMixture.random(
-                    dim=int(options.get("dim", 64)),
-                    components=int(options.get("components", 8)),
-                    seed=int(options.get("seed", 0)),
-                    process=options.get("process", "flow"),
-                    spread=float(options.get("spread", 1.0)),
-                    std=float(options.get("std", 0.3)),
-                )
-            except ValueError as exc:
-                if isinstance(exc, OptimalStepsError):
-                    raise
-                raise OptimalStepsError(f"bad gmm option in {spec!r}: {exc}") from None
-    elif kind == "python":
-        model = _load_python_model(rest)
-    elif kind == "empirical":
-        from ..testbeds.empirical import load_empirical
-
-        name, _, opts = rest.partition(",")
-        model = load_empirical(name, **_parse_options(opts))
-    else:
-        builtins = _builtin_models()
-        name, _, opts = spec.partition(":")
-        if name not in builtins:
-            known = ["gmm:...", "empirical:...", "python:FILE.py:NAME", "diffusers:ID (CLI)"] + sorted(builtins)
-            raise OptimalStepsError(f"unknown model {spec!r}; known: {', '.join(known)}")
-        model = builtins[name][1](**_parse_options(opts))
-    model_process(model)
-    try:
-        model.spec = spec
-    except AttributeError:
-        pass
-    return model
-
-
-def _load_python_model(rest: str) -> Any:
-    path, sep, name = rest.rpartition(":")
-    if not sep or not path or not name:
-        raise OptimalStepsError(f"python model spec must be python:FILE.py:NAME, got python:{rest}")
-    file = Path(path)
-    if not file.is_file():
-        raise OptimalStepsError(f"python model file not found: {path}")
-    module_spec = importlib.util.spec_from_file_location(f"optimalsteps_user_{file.stem}", file)
-    module = importlib.util.module_from_spec(module_spec)
-    try:
-        module_spec.loader.exec_module(module)
-    except Exception as exc:  # the user's file: report, do not crash
-        raise OptimalStepsError(f"could not import {path}: {type(exc).__name__}: {exc}") from None
-    factory = getattr(module, name, None)
-    if not callable(factory):
-        raise OptimalStepsError(f"{path} has no callable {name!r}")
-    return factory()
-
-
 def sample_shape(model: Any) -> tuple[int, ...]:
     shape = getattr(model, "sample_shape", None)
     if shape is None:
@@ -225,24 +168,3 @@ def draw_noise(model: Any, count: int, seed: int, dtype: torch.dtype = torch.flo
     return torch.randn((count,) + sample_shape(model), generator=generator, dtype=torch.float64).to(
         dtype=dtype, device=device
     )
-
-
-def load_json(path: str | Path, what: str) -> Any:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise OptimalStepsError(f"{what} not found: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise OptimalStepsError(f"{what} {path} is not valid JSON: {exc}") from None
-
-
-def load_npy(path: str | Path, what: str):
-    """A .npy array (no pickles), or a one-line error naming `what` could not be read."""
-    import numpy as np
-
-    try:
-        return np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise OptimalStepsError(f"{what} not found: {path}") from None
-    except (ValueError, OSError) as exc:
-        raise OptimalStepsError(f"{what} {path} is not a readable .npy array: {exc}") from None

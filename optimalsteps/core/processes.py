@@ -12,7 +12,7 @@ from typing import Union
 
 import torch
 
-from .errors import OptimalStepsError
+from .errors import OptimalStepsError, unknown
 
 PREDICTIONS = ("x0", "eps", "v", "velocity")
 
@@ -97,6 +97,11 @@ class NoiseProcess:
             return (-2.0 * log_alpha) / (b + disc)
         return torch.exp(-lam)
 
+    @property
+    def sigma_ve_max(self) -> float:
+        """The largest noise level, sigma / alpha at `t_start` (inf for flow, whose start is pure noise)."""
+        return float(self.sigma_ve(torch.tensor(self.t_start, dtype=torch.float64)))
+
     def sigma_ve(self, t) -> torch.Tensor:
         """sigma / alpha: the k-diffusion / EDM noise level of time t (inf at the flow start)."""
         t = _f64(t)
@@ -137,12 +142,12 @@ def get_process(process: ProcessLike) -> NoiseProcess:
         return process
     if isinstance(process, str) and process in PROCESSES:
         return PROCESSES[process]
-    raise OptimalStepsError(f"unknown process {process!r}; known: {', '.join(PROCESSES)}")
+    raise unknown("process", process, PROCESSES)
 
 
 def check_prediction(prediction: str) -> str:
     if prediction not in PREDICTIONS:
-        raise OptimalStepsError(f"unknown prediction type {prediction!r}; known: {', '.join(PREDICTIONS)}")
+        raise unknown("prediction type", prediction, PREDICTIONS)
     return prediction
 
 
@@ -206,6 +211,8 @@ def convert_prediction(output: torch.Tensor, x: torch.Tensor, t, process: Proces
 def convert_times(times, source: ProcessLike, target: ProcessLike) -> torch.Tensor:
     """Times in `target` with the same log-SNR as `times` in `source`, clamped to the target's range."""
     source, target = get_process(source), get_process(target)
+    if source == target:  # exactly: a round trip through log-SNR would add rounding noise (0.9886000000000001)
+        return _f64(times).clone().clamp(min=target.t_clean, max=target.t_start)
     lam = source.log_snr(times)
     lam_lo = target.log_snr(torch.tensor(target.t_start, dtype=torch.float64))
     lam = torch.clamp(lam, min=lam_lo)
@@ -240,9 +247,7 @@ class DiscreteDDPM:
 
     def __post_init__(self):
         if self.beta_schedule not in BETA_SCHEDULES:
-            raise OptimalStepsError(
-                f"unknown beta schedule {self.beta_schedule!r}; known: {', '.join(BETA_SCHEDULES)}"
-            )
+            raise unknown("beta schedule", self.beta_schedule, BETA_SCHEDULES)
 
     @property
     def betas(self) -> torch.Tensor:

@@ -18,10 +18,13 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from .errors import OptimalStepsError
-from .processes import DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
+from .errors import OptimalStepsError, unknown
+from .io import load_json, write_text
+from .processes import FLOW, DiscreteDDPM, NoiseProcess, ProcessLike, convert_times, get_process, ve_process
+from .version import __version__
 
 FORMAT = "optimalsteps.schedule.v1"
+TIME_DIGITS = 12  # significant digits of the times in a schedule file
 
 # EDM's noise range, used where a process's own start is at infinite noise (the flow start, t = 1)
 SIGMA_MIN = 0.002
@@ -29,8 +32,6 @@ SIGMA_MAX_FALLBACK = 80.0
 
 
 def library_version() -> str:
-    from .. import __version__
-
     return __version__
 
 
@@ -77,7 +78,7 @@ class Schedule:
         metadata = {"library_version": library_version(),
                     "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
         metadata.update(self.metadata)
-        return {"format": FORMAT, "process": self.process.name, "times": self.times.tolist(),
+        return {"format": FORMAT, "process": self.process.name, "times": [readable(v) for v in self.times.tolist()],
                 "solver": self.solver, "metadata": _jsonable(metadata)}
 
     @classmethod
@@ -101,8 +102,6 @@ class Schedule:
 
     @classmethod
     def load(cls, path: str | Path) -> "Schedule":
-        from .models import load_json
-
         return cls.from_dict(load_json(path, "schedule file"), source=str(path))
 
     # ------------------------------------------------------------------ exports
@@ -126,8 +125,6 @@ class Schedule:
 
     def to_flow_sigmas(self) -> torch.Tensor:
         """diffusers FlowMatchEulerDiscreteScheduler `sigmas`: M flow times (no terminal 0) for shift 1."""
-        from .processes import FLOW
-
         return convert_times(self.times, self.process, FLOW)[:-1]
 
     def to_timesteps(self, ddpm: DiscreteDDPM | None = None) -> torch.Tensor:
@@ -229,25 +226,10 @@ def loglinear_interp(values: np.ndarray, count: int) -> np.ndarray:
     return np.exp(new)[::-1].copy()
 
 
-def check_writable(path: str | Path | None, overwrite: bool = False) -> None:
-    """Refuse early, before any work, to replace a file the user has."""
-    if path and Path(path).exists() and not overwrite:
-        raise OptimalStepsError(f"{path} already exists; choose another path or pass --force to overwrite")
-
-
-def write_text(path: Path, text: str, overwrite: bool = False) -> None:
-    write_bytes(path, text.encode(), overwrite)
-
-
-def write_bytes(path: Path, data: bytes, overwrite: bool = False) -> None:
-    """Write a file atomically, refusing to replace an existing one unless asked."""
-    path = Path(path)
-    check_writable(path, overwrite)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+def readable(value: float, digits: int = TIME_DIGITS) -> float:
+    """`value` rounded to `digits` significant digits: 0.30000000000000004 (float noise of a conversion) is
+    written as 0.3. Twelve digits are far finer than any solver resolves, and keep distinct times distinct."""
+    return float(f"{value:.{digits}g}") if math.isfinite(value) else value
 
 
 def _jsonable(value: Any) -> Any:
@@ -285,14 +267,14 @@ def _check_distinct(times: torch.Tensor, process: NoiseProcess, name: str) -> No
     # convert_times clamps noise levels above the process's largest to (about) its start
     clamped = int((times[1:] >= times[:-1] * (1 - 1e-9)).sum())
     if clamped:
-        top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+        top = process.sigma_ve_max
         raise OptimalStepsError(
             f"{name}: {clamped} of its {len(times) - 1} steps start at or above the largest noise level of process "
             f"{process.name} (sigma {top:.4g}); use fewer steps or other options")
 
 
 def _sigma_range(process: NoiseProcess, sigma_min: float, sigma_max: float | None) -> tuple[float, float]:
-    top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+    top = process.sigma_ve_max
     if sigma_max is None:
         sigma_max = top if math.isfinite(top) else SIGMA_MAX_FALLBACK
     lo, hi = float(sigma_min), float(min(sigma_max, top))
@@ -353,8 +335,6 @@ def shift(process: ProcessLike, steps: int, shift: float | None = 3.0, mu: float
           image_seq_len: int | None = None) -> Schedule:
     """Flow times linspace(1, 1/M, M) shifted as SD3 (static `shift`) or Flux (`mu`, or `mu` from the latent
     sequence length `image_seq_len`: 4096 tokens = 1024x1024 gives 1.15), then 0; mapped by SNR for vp / ve."""
-    from .processes import FLOW
-
     process, steps = get_process(process), check_steps(steps)
     if image_seq_len is not None:
         if mu is not None:
@@ -374,7 +354,7 @@ def kl_optimal(process: ProcessLike, steps: int, sigma_min: float = SIGMA_MIN,
 
     sigma_max defaults to the process's own largest noise level, infinite for flow (arctan = pi/2)."""
     process, steps = get_process(process), check_steps(steps)
-    top = float(process.sigma_ve(torch.tensor(process.t_start, dtype=torch.float64)))
+    top = process.sigma_ve_max
     hi = top if sigma_max is None else min(float(sigma_max), top)
     if not (0 < sigma_min < hi):
         raise OptimalStepsError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min:g}, sigma_max={hi:g}")
@@ -393,7 +373,7 @@ def beta(process: ProcessLike, steps: int, a: float = 0.6, b: float = 0.6, sigma
     The axis is native time for flow and vp; for ve it is log sigma from sigma_min to the process's largest
     sigma, as ComfyUI spaces the timestep table of continuous-EDM models. ComfyUI rounds the quantiles
     onto a 1000-entry table and drops repeats; here time is continuous, so no rounding is needed."""
-    from scipy.stats import beta as beta_dist
+    from scipy.stats import beta as beta_dist  # scipy.stats takes a third of a second to import: only here
 
     process, steps = get_process(process), check_steps(steps)
     quantiles = torch.as_tensor(beta_dist.ppf(1.0 - np.linspace(0.0, 1.0, steps, endpoint=False), a, b),
@@ -433,5 +413,5 @@ CLOSED_FORMS: dict[str, Callable[..., Schedule]] = {
 
 def closed_form(name: str, process: ProcessLike, steps: int, **options: Any) -> Schedule:
     if name not in CLOSED_FORMS:
-        raise OptimalStepsError(f"unknown schedule {name!r}; known: {', '.join(CLOSED_FORMS)}")
+        raise unknown("schedule", name, CLOSED_FORMS)
     return CLOSED_FORMS[name](process, steps, **options)

@@ -19,9 +19,10 @@ from typing import Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
-from .errors import OptimalStepsError
-from .models import index_cond, model_process, predict_x0
+from .errors import OptimalStepsError, unknown
+from .models import check_cond, index_cond, model_process, predict_x0
 from .processes import NoiseProcess
+from .schedules import as_schedule
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,7 @@ def get_solver(name: str | Solver) -> Solver:
     if isinstance(name, Solver):
         return name
     if name not in SOLVERS:
-        raise OptimalStepsError(f"unknown solver {name!r}; known: {', '.join(SOLVERS)}")
+        raise unknown("solver", name, SOLVERS)
     return SOLVERS[name]
 
 
@@ -275,14 +276,16 @@ def initial_state(process: NoiseProcess, noise: torch.Tensor, t_start: float) ->
 
 def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler", cond: dict | None = None,
            calibration: Optional[Callable[[torch.Tensor, int, float], torch.Tensor]] = None,
-           return_trajectory: bool = False, progress: bool = False) -> SampleResult:
+           return_trajectory: bool = False, progress: bool = False, max_batch: int | None = None) -> SampleResult:
     """Integrate from x = sigma(t_start) * noise along `schedule` (a Schedule or a 1-D tensor of times).
 
     `calibration(x, step_index, t)`, if given, transforms the state before each model call (amplitude
-    calibration). NFE is counted per trajectory.
+    calibration). NFE is counted per trajectory. `max_batch` samples at most that many trajectories at
+    once (chunks of the noise, each with its samples' conditions); the result is the same.
     """
-    from .schedules import as_schedule
-
+    if max_batch is not None and noise.dim() >= 1 and noise.shape[0] > max_batch:
+        return _sample_in_chunks(model, noise, schedule, solver, check_cond(cond, noise.shape[0]), calibration,
+                                 return_trajectory, progress, int(max_batch))
     process = model_process(model)
     schedule = as_schedule(schedule, process)
     if schedule.process.name != process.name:
@@ -291,12 +294,7 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
         )
     if noise.dim() < 1 or noise.shape[0] < 1:
         raise OptimalStepsError("noise must have shape [B, ...] with B >= 1")
-    if cond:
-        for key, value in cond.items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] != noise.shape[0]:
-                raise OptimalStepsError(
-                    f"condition {key!r} has {value.shape[0]} rows but there are {noise.shape[0]} noise samples"
-                )
+    check_cond(cond, noise.shape[0])
     solver = get_solver(solver)
     times = schedule.times.tolist()
     started = time.perf_counter()
@@ -318,3 +316,18 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
         if return_trajectory:
             trajectory.append(x)
     return SampleResult(x, nfe, time.perf_counter() - started, trajectory)
+
+
+def _sample_in_chunks(model: Any, noise: torch.Tensor, schedule: Any, solver: str, cond: dict | None,
+                      calibration: Any, return_trajectory: bool, progress: bool, max_batch: int) -> SampleResult:
+    """`sample` over chunks of at most max_batch samples, joined."""
+    if max_batch < 1:
+        raise OptimalStepsError(f"max_batch must be at least 1, got {max_batch}")
+    parts = []
+    for start in range(0, noise.shape[0], max_batch):
+        index = torch.arange(start, min(start + max_batch, noise.shape[0]))
+        parts.append(sample(model, noise[index], schedule, solver, index_cond(cond, index), calibration,
+                            return_trajectory, progress))
+    trajectory = [torch.cat(states) for states in zip(*(p.trajectory for p in parts))]
+    return SampleResult(torch.cat([p.samples for p in parts]), parts[0].nfe, sum(p.seconds for p in parts),
+                        trajectory)

@@ -22,8 +22,9 @@ from tqdm.auto import tqdm
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
 from ..core.errors import OptimalStepsError
 from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
-from ..core.models import draw_noise, model_process
-from ..core.schedules import Schedule, check_steps, write_bytes
+from ..core.io import write_bytes
+from ..core.models import draw_noise, is_broadcast, model_process, model_teacher_grid
+from ..core.schedules import Schedule, check_steps
 from ..core.solvers import get_solver, sample
 
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
@@ -61,28 +62,13 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     - search noise: `noise`, else `samples` draws from `seed`; `cond` its per-sample conditions;
     - evaluation noise: `eval_noise`, else `eval_samples` draws from `eval_seed` (default seed + 1000003);
       `eval_cond` its conditions (conditions broadcast from one row are reused);
-    - the teacher: `teacher_steps` steps of each solver on the search's default grid, run on the evaluation
-      noise; `options` maps a schedule name to its options (e.g. {"shift": {"mu": 1.15}, "oss": {"cost": "x0"}}).
+    - the teacher: `teacher_steps` steps of each solver on `model_teacher_grid` (the grid searches distil), on the
+      evaluation noise; `options` maps a schedule name to its options (e.g. {"oss": {"cost": "x0"}}).
     Rows carry ROW_KEYS; PSNR uses `data_range` (default: the model's `data_range`, else the spread of the
     true data samples, else of the teacher's outputs)."""
-    from ..optimize.search import teacher_schedule
-
     process = model_process(model)
     teacher_steps = check_steps(teacher_steps)
-    steps = sorted({check_steps(s) for s in steps})
-    if not steps:
-        raise OptimalStepsError("compare needs at least one step count")
-    too_many = [s for s in steps if s >= teacher_steps]
-    if too_many:
-        raise OptimalStepsError(f"step counts {too_many} are not fewer than the teacher's {teacher_steps} steps")
-    solvers = list(dict.fromkeys(get_solver(s).name for s in solvers))
-    names = list(dict.fromkeys(n if n in SEARCH_VARIANTS else check_name(n) for n in schedules))
-    if not solvers or not names:
-        raise OptimalStepsError("compare needs at least one solver and one schedule")
-    options = options or {}
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise OptimalStepsError(f"options given for schedules not compared: {', '.join(unknown)}")
+    steps, solvers, names, options = _check_compare_inputs(steps, solvers, schedules, teacher_steps, options)
     noise = noise if noise is not None else draw_noise(model, samples, seed)
     eval_seed = seed + EVAL_SEED_OFFSET if eval_seed is None else eval_seed
     eval_noise = eval_noise if eval_noise is not None else draw_noise(model, eval_samples, eval_seed)
@@ -95,7 +81,7 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
         bar.set_postfix_str("references")
         targets = _references(model, eval_noise, eval_seed, data_range)
         bar.update(1)
-        teacher = teacher_schedule(process, teacher_steps)
+        teacher = model_teacher_grid(model, teacher_steps)
         reference = {"model": getattr(model, "spec", type(model).__name__), "process": process.name,
                      "teacher_steps": teacher_steps, "teacher_grid": teacher.metadata.get("baseline"),
                      "search_samples": int(noise.shape[0]), "seed": seed, "eval_samples": int(eval_noise.shape[0]),
@@ -147,6 +133,26 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
     return result
 
 
+def _check_compare_inputs(steps: Sequence[int], solvers: Sequence[str], schedules: Sequence[str], teacher_steps: int,
+                          options: dict[str, dict[str, Any]] | None):
+    """(step counts, solver names, schedule names, options), checked."""
+    steps = sorted({check_steps(s) for s in steps})
+    if not steps:
+        raise OptimalStepsError("compare needs at least one step count")
+    too_many = [s for s in steps if s >= teacher_steps]
+    if too_many:
+        raise OptimalStepsError(f"step counts {too_many} are not fewer than the teacher's {teacher_steps} steps")
+    solvers = list(dict.fromkeys(get_solver(s).name for s in solvers))
+    names = list(dict.fromkeys(n if n in SEARCH_VARIANTS else check_name(n) for n in schedules))
+    if not solvers or not names:
+        raise OptimalStepsError("compare needs at least one solver and one schedule")
+    options = options or {}
+    strays = sorted(set(options) - set(names))
+    if strays:
+        raise OptimalStepsError(f"options given for schedules not compared: {', '.join(strays)}")
+    return steps, solvers, names, options
+
+
 def _solver_specific(name: str) -> bool:
     return name in SOLVER_SPECIFIC or name in SEARCH_VARIANTS
 
@@ -154,7 +160,7 @@ def _solver_specific(name: str) -> bool:
 def _eval_conditions(cond: dict | None, eval_cond: dict | None, count: int) -> dict | None:
     if eval_cond is not None or not cond:
         return eval_cond
-    per_sample = [k for k, v in cond.items() if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] > 1]
+    per_sample = [k for k, v in cond.items() if not is_broadcast(v)]
     if per_sample:
         raise OptimalStepsError(f"per-sample conditions ({', '.join(per_sample)}) need eval_cond for the "
                                 f"{count} evaluation samples")
@@ -195,16 +201,8 @@ def _references(model: Any, eval_noise: torch.Tensor, eval_seed: int, data_range
 def _sample(model: Any, noise: torch.Tensor, schedule: Schedule, solver: str, cond: dict | None,
             max_batch: int) -> tuple[torch.Tensor, float, int]:
     """Samples on the schedule in chunks of at most max_batch: (samples, seconds, NFE per sample)."""
-    from ..core.models import index_cond
-
-    outs, seconds, nfe = [], 0.0, 0
-    for start in range(0, noise.shape[0], max_batch):
-        index = torch.arange(start, min(start + max_batch, noise.shape[0]))
-        result = sample(model, noise[index], schedule, solver=solver, cond=index_cond(cond, index))
-        outs.append(result.samples)
-        seconds += result.seconds
-        nfe = result.nfe
-    return torch.cat(outs), seconds, nfe
+    result = sample(model, noise, schedule, solver=solver, cond=cond, max_batch=max_batch)
+    return result.samples, result.seconds, result.nfe
 
 
 def _distribution_scores(model: Any, out: torch.Tensor, targets: _Targets) -> dict[str, float | None]:

@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Sequence
 
 from .compare import compare, markdown_table, report_paths, write_report
 from ..core.errors import OptimalStepsError
-from ..core.models import load_model
-from ..core.schedules import check_writable, write_text
+from ..core.io import check_writable, write_text
+from ..testbeds.registry import load_model
 
 DEFAULT_MODEL = "digits-flow"
 DEMO_SCHEDULES = ("oss", "uniform", "karras", "logsnr", "shift", "kl-optimal", "gits", "dm")
@@ -91,33 +91,3 @@ def check_demo_args(steps: Sequence[int], samples: int, eval_samples: int) -> No
         raise OptimalStepsError("demo steps must be whole numbers >= 1")
     if samples < 1 or eval_samples < 1:
         raise OptimalStepsError("demo needs at least one search and one evaluation sample")
-
-
-def add_demo_command(sub: Any) -> None:
-    """The `demo` subcommand (registered by optimalsteps.cli)."""
-    from ..cli import _int_list, _name_list, _positive_int
-
-    p = sub.add_parser("demo", help="search and compare schedules on a built-in digits model; write a report")
-    p.add_argument("--model", default=DEFAULT_MODEL, help=f"model spec (default {DEFAULT_MODEL})")
-    p.add_argument("--out", default="optimalsteps-demo", help="report folder (default optimalsteps-demo)")
-    p.add_argument("--steps", type=_int_list, default=[5, 10], help="step counts (default 5,10)")
-    p.add_argument("--solvers", type=_name_list, default=["euler", "dpmpp2m"])
-    p.add_argument("--schedules", type=_name_list, default=list(DEMO_SCHEDULES))
-    p.add_argument("--samples", type=_positive_int, default=16, help="search samples (default 16)")
-    p.add_argument("--eval-samples", type=_positive_int, default=256, help="held-out samples (default 256)")
-    p.add_argument("--teacher-steps", type=_positive_int, default=200)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true", help="a reduced run (seconds): 5 steps, euler, small sets")
-    p.add_argument("--force", action="store_true", help="overwrite an existing report")
-    p.set_defaults(func=cmd_demo)
-
-
-def cmd_demo(args: Any) -> None:
-    if args.quick:
-        args.steps, args.solvers, args.samples, args.eval_samples, args.teacher_steps = [5], ["euler"], 4, 32, 40
-        args.schedules = [s for s in args.schedules if s not in ("gits", "dm")]
-    check_demo_args(args.steps, args.samples, args.eval_samples)
-    report = run_demo(args.out, args.model, args.steps, args.solvers, args.schedules, args.samples,
-                      args.eval_samples, args.teacher_steps, args.seed, overwrite=args.force)
-    print(report.read_text().split("## Samples")[0].split("## Headline", 1)[-1].strip())
-    print(f"wrote {report} (open it first) and the compare outputs beside it")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.linalg import sqrtm
 
 from ..core.errors import OptimalStepsError
 
@@ -140,8 +141,6 @@ def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]
 def frechet_from_statistics(mu1: np.ndarray, cov1: np.ndarray, mu2: np.ndarray, cov2: np.ndarray) -> float:
     """|mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1 cov2)^(1/2)): the Frechet (W2) distance of two Gaussians,
     squared (as FID reports it)."""
-    from scipy.linalg import sqrtm
-
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     cov1, cov2 = np.atleast_2d(cov1), np.atleast_2d(cov2)
     root = sqrtm(cov1 @ cov2)

@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from ..core.errors import OptimalStepsError
-from ..core.schedules import Schedule, check_writable, write_bytes, write_text
+from ..core.io import check_writable, write_bytes, write_text
+from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory
 from ..evaluation.metrics import frechet_distance, mse, psnr
 from .diffusers import pipeline_inputs, pipeline_teacher, sample_pipeline

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 
 MODES = ("scale", "affine")
 
@@ -25,7 +25,7 @@ class AmplitudeCalibration:
 
     def __post_init__(self):
         if self.mode not in MODES:
-            raise OptimalStepsError(f"unknown calibration mode {self.mode!r}; known: {', '.join(MODES)}")
+            raise unknown("calibration mode", self.mode, MODES)
         if len(self.q05) != len(self.q95):
             raise OptimalStepsError("calibration quantile lists differ in length")
 

@@ -11,24 +11,19 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
 from ..core.errors import OptimalStepsError
+from ..core.io import write_bytes
 
 SETTINGS = "settings.json"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    write_bytes(path, data, overwrite=True)  # a checkpoint replaces the search's own earlier file
 
 
 class Checkpointer:

@@ -12,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..core.errors import OptimalStepsError
+
 
 @dataclass(frozen=True)
 class Shard:
@@ -44,8 +46,6 @@ def shard(total: int, enabled: bool = True) -> Shard:
         return Shard(0, 1, 0, total, total)
     world, r = dist.get_world_size(), dist.get_rank()
     if total < world:
-        from ..core.errors import OptimalStepsError
-
         raise OptimalStepsError(f"{total} samples cannot be shared by {world} ranks: use at least one per rank")
     base, extra = divmod(total, world)
     start = r * base + min(r, extra)

@@ -1,4 +1,4 @@
-"""Global refinement of a searched schedule, and a coarse-to-fine search that spends fewer model calls.
+"""Global refinement of a searched schedule, off the teacher grid.
 
 Refinement. The dynamic program keeps, per cell, the state closest to the teacher there, which is not the
 same as the best final output once a solver carries history (DPM-Solver++(2M)), and it only picks teacher
@@ -20,11 +20,6 @@ model calls (counted per sample state, as `SearchResult.nfe`) or an evaluation l
 refine=...)` may measure the error on more samples than the search's (`Refinement.samples`): they get
 their own teacher run.
 
-Coarse-to-fine search. `coarse_to_fine_dp` runs the DP on an evenly spaced sub-grid of the teacher grid
-(the teacher runs once, on the full grid, and its states there are reused), then level by level on finer
-strides restricted to a band around each chosen point, one band per DP layer, re-centring a band while a
-chosen point sits on its edge. A layer then evaluates the model at a handful of source states instead of
-about N. It is a heuristic: it need not find the full DP's schedule (docs/refine.md).
 """
 
 from __future__ import annotations
@@ -33,14 +28,15 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field, replace
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+from scipy.optimize import minimize, minimize_scalar
 from tqdm.auto import tqdm
 
-from ..core.errors import OptimalStepsError
-from ..core.models import index_cond, model_process
+from ..core.errors import OptimalStepsError, unknown
+from ..core.models import index_cond, is_broadcast, model_process
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory, sample
@@ -102,13 +98,9 @@ def final_error(model: Any, noise: torch.Tensor, schedule: Schedule | torch.Tens
                 target: torch.Tensor, cond: dict | None = None, max_batch: int = 4096) -> tuple[float, int]:
     """(mean squared error of the solver's output on `schedule` against `target`, model evaluations spent),
     sampled in chunks of at most max_batch; the error is averaged over samples and elements, as the DP's cost."""
-    total, nfe = 0.0, 0
-    for start in range(0, noise.shape[0], max_batch):
-        index = torch.arange(start, min(start + max_batch, noise.shape[0]))
-        out = sample(model, noise[index], schedule, solver=solver, cond=index_cond(cond, index))
-        total += float((out.samples.to(torch.float64) - target[index].to(torch.float64)).pow(2).sum())
-        nfe += out.nfe * len(index)
-    return total / target[0].numel() / target.shape[0], nfe
+    out = sample(model, noise, schedule, solver=solver, cond=cond, max_batch=max_batch)
+    total = float((out.samples.to(torch.float64) - target.to(torch.float64)).pow(2).sum())
+    return total / target[0].numel() / target.shape[0], out.nfe * noise.shape[0]
 
 
 class _Stop(Exception):
@@ -175,8 +167,6 @@ def _logits_times(process: NoiseProcess, logits: np.ndarray, first: float, last:
 def _nelder_mead(objective: _Objective, process: NoiseProcess, tol: float) -> str:
     """Nelder-Mead from the best start; stops when the simplex has shrunk (1e-4 in the logits) and its
     errors agree to `tol` of the start's error."""
-    from scipy.optimize import minimize
-
     start = objective.best_times
     first, last = float(start[0]), float(start[-1])
     x0 = _gap_logits(process, start)
@@ -191,8 +181,6 @@ def _nelder_mead(objective: _Objective, process: NoiseProcess, tol: float) -> st
 def _coordinate(objective: _Objective, process: NoiseProcess, tol: float, line_evals: int) -> str:
     """Passes of bounded Brent line searches, one interior time at a time between its neighbours, until a
     pass gains less than `tol` (relative)."""
-    from scipy.optimize import minimize_scalar
-
     steps = len(objective.best_times) - 1
     while True:
         before = objective.best_error
@@ -240,25 +228,13 @@ def _refused(name: str, unrefined: Schedule, message: str) -> RefineResult:
     return RefineResult(unrefined, name, math.nan, math.nan, math.nan, {}, 0, 0, [], "refused", message)
 
 
-def refine_schedule(model: Any, noise: torch.Tensor,
-                    start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], solver: str,
-                    target: torch.Tensor, budget_nfe: int | None = None, cond: dict | None = None,
-                    method: str = "nelder-mead", max_evaluations: int | None = None, tol: float = 1e-3,
-                    line_evals: int = LINE_EVALS, max_batch: int = 4096, progress: bool = False,
-                    warn: bool = True) -> RefineResult:
-    """Refine the best of `start_schedules` (the first is the unrefined one) on the search `noise` [B, ...].
-
-    The objective is the mean squared error of `solver`'s output against `target` (the teacher's output on
-    the same noise). It stops when the method has converged (relative `tol`), when the next evaluation would
-    exceed `budget_nfe` model calls (per sample state, scoring the starts included), or after
-    `max_evaluations` objective evaluations (default without a budget: 40 per interior time).
-    A model with `discrete_timesteps = True`, or a budget too small to score the starts and finish one pass,
-    is refused (with a warning, if `warn`): the result then holds the unrefined schedule and `message` says why."""
-    started = time.perf_counter()
-    process = model_process(model)
-    solver = get_solver(solver).name
+def _check_refine_inputs(process: NoiseProcess, noise: torch.Tensor,
+                         start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule],
+                         target: torch.Tensor, method: str, budget_nfe: int | None, max_evaluations: int | None,
+                         line_evals: int, tol: float) -> list[tuple[str, Schedule]]:
+    """The named starts, after checking every input of `refine_schedule`."""
     if method not in METHODS:
-        raise OptimalStepsError(f"unknown refinement method {method!r}; known: {', '.join(METHODS)}")
+        raise unknown("refinement method", method, METHODS)
     starts = _named(start_schedules)
     if not starts:
         raise OptimalStepsError("refinement needs at least one start schedule")
@@ -277,6 +253,29 @@ def refine_schedule(model: Any, noise: torch.Tensor,
             raise OptimalStepsError(f"{what} must be a whole number >= 1, got {value!r}")
     if line_evals < 3 or not tol >= 0:
         raise OptimalStepsError(f"need line_evals >= 3 and tol >= 0, got {line_evals}, {tol}")
+    return starts
+
+
+def refine_schedule(model: Any, noise: torch.Tensor,
+                    start_schedules: Schedule | Sequence[Schedule] | Mapping[str, Schedule], solver: str,
+                    target: torch.Tensor, budget_nfe: int | None = None, cond: dict | None = None,
+                    method: str = "nelder-mead", max_evaluations: int | None = None, tol: float = 1e-3,
+                    line_evals: int = LINE_EVALS, max_batch: int = 4096, progress: bool = False,
+                    warn: bool = True) -> RefineResult:
+    """Refine the best of `start_schedules` (the first is the unrefined one) on the search `noise` [B, ...].
+
+    The objective is the mean squared error of `solver`'s output against `target` (the teacher's output on
+    the same noise). It stops when the method has converged (relative `tol`), when the next evaluation would
+    exceed `budget_nfe` model calls (per sample state, scoring the starts included), or after
+    `max_evaluations` objective evaluations (default without a budget: 40 per interior time).
+    A model with `discrete_timesteps = True`, or a budget too small to score the starts and finish one pass,
+    is refused (with a warning, if `warn`): the result then holds the unrefined schedule and `message` says why."""
+    started = time.perf_counter()
+    process = model_process(model)
+    solver = get_solver(solver).name
+    starts = _check_refine_inputs(process, noise, start_schedules, target, method, budget_nfe, max_evaluations,
+                                  line_evals, tol)
+    steps = starts[0][1].steps
 
     per_evaluation = noise.shape[0] * nfe_per_trajectory(solver, steps)
     needed = (len(starts) + pass_evaluations(method, steps, line_evals)) * per_evaluation
@@ -324,30 +323,6 @@ def refine_schedule(model: Any, noise: torch.Tensor,
                         objective.history, stopped, "", time.perf_counter() - started)
 
 
-# ---------------------------------------------------------------------------- starts for search
-
-
-def baseline_starts(model: Any, noise: torch.Tensor, steps: int, solver: str, cond: dict | None = None,
-                    max_batch: int = 4096) -> tuple[dict[str, Schedule], int]:
-    """Every baseline schedule `optimalsteps.baselines` can make for the model at `steps` steps (closed forms,
-    published tables, `dm`, and the searched competitors `gits` / `boss` on the search noise), and the model
-    calls the searched ones spent. Names that do not apply to this process or step count are skipped."""
-    from ..evaluation.baselines import TABLE_METHODS, make_schedule, schedule_names
-
-    process = model_process(model)
-    out, nfe = {}, 0
-    for name in schedule_names():
-        if name == "oss" or name in TABLE_METHODS:
-            continue  # the DP itself, and table names that need a model family
-        try:
-            schedule = make_schedule(name, process, steps, model=model, noise=noise, cond=cond, solver=solver)
-        except OptimalStepsError:
-            continue
-        out[name] = schedule
-        nfe += int(schedule.metadata.get("nfe", 0) or 0)
-    return out, nfe
-
-
 def _interpolated_amplitude(result: Any, times: torch.Tensor) -> dict[str, list[float]]:
     """The teacher's amplitude quantiles at off-grid times, linearly interpolated in time."""
     grid = result.teacher.times.numpy()[::-1]
@@ -386,13 +361,8 @@ def refinement_samples(model: Any, noise: torch.Tensor, teacher: Schedule, solve
     more = more.to(dtype=noise.dtype, device=noise.device)
     rows = torch.arange(extra) % noise.shape[0]
     more_cond = index_cond(cond, rows) if cond else cond
-    outs, nfe = [], 0
-    for start in range(0, extra, max_batch):
-        index = torch.arange(start, min(start + max_batch, extra))
-        out = sample(model, more[index], teacher, solver=solver, cond=index_cond(more_cond, index))
-        outs.append(out.samples)
-        nfe += out.nfe * len(index)
-    return more, torch.cat(outs), more_cond, nfe
+    out = sample(model, more, teacher, solver=solver, cond=more_cond, max_batch=max_batch)
+    return more, out.samples, more_cond, out.nfe * extra
 
 
 def _joined_cond(cond: dict | None, more: dict | None, batch: int) -> dict | None:
@@ -401,18 +371,19 @@ def _joined_cond(cond: dict | None, more: dict | None, batch: int) -> dict | Non
         return cond
     out = {}
     for key, value in cond.items():
-        per_sample = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch and batch > 1
-        out[key] = torch.cat([value, more[key]]) if per_sample else value
+        out[key] = value if is_broadcast(value) else torch.cat([value, more[key]])
     return out
 
 
 def refine_search_result(model: Any, noise: torch.Tensor, result: Any, solver: str, budget_nfe: int | None = None,
                          cond: dict | None = None, max_batch: int = 4096, progress: bool = False,
-                         options: Refinement | bool = True) -> Any:
-    """`search(..., refine=...)`: refine the DP schedule of a SearchResult against the teacher's outputs,
-    starting from the best of it and every baseline; returns the result with the refined schedule, its
+                         options: Refinement | bool = True,
+                         more_starts: Callable[[], tuple[dict[str, Schedule], int]] | None = None) -> Any:
+    """Refine the DP schedule of a SearchResult against the teacher's outputs, starting from the best of it and
+    the schedules `more_starts()` returns with the model calls it spent (the caller's baselines; called only
+    when `options.baselines` and refinement can run); returns the result with the refined schedule, its
     metadata (`search_nfe`, `refine_nfe`, `nfe` = both, `refine`) and `result.refinement`. The budget covers
-    every model call of the refinement: the searched baselines, extra samples' teacher, and the optimiser."""
+    every model call of the refinement: the starts, extra samples' teacher, and the optimiser."""
     started = time.perf_counter()
     options = options if isinstance(options, Refinement) else Refinement()
     dp = result.schedule
@@ -428,8 +399,8 @@ def refine_search_result(model: Any, noise: torch.Tensor, result: Any, solver: s
         # under torch.distributed each rank holds only its share of the teacher's outputs
         message = ("refinement is not supported under torch.distributed (each rank holds only its share of the "
                    "teacher's outputs); the unrefined schedule is kept")
-    if message is None and options.baselines and not discrete:
-        baselines, spent = baseline_starts(model, noise, dp.steps, solver, cond, max_batch)
+    if message is None and options.baselines and not discrete and more_starts is not None:
+        baselines, spent = more_starts()
         starts.update(baselines)
     if message is None and budget_nfe is not None and not discrete:
         teacher_cost = (count - batch) * nfe_per_trajectory(solver, result.teacher.steps)
@@ -480,153 +451,3 @@ def refine_search_result(model: Any, noise: torch.Tensor, result: Any, solver: s
     schedule.metadata = metadata
     schedule.solver = solver
     return replace(result, schedule=schedule, nfe=search_nfe + refine_nfe, refinement=refined)
-
-
-# ------------------------------------------------------------------------------------ coarse to fine
-
-
-@dataclass(frozen=True)
-class CoarseToFine:
-    """Options of the coarse-to-fine search (`search(..., coarse_to_fine=CoarseToFine(...))`)."""
-
-    coarse_steps: int | None = None  # steps of the coarse sub-grid; default `default_coarse_steps`
-    factor: int = 4  # each finer level divides the stride by this much, down to the teacher grid
-    window: int | None = None  # half-width of the finest band; default: half the previous level's stride
-    rounds: int = 2  # band searches per level at most (re-centred while a choice sits on a band's edge)
-
-
-def default_coarse_steps(steps: int, teacher_steps: int) -> int:
-    """About a sixteenth of the teacher grid, and at least twice the student's steps."""
-    return min(teacher_steps, max(2 * steps, math.ceil(teacher_steps / 16)))
-
-
-def level_strides(teacher_steps: int, coarse_steps: int, factor: int) -> list[int]:
-    """Grid strides of the band levels after the coarse one, ending at 1 (the teacher grid itself)."""
-    stride = teacher_steps / coarse_steps
-    strides = []
-    while stride > 1:
-        stride = max(1, math.floor(stride / factor))
-        strides.append(int(stride))
-    return strides
-
-
-def _restricted(ctx: Any, index: torch.Tensor, cells: torch.Tensor | None = None) -> Any:
-    """The DP context on the sub-grid `index` of the teacher grid, reusing the teacher's states there
-    (sub-DPs are cheap: they are not checkpointed)."""
-    from .search import Teacher
-
-    def rows(store: torch.Tensor | None) -> torch.Tensor | None:
-        return None if store is None else store[:, index.to(store.device)]
-
-    teacher = Teacher(rows(ctx.teacher.states), rows(ctx.teacher.x0), ctx.teacher.nfe)
-    return replace(ctx, times=ctx.times[index.to(ctx.times.device)], teacher=teacher, nfe=0, cells=cells,
-                   checkpointer=None)
-
-
-def _paths(ctx: Any, traces: torch.Tensor, index: torch.Tensor) -> list[list[int]]:
-    """The traced path(s) of a sub-grid DP in teacher-grid indices: one (joint), or every sample's of every
-    rank (median)."""
-    from . import distributed as dd
-    from .search import _trace
-
-    n = len(index) - 1
-    tables = list(traces) if ctx.per_sample else [traces]
-    local = [[int(index[i]) for i in _trace(t, ctx.steps, n, False)] for t in tables]
-    if not ctx.per_sample:
-        return local  # every rank took the same, all-reduced decisions
-    return [path for chunk in dd.all_gather_objects(local, ctx.part) for path in chunk]
-
-
-def _bands(centres: list[list[int]], window: int, stride: int, n: int, steps: int) -> torch.Tensor:
-    """[M+1, N+1] cells a band DP may fill: layer k keeps the points c + i * stride within `window` of any
-    centre path's k-th point c that leave room for the other steps; layer 0 the start, layer M the end."""
-    cells = torch.zeros((steps + 1, n + 1), dtype=torch.bool)
-    cells[0, 0] = True
-    cells[steps, n] = True
-    offsets = torch.arange(-(window // stride), window // stride + 1) * stride
-    for k in range(1, steps):
-        for path in centres:
-            points = path[k] + offsets
-            cells[k, points[(points >= k) & (points <= n - steps + k)]] = True
-    return cells
-
-
-def _on_edge(paths: list[list[int]], centres: list[list[int]], window: int, stride: int, n: int,
-             steps: int) -> bool:
-    """Whether a chosen point sits on its band's edge where the band could still move."""
-    reach = (window // stride) * stride
-    for path in paths:
-        for k in range(1, steps):
-            if min(abs(path[k] - c[k]) for c in centres) >= reach and k < path[k] < n - steps + k:
-                return True
-    return False
-
-
-def _to_fine(values: torch.Tensor, index: torch.Tensor, n: int, fill: float | int, is_trace: bool) -> torch.Tensor:
-    """A sub-grid table [..., U] on the teacher grid [..., N+1] (trace entries mapped to teacher indices)."""
-    index = index.cpu()
-    out = torch.full(values.shape[:-1] + (n + 1,), fill, dtype=values.dtype)
-    if is_trace:
-        values = torch.where(values >= 0, index[values.clamp(min=0)], values)
-    out[..., index] = values
-    return out
-
-
-def _check_options(options: CoarseToFine, steps: int, n: int) -> int:
-    """The coarse grid's steps, after checking the options."""
-    coarse_steps = options.coarse_steps if options.coarse_steps is not None else default_coarse_steps(steps, n)
-    for what, value, least in (("coarse_steps", coarse_steps, steps + 1), ("factor", options.factor, 2),
-                               ("rounds", options.rounds, 1), ("window", options.window or 1, 1)):
-        if isinstance(value, bool) or int(value) != value or value < least:
-            raise OptimalStepsError(f"coarse-to-fine {what} must be a whole number >= {least}, got {value!r}")
-    return int(coarse_steps)
-
-
-def coarse_to_fine_dp(ctx: Any, options: CoarseToFine | bool = True):
-    """The search's DP, coarse to fine: (traces, cost table, model calls, info) on the full teacher grid,
-    as `search` expects of its DP, plus a dict describing the levels.
-
-    The DP runs on `coarse_steps` + 1 evenly spaced teacher grid points; then, level by level, the stride
-    drops by `factor` and the DP runs again on bands of half the previous stride either side of each chosen
-    point (one band per layer), until the stride is 1. Table cells outside the last band are unreached."""
-    from .search import _exact_dp
-
-    options = options if isinstance(options, CoarseToFine) else CoarseToFine()
-    n, steps = len(ctx.times) - 1, ctx.steps
-    coarse_steps = _check_options(options, steps, n)
-    device = ctx.times.device
-    if coarse_steps >= n:  # nothing coarser than the grid itself
-        traces, table, nfe = _exact_dp(ctx)
-        return traces, table, nfe, {"coarse_steps": n, "levels": [], "nfe": [nfe]}
-    index = torch.unique(torch.linspace(0, n, coarse_steps + 1, dtype=torch.float64).round().long()).to(device)
-    traces, table, nfe = _exact_dp(_restricted(ctx, index))
-    strides = level_strides(n, coarse_steps, options.factor)
-    info = {"coarse_steps": coarse_steps, "levels": [], "nfe": [nfe]}
-    previous = n / coarse_steps
-    for level, stride in enumerate(strides):
-        last = level == len(strides) - 1
-        window = options.window if (last and options.window) else max(stride, math.ceil(previous / 2))
-        centres = _paths(ctx, traces, index)
-        for rounds in range(1, options.rounds + 1):
-            cells = _bands(centres, window, stride, n, steps)
-            index = cells.any(0).nonzero().squeeze(1).to(device)
-            traces, table, used = _exact_dp(_restricted(ctx, index, cells[:, index.cpu()].to(device)))
-            nfe += used
-            info["nfe"].append(used)
-            paths = _paths(ctx, traces, index)
-            if not _on_edge(paths, centres, window, stride, n, steps):
-                break
-            centres = paths
-        info["levels"].append({"stride": stride, "window": window, "rounds": rounds})
-        previous = stride
-    return (_to_fine(traces, index, n, -1, True), _to_fine(table, index, n, math.inf, False), nfe, info)
-
-
-def coarse_to_fine_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200,
-                          solver: str = "euler", coarse_steps: int | None = None, window: int | None = None,
-                          factor: int = 4, rounds: int = 2, **options: Any) -> Any:
-    """`search` with the coarse-to-fine DP (the same teacher, far fewer model calls); `options` go to `search`."""
-    from .search import search
-
-    fast = CoarseToFine(coarse_steps, factor, window, rounds)
-    return search(model, noise, steps, teacher_steps=teacher_steps, solver=solver, coarse_to_fine=fast, **options)

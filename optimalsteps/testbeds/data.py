@@ -16,7 +16,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 
 SPLITS = ("train", "test", "all")
 SPLIT_SEED = 0  # part of the dataset definition: changing it changes what "held-out" means
@@ -83,14 +83,14 @@ _RAW: dict[str, Callable[[], tuple[np.ndarray, np.ndarray]]] = {"digits": _raw_d
 
 def dataset_info(name: str) -> DatasetInfo:
     if name not in DATASETS:
-        raise OptimalStepsError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+        raise unknown("dataset", name, DATASETS)
     return DATASETS[name]
 
 
 def split_indices(count: int, test_size: int, split: str, seed: int = SPLIT_SEED) -> np.ndarray:
     """Indices of `split` after a seeded shuffle; the last `test_size` shuffled indices are the test split."""
     if split not in SPLITS:
-        raise OptimalStepsError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+        raise unknown("split", split, SPLITS)
     order = np.random.default_rng(seed).permutation(count)
     if split == "train":
         return order[: count - test_size]

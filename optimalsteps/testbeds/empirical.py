@@ -20,7 +20,7 @@ import torch
 
 from .data import DATASETS, draw_images, load_dataset
 from ..core.errors import OptimalStepsError
-from ..core.models import load_npy
+from ..core.io import load_npy
 from ..core.processes import ProcessLike, get_process
 
 # 1 / (2 sigma^2) is capped here: large enough that any two distinct points separate completely, small

@@ -13,9 +13,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from scipy.integrate import solve_ivp
 
 from ..core.errors import OptimalStepsError
-from ..core.models import load_json
+from ..core.io import load_json
 from ..core.processes import ProcessLike, get_process
 
 
@@ -161,8 +162,6 @@ class GaussianMixture:
         where the ODE is dy/dlog s = y - E[x0|y]. The last stretch below s = 1e-7 is replaced by the
         posterior mean, whose error there is O(s^2).
         """
-        from scipy.integrate import solve_ivp
-
         process = self.process
         t0 = process.t_start if t_from is None else float(t_from)
         x = (noise.to(torch.float64) * process.sigma(torch.tensor(t0, dtype=torch.float64))).cpu()

@@ -23,10 +23,13 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load, save
 from torch import nn
 
 from .data import dataset_info, draw_images, load_dataset
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
+from ..core.io import load_json, write_bytes, write_text
 from ..core.models import CFGModel
 from ..core.processes import ProcessLike, from_x0_eps, get_process
 
@@ -151,7 +154,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {"unet": UNet, "classifier": Classif
 
 def build_network(architecture: str, options: dict[str, Any]) -> nn.Module:
     if architecture not in ARCHITECTURES:
-        raise OptimalStepsError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        raise unknown("architecture", architecture, ARCHITECTURES)
     options = {k: tuple(v) if isinstance(v, list) else v for k, v in options.items()}
     try:
         return ARCHITECTURES[architecture](**options)
@@ -181,10 +184,6 @@ def _sha256(data: bytes) -> str:
 def save_weights(name: str, net: nn.Module, metadata: dict[str, Any], directory: str | Path = WEIGHTS_DIR,
                  overwrite: bool = False, dtype: torch.dtype = torch.float16) -> Path:
     """Write NAME.safetensors (parameters cast to `dtype`) and NAME.json (metadata plus the sha256)."""
-    from safetensors.torch import save
-
-    from ..core.schedules import write_bytes, write_text
-
     directory = Path(directory)
     tensors = {k: (v.to(dtype) if v.is_floating_point() else v).detach().contiguous().cpu()
                for k, v in net.state_dict().items()}
@@ -202,11 +201,6 @@ def save_weights(name: str, net: nn.Module, metadata: dict[str, Any], directory:
 
 def load_network(name: str, directory: str | Path | None = None) -> tuple[nn.Module, dict[str, Any]]:
     """The network NAME from its weight files (float32, eval mode) and its metadata, integrity checked."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load
-
-    from ..core.models import load_json
-
     directory = Path(directory) if directory is not None else WEIGHTS_DIR
     json_path, weight_path = directory / f"{name}.json", directory / f"{name}.safetensors"
     hint = "reinstall optimalsteps or retrain it with the scripts in training/"

@@ -33,6 +33,8 @@ from ...core.processes import FLOW, NoiseProcess, ve_process
 from ...core.schedules import Schedule, check_steps, flux_mu, karras
 from ...core.schedules import shift as shifted_uniform
 from ...core.solvers import get_solver, sample
+from ...optimize.options import from_flat
+from ...optimize.search import search
 
 # pipeline class -> family; subclasses are recognised through their bases
 FAMILIES = {
@@ -1054,8 +1056,6 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     (`aggregate="joint"`, or "median" of per-sample schedules). The teacher defaults to `pipeline_teacher`.
     Other options go to `optimalsteps.search.search`. Returns its SearchResult, whose schedules record the
     pipeline settings under metadata["diffusers"]."""
-    from ...optimize.search import search
-
     steps = check_steps(steps)
     if teacher_schedule is None and steps >= check_steps(teacher_steps):
         raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher_steps})")
@@ -1067,8 +1067,8 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     latents = draw_latents(pipe, inputs, generator)
     noise = sampler_noise(pipe, latents, inputs.model.process, float(teacher_schedule.times[0]))
-    result = search(inputs.model, noise, steps, teacher_schedule=teacher_schedule, cond=inputs.cond, seed=seed,
-                    **search_options)
+    result = search(inputs.model, noise, steps, cond=inputs.cond, teacher_grid=teacher_schedule, seed=seed,
+                    **from_flat(search_options))
     recorded = {**inputs.metadata, "seed": int(seed)}
     for schedule in [result.schedule, result.teacher] + list(result.per_sample or []):
         schedule.metadata["diffusers"] = dict(recorded)

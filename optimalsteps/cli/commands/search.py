@@ -1,0 +1,117 @@
+"""`optimalsteps search`: search the optimal schedule (OSS dynamic programming)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import replace
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from ...core.errors import OptimalStepsError
+from ...core.io import check_writable
+from ...core.solvers import SOLVERS
+from ...evaluation.baselines import make_schedule, oss_search
+from ...optimize.distributed import backend_for
+from ...optimize.dp import AGGREGATES, COSTS
+from ...optimize.memory import format_bytes
+from ...optimize.options import Checkpointing, DPOptions, Storage
+from ...optimize.refine import Refinement
+from ...optimize.search import memory_estimate
+from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
+                    positive_int)
+from ..inputs import search_inputs
+
+
+def add(sub: Any) -> None:
+    p = sub.add_parser("search", help="search the optimal schedule (OSS dynamic programming)")
+    add_model_args(p)
+    add_noise_args(p, samples_default=8)
+    add_diffusers_args(p)
+    p.add_argument("--steps", type=positive_int, required=True, help="student steps M")
+    p.add_argument("--teacher-steps", type=positive_int, default=200, help="teacher steps N (default 200)")
+    p.add_argument("--teacher-schedule", default=None,
+                   help="named teacher grid (default: uniform for flow/vp, karras for ve)")
+    p.add_argument("--solver", default="euler", choices=sorted(SOLVERS))
+    p.add_argument("--cost", default="xt", choices=COSTS)
+    p.add_argument("--aggregate", default=None, choices=AGGREGATES, help="joint (default) or median")
+    p.add_argument("--reference-compat", action="store_true",
+                   help="reproduce the released code's semantics (docs/search.md)")
+    p.add_argument("--free-start", action="store_true",
+                   help="let the first step start from the noise placed at a later grid point (docs/search.md)")
+    p.add_argument("--max-batch", type=positive_int, default=4096, help="largest batch of one model call")
+    p.add_argument("--out", required=True, help="schedule file to write (.json)")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out")
+    add_scale_args(p)
+    add_refine_args(p)
+    p.set_defaults(func=run)
+
+
+def init_distributed(device: torch.device) -> bool:
+    """Join the process group torchrun describes (WORLD_SIZE > 1); True on the rank that writes output."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        dist.init_process_group(backend_for(device))
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def refine_from_args(args: argparse.Namespace) -> Refinement | bool:
+    """The refinement options of --refine (False without it)."""
+    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
+        raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
+    if args.coarse_steps is not None and not args.coarse_to_fine:
+        raise OptimalStepsError("--coarse-steps needs --coarse-to-fine")
+    return Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method,
+                      warn=False) if args.refine else False
+
+
+def run(args: argparse.Namespace) -> None:
+    check_writable(args.out, args.force)
+    refine = refine_from_args(args)
+    dp, checkpointing = DPOptions.from_args(args), Checkpointing.from_args(args)
+    model, noise, cond, metadata = search_inputs(args)
+    teacher_grid = make_schedule(args.teacher_schedule, model.process, args.teacher_steps) if args.teacher_schedule \
+        else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
+    main_rank = init_distributed(noise.device)
+    storage = Storage.from_args(args)
+    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage)
+    if main_rank:
+        print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
+    result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
+                        dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing,
+                        progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget)
+    if not main_rank:  # under torchrun only rank 0 writes and reports
+        return
+    result.schedule.metadata.update(metadata)
+    result.schedule.save(args.out, overwrite=args.force)
+    report(result, args.solver)
+    print(f"wrote {args.out}")
+
+
+def report(result: Any, solver: str) -> None:
+    schedule = result.schedule
+    print(f"schedule ({schedule.steps} steps, {solver}): " + ", ".join(f"{v:.4g}" for v in schedule.times.tolist()))
+    print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
+    print(f"DP cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.dp_cost:.4g}   "
+          f"error of the schedule on the search samples: {result.error:.4g}   NFE: {result.nfe}   "
+          f"time: {result.seconds:.1f}s")
+    print_refinement(schedule)
+
+
+def print_refinement(schedule: Any) -> None:
+    """The refinement's outcome (or why it was refused) and the coarse-to-fine levels, one line each."""
+    metadata = schedule.metadata
+    if metadata.get("coarse_to_fine"):
+        fast = metadata["coarse_to_fine"]
+        print(f"coarse to fine: coarse grid of {fast['coarse_steps']} steps, then "
+              + ", ".join(f"stride {lv['stride']} (±{lv['window']}, {lv['rounds']} round(s))" for lv in fast["levels"]))
+    refine = metadata.get("refine")
+    if not refine:
+        return
+    if refine.get("message"):
+        print(f"refinement skipped: {refine['message']}")
+        return
+    print(f"refined from {refine['start']}: final error on {refine['samples']} samples "
+          f"{refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
+          f"stopped: {refine['stopped']})   NFE: search {metadata['search_nfe']}, refinement {metadata['refine_nfe']}")
