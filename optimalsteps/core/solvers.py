@@ -1,7 +1,9 @@
 """ODE solvers on any strictly decreasing schedule, written once over a data-prediction step.
 
 Every solver step is linear in what it is given: x_next = c_x * x + c_x0 * x0 + c_prev * x0_prev
-(and, for Heun, a second linear combination with the model's estimate at the target). The coefficient
+(and, for Heun, a second linear combination with the model's estimate at the target; for UniPC, a
+correction of the step's start that is linear in the previous start, the previous estimates and the
+estimate at the start, see `unic_coefficients`). The coefficient
 functions below are the single definition of each solver's numerics; `sample` and the schedule search
 both use them, so a schedule searched for a solver is exactly the one that solver runs.
 
@@ -34,6 +36,8 @@ class Solver:
     # the variable a multistep solver's step ratio is measured in: "log_snr" (log alpha/sigma) or
     # "neg_log_sigma" (-log of the k-diffusion / ComfyUI sigma: the flow time for flow, sigma/alpha otherwise)
     step_variable: str = "log_snr"
+    # corrects each step's start with the model's estimate there before stepping (UniPC's UniC), no extra call
+    source_corrector: bool = False
 
 
 SOLVERS = {
@@ -43,6 +47,10 @@ SOLVERS = {
     "dpmpp2m-sigma": Solver("dpmpp2m-sigma", 2, True, False,
                             "DPM-Solver++(2M) stepping in -log sigma of the k-diffusion sigma (ComfyUI's dpmpp_2m; "
                             "differs from dpmpp2m only on flow)", "neg_log_sigma"),
+    "unipc": Solver("unipc", 3, True, False, "UniPC bh2, solver order 2 (diffusers' UniPCMultistepScheduler): "
+                    "the 2M predictor plus the UniC corrector at each step's start (third order, no extra "
+                    "model call); last step first order",
+                    source_corrector=True),
 }
 
 
@@ -75,6 +83,9 @@ def _as_times(t, like: torch.Tensor) -> torch.Tensor:
 
 
 def _broadcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample coefficients [B] (or per-cell [B, J] against [B, J, D] states) shaped to multiply `like`."""
+    if c.dim() > 1:
+        return c.to(like.dtype).reshape(tuple(c.shape) + (1,) * (like.dim() - c.dim()))
     return c.to(like.dtype).reshape((-1,) + (1,) * (like.dim() - 1))
 
 
@@ -84,6 +95,9 @@ def update_coefficients(solver: str | Solver, process: NoiseProcess, t: torch.Te
 
     For Euler and Heun's predictor this is DDIM's update; for DPM-Solver++(2M) the second-order
     correction needs the previous step's time `t_prev` (None, or -inf log-SNR, means a first-order step).
+    UniPC's predictor (UniP-2, B(h) = expm1(-h), rho = 1/2) is algebraically the same update as 2M's;
+    for UniPC `x` is the corrected start (see `unic_coefficients`). A step into the clean end is first
+    order for both (diffusers' lower_order_final with final_sigmas_type="zero").
     """
     solver = get_solver(solver)
     t = torch.as_tensor(t, dtype=torch.float64)
@@ -105,6 +119,79 @@ def update_coefficients(solver: str | Solver, process: NoiseProcess, t: torch.Te
         c_prev = -c_x0 * half_inv_r
         c_x0 = c_x0 * (1.0 + half_inv_r)
     return c_x, c_x0, c_prev
+
+
+def _phi_ratios(h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(phi_2 / phi_1, 2 phi_3 / phi_1) at z = -h: the right-hand side of UniC's B(h) order conditions
+    (phi_1(z) = (e^z - 1) / z, phi_{k+1}(z) = (phi_k(z) - 1/k!) / z), by their Taylor series near z = 0
+    where the recursion cancels."""
+    z = -h
+    small = z.abs() < 1e-2
+    zd = torch.where(small, torch.ones_like(z), z)
+    phi1 = torch.expm1(zd) / zd
+    phi2 = (phi1 - 1.0) / zd
+    phi3 = (phi2 - 0.5) / zd
+    phi1 = torch.where(small, 1 + z * (1 / 2 + z * (1 / 6 + z * (1 / 24 + z / 120))), phi1)
+    phi2 = torch.where(small, 1 / 2 + z * (1 / 6 + z * (1 / 24 + z * (1 / 120 + z / 720))), phi2)
+    phi3 = torch.where(small, 1 / 6 + z * (1 / 24 + z * (1 / 120 + z * (1 / 720 + z / 5040))), phi3)
+    return phi2 / phi1, 2.0 * phi3 / phi1
+
+
+def unic_coefficients(process: NoiseProcess, t_from: torch.Tensor, t: torch.Tensor,
+                      t_before: Optional[torch.Tensor] = None):
+    """(k_x, k_from, k_before, k_here), float64 [B], of UniPC's corrected state at t (UniC, B(h) = expm1(-h)):
+    x_c = k_x x_from + k_from x0_from + k_before x0_before + k_here x0_here.
+
+    x_from is the (corrected) state the last step started from at t_from, x0_from / x0_before the model's
+    estimates at t_from / t_before, x0_here its estimate at the predicted state at t. The corrector has the
+    order of the step it corrects: first (rho = 1/2) without `t_before` (nan entries too), else second,
+    rho from the 2x2 order conditions with r = (lambda_before - lambda_from) / h. A `t_before` at -inf
+    log-SNR (the flow start) is the limit r -> -inf: rho_before = 0, rho_here = phi_2 / phi_1.
+    """
+    t_from = torch.as_tensor(t_from, dtype=torch.float64)
+    t = torch.as_tensor(t, dtype=torch.float64)
+    ratio = process.sigma(t) / process.sigma(t_from)
+    e = process.alpha(t) - process.alpha(t_from) * ratio  # alpha_t (1 - e^{-h}), exact at a -inf start
+    half = 0.5 * e
+    k_x, k_from, k_before, k_here = ratio, half, torch.zeros_like(e), half
+    if t_before is None:
+        return k_x, k_from, k_before, k_here
+    t_before = torch.as_tensor(t_before, dtype=torch.float64)
+    lam_from = process.log_snr(t_from)
+    h = process.log_snr(t) - lam_from
+    second = ~torch.isnan(t_before) & torch.isfinite(h) & torch.isfinite(lam_from)
+    h = torch.where(second, h, torch.ones_like(h))
+    r = torch.where(second, (process.log_snr(torch.nan_to_num(t_before, nan=0.5)) - lam_from) / h,
+                    -torch.ones_like(h))
+    b1, b2 = _phi_ratios(h)
+    # R rho = b with R = [[1, 1], [r, 1]]: rho_before = (b1 - b2) / (1 - r), rho_here = b1 - rho_before
+    rho_before = (b1 - b2) / (1.0 - r)
+    rho_here = b1 - rho_before
+    # x_c = x_from-part + e (x0_from + rho_before (x0_before - x0_from) / r + rho_here (x0_here - x0_from))
+    k_before2 = e * rho_before / r
+    k_from2 = e * (1.0 - rho_before / r - rho_here)
+    k_here2 = e * rho_here
+    return (k_x, torch.where(second, k_from2, k_from), torch.where(second, k_before2, k_before),
+            torch.where(second, k_here2, k_here))
+
+
+def unic_correction(process: NoiseProcess, x_from: torch.Tensor, x0_from: torch.Tensor,
+                    x0_before: Optional[torch.Tensor], t_from: torch.Tensor, t: torch.Tensor,
+                    t_before: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(base, k_here): the part of the corrected state at t known before the model runs there, and the
+    weight of the estimate x0_here it still needs: x_c = base + k_here x0_here."""
+    k_x, k_from, k_before, k_here = unic_coefficients(process, t_from, t, t_before)
+    base = combine((k_x, k_from, k_before), (x_from, x0_from, x0_before), x_from)
+    return base, k_here
+
+
+def corrected_start(x: torch.Tensor, x0: torch.Tensor,
+                    correction: Optional[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The UniC-corrected state base + k_here x0 (x itself where there is no pending correction)."""
+    if correction is None:
+        return x
+    base, k_here = correction
+    return base + _broadcast(k_here, x0).to(x0.device) * x0
 
 
 def heun_coefficients(process: NoiseProcess, t: torch.Tensor, t_next: torch.Tensor):
@@ -142,12 +229,16 @@ class StepOutput:
     x: torch.Tensor
     x0: torch.Tensor  # the model's estimate at the step's start (the next step's x0_prev)
     nfe: int
+    # UniPC: (base, k_here) of the correction of x at t_next, applied once the model has run there
+    correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def solver_step(solver: str | Solver, model: Any, x: torch.Tensor, t, t_next, x0: Optional[torch.Tensor] = None,
-                x0_prev: Optional[torch.Tensor] = None, t_prev=None, cond: dict | None = None) -> StepOutput:
+                x0_prev: Optional[torch.Tensor] = None, t_prev=None, cond: dict | None = None,
+                correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> StepOutput:
     """One step of `solver` from (x, t) to t_next for a batch; x0 is the model's estimate at (x, t) when
-    already known, x0_prev / t_prev the previous step's (for the multistep solver)."""
+    already known, x0_prev / t_prev the previous step's (for the multistep solvers), `correction` the
+    previous step's pending UniC correction of x (UniPC; None on the first step)."""
     solver = get_solver(solver)
     process = model_process(model)
     t = _as_times(t, x)
@@ -158,7 +249,13 @@ def solver_step(solver: str | Solver, model: Any, x: torch.Tensor, t, t_next, x0
         nfe += 1
     use_prev = solver.multistep and x0_prev is not None and t_prev is not None
     coeffs = update_coefficients(solver, process, t, t_next, _as_times(t_prev, x) if use_prev else None)
-    x_next = combine(coeffs, (x, x0, x0_prev if use_prev else None), x)
+    start = corrected_start(x, x0, correction) if solver.source_corrector else x
+    x_next = combine(coeffs, (start, x0, x0_prev if use_prev else None), x)
+    if solver.source_corrector:
+        # the corrector at t_next has the order of this step: second where a previous estimate was used
+        pending = unic_correction(process, start, x0, x0_prev if use_prev else None, t, t_next,
+                                  _as_times(t_prev, x) if use_prev else None)
+        return StepOutput(x_next, x0, nfe, pending)
     if solver.corrector:
         inner = t_next > process.t_clean
         if bool(inner.all()):
@@ -223,16 +320,17 @@ def sample(model: Any, noise: torch.Tensor, schedule: Any, solver: str = "euler"
     # noise at a later grid point); otherwise the state starts at sigma(first time) * noise
     x = initial_state(process, noise, schedule.metadata.get("noise_scale_time", times[0]))
     trajectory = [x] if return_trajectory else []
-    x0_prev, t_prev, nfe = None, None, 0
+    x0_prev, t_prev, nfe, correction = None, None, 0, None
     steps = range(len(times) - 1)
     for i in tqdm(steps, desc=f"sampling ({solver.name})", disable=not progress, leave=False):
         if calibration is not None:
             x = calibration(x, i, times[i])
         try:
-            out = solver_step(solver, model, x, times[i], times[i + 1], x0_prev=x0_prev, t_prev=t_prev, cond=cond)
+            out = solver_step(solver, model, x, times[i], times[i + 1], x0_prev=x0_prev, t_prev=t_prev, cond=cond,
+                              correction=correction)
         except OptimalStepsError as exc:
             raise OptimalStepsError(f"step {i + 1} of {len(times) - 1}: {exc}") from None
-        x, x0_prev, t_prev, nfe = out.x, out.x0, times[i], nfe + out.nfe
+        x, x0_prev, t_prev, nfe, correction = out.x, out.x0, times[i], nfe + out.nfe, out.correction
         if return_trajectory:
             trajectory.append(x)
     return SampleResult(x, nfe, time.perf_counter() - started, trajectory)

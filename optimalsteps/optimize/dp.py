@@ -26,7 +26,7 @@ from . import distributed as dd
 from .checkpoint import Checkpointer
 from ..core.errors import OptimalStepsError
 from ..core.processes import NoiseProcess
-from ..core.solvers import heun_coefficients, update_coefficients
+from ..core.solvers import corrected_start, heun_coefficients, unic_correction, update_coefficients
 from .memory import allocate
 from .teacher import Teacher, predict_chunked, reduce_device
 
@@ -44,6 +44,9 @@ class _Layer:
     t_prev: torch.Tensor  # [B, N+1] the time that estimate was made at (nan: none)
     x0_cache: Optional[torch.Tensor]  # [B, N+1, D] the model's estimate at the cell's state, if already known
     valid: torch.Tensor  # [N+1] bool
+    # UniPC: the cell's pending UniC correction x_c = base + weight * x0 (weight nan: none, the first cell)
+    correction_base: Optional[torch.Tensor] = None  # [B, N+1, D]
+    correction_weight: Optional[torch.Tensor] = None  # [B, N+1] float64
 
 
 def cost_view(x: torch.Tensor, cost_channels: Optional[Sequence[int]], cost_frames: Optional[Sequence[int]],
@@ -174,9 +177,10 @@ def _source_estimates(ctx: DPContext, layer: _Layer, src: torch.Tensor, label: s
 
 
 def _layer_costs(ctx: DPContext, layer: _Layer, src: torch.Tensor, x0_store: torch.Tensor, tgt: torch.Tensor,
-                 coefficient_solver: str):
+                 coefficient_solver: str, starts: Optional[torch.Tensor] = None):
     """Coefficients [B, S, J] of every (source, target) step, the stores of the vectors they multiply
-    (indexed by grid point), and the xt cost [B, S, J] of every step (inf where not allowed)."""
+    (indexed by grid point), and the xt cost [B, S, J] of every step (inf where not allowed). The steps
+    start from `starts` (UniPC: the corrected states), else from the layer's states."""
     t_src = ctx.times[src][None, :, None]
     t_tgt = ctx.times[tgt][None, None, :]
     t_prev = layer.t_prev[:, src][..., None] if layer.x0_prev is not None else None
@@ -187,7 +191,7 @@ def _layer_costs(ctx: DPContext, layer: _Layer, src: torch.Tensor, x0_store: tor
     coeffs = list(update_coefficients(coefficient_solver, ctx.process, t_src, t_tgt, t_prev))
     batch = layer.states.shape[0]
     coeffs = [c.expand(batch, len(src), len(tgt)) if c.shape[0] == 1 else c for c in coeffs]
-    stores = [layer.states, x0_store]
+    stores = [layer.states if starts is None else starts, x0_store]
     if layer.x0_prev is not None and t_prev is not None:
         stores.append(layer.x0_prev)
     else:
@@ -206,6 +210,45 @@ def _layer_costs(ctx: DPContext, layer: _Layer, src: torch.Tensor, x0_store: tor
     allowed = (src[:, None] < tgt[None, :]) & layer.valid[src][:, None]
     cost = torch.where(allowed[None], cost, torch.full_like(cost, math.inf))
     return coeffs, stores, cost
+
+
+def _corrected_sources(ctx: DPContext, layer: _Layer, src: torch.Tensor, x0_store: torch.Tensor) -> torch.Tensor:
+    """A store [B, N+1, D] holding, at the source cells, UniPC's corrected states (the cell's pending UniC
+    correction completed with the model's estimate there; the state itself where none is pending)."""
+    store = ctx.layer_store("corrected", layer.states.shape)
+    chunk = ctx.chunk or len(src)
+    for lo in range(0, len(src), chunk):
+        block = src[lo:lo + chunk]
+        states = _rows(layer.states, block, ctx.device)
+        weight = layer.correction_weight[:, block].to(ctx.device)
+        pending = ~torch.isnan(weight)
+        corrected = corrected_start(states, _rows(x0_store, block, ctx.device),
+                                    (_rows(layer.correction_base, block, ctx.device),
+                                     torch.where(pending, weight, torch.zeros_like(weight))))
+        out = torch.where(pending[..., None], corrected, states)
+        store[:, block.to(store.device)] = out.to(store.device, store.dtype)
+    return store
+
+
+def _store_corrections(ctx: DPContext, layer: _Layer, new: _Layer, grid: torch.Tensor, block: torch.Tensor,
+                       rows: list[torch.Tensor]) -> None:
+    """The new cells' pending UniC corrections, from their winning sources' corrected states, estimates and
+    times (`rows`: the winners' [corrected state, x0, previous x0] rows, `grid` [B, J] their grid indices)."""
+    inner = block < len(ctx.times) - 1  # no step follows the clean end: nothing to correct there
+    if not bool(inner.any()):
+        return
+    jj = inner.nonzero().squeeze(1)
+    t_from = ctx.times[grid[:, jj]].to(torch.float64)
+    t = ctx.times[block[jj]].to(torch.float64)[None].expand_as(t_from)
+    before = rows[2][:, jj] if len(rows) > 2 else None
+    t_before = None
+    if before is not None:
+        b = torch.arange(grid.shape[0], device=grid.device)[:, None].expand_as(grid[:, jj])
+        t_before = layer.t_prev.to(grid.device)[b, grid[:, jj]]
+    base, weight = unic_correction(ctx.process, rows[0][:, jj], rows[1][:, jj], before, t_from, t, t_before)
+    where = block[jj].to(new.correction_base.device)
+    new.correction_base[:, where] = base.to(new.correction_base.device, new.correction_base.dtype)
+    new.correction_weight[:, block[jj]] = weight.to(new.correction_weight.device, torch.float64)
 
 
 def _materialise(coeffs: list[torch.Tensor], vectors: list[torch.Tensor], winner: torch.Tensor) -> torch.Tensor:
@@ -284,6 +327,9 @@ def exact_dp(ctx: DPContext):
     valid[:starts] = True
     layer = _Layer(states, ctx.layer_store("x0-prev-0", shape) if ctx.solver.multistep else None,
                    torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device), None, valid)
+    if ctx.solver.source_corrector:
+        layer.correction_base = ctx.layer_store("correction-0", shape)
+        layer.correction_weight = torch.full((batch, n_points), math.nan, dtype=torch.float64, device=device)
     table_shape = (batch, m + 1, n_points) if ctx.per_sample else (m + 1, n_points)
     cost_table = torch.full(table_shape, math.inf, dtype=torch.float64)
     traces = torch.full((batch, m + 1, n_points), -1, dtype=torch.long)
@@ -317,13 +363,17 @@ def _advance(ctx: DPContext, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor
     best. Cells are built in blocks of targets, so only a block of states is ever on the compute device."""
     x0_store = _source_estimates(ctx, layer, src, label)
     coefficient_solver = "euler" if ctx.solver.corrector else ctx.solver.name
-    coeffs, stores, cost = _layer_costs(ctx, layer, src, x0_store, tgt, coefficient_solver)
+    starts = _corrected_sources(ctx, layer, src, x0_store) if ctx.solver.source_corrector else layer.states
+    coeffs, stores, cost = _layer_costs(ctx, layer, src, x0_store, tgt, coefficient_solver, starts)
     ranking = _choose(ctx, cost)  # [B, K, J] positions among the sources, best first
     new = _Layer(ctx.layer_store(f"states-{k % 2}", layer.states.shape),
                  ctx.layer_store(f"x0-prev-{k % 2}", layer.states.shape) if layer.x0_prev is not None else None,
                  torch.full_like(layer.t_prev, math.nan),
                  ctx.layer_store(f"x0-cache-{k % 2}", layer.states.shape) if ctx.cost == "x0" else None,
                  torch.zeros_like(layer.valid))
+    if ctx.solver.source_corrector:
+        new.correction_base = ctx.layer_store(f"correction-{k % 2}", layer.states.shape)
+        new.correction_weight = torch.full_like(layer.t_prev, math.nan)
     chunk = ctx.chunk or len(tgt)
     for lo in range(0, len(tgt), chunk):
         block = tgt[lo:lo + chunk]
@@ -341,7 +391,8 @@ def _advance(ctx: DPContext, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor
                 realised = torch.where(feasible, realised, torch.full_like(realised, math.inf))
                 # joint: a candidate is judged by its mean over all samples (of all ranks)
                 score = realised if ctx.per_sample else ctx.sample_mean(realised)[None].expand_as(realised)
-                candidate = (score, realised, winner, state, x0_here, rows[1])
+                extra = rows if ctx.solver.source_corrector else []  # UniPC builds the next correction from them
+                candidate = (score, realised, winner, state, x0_here, rows[1], *extra)
                 if best is None:
                     best = candidate
                     continue
@@ -351,7 +402,7 @@ def _advance(ctx: DPContext, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor
                              for cand, old in zip(candidate, best))
         except OptimalStepsError as exc:
             raise OptimalStepsError(f"search {label}: {exc}") from None
-        score, realised, winner, state, x0_here, source_x0 = best
+        score, realised, winner, state, x0_here, source_x0, *rows = best
         where = block.to(new.states.device)
         new.states[:, where] = state.to(new.states.device, new.states.dtype)
         new.valid[block] = torch.isfinite(score).any(0)
@@ -364,6 +415,8 @@ def _advance(ctx: DPContext, layer: _Layer, src: torch.Tensor, tgt: torch.Tensor
         if new.x0_prev is not None:
             new.x0_prev[:, where] = source_x0.to(new.x0_prev.device, new.x0_prev.dtype)
         new.t_prev[:, block] = ctx.times[grid].to(torch.float64)
+        if new.correction_base is not None:
+            _store_corrections(ctx, layer, new, grid, block, rows)
         if new.x0_cache is not None:
             # the next layer's sources need exactly these estimates: reuse them instead of calling again
             new.x0_cache[:, where] = x0_here.to(new.x0_cache.device, new.x0_cache.dtype)

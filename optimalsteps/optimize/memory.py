@@ -68,7 +68,8 @@ def allocate(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, s
 
 def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, multistep: bool, x0_cost: bool,
                           storage: str, trajectory_dtype: torch.dtype, state_dtype: torch.dtype,
-                          target_chunk: int | None, cost_dtype: torch.dtype = torch.float64) -> dict[str, int]:
+                          target_chunk: int | None, cost_dtype: torch.dtype = torch.float64,
+                          source_corrector: bool = False) -> dict[str, int]:
     """Bytes the search will hold at its peak, by place.
 
     In `storage`: the teacher trajectory (and its clean estimates for the x0 cost) and the DP's layer
@@ -79,7 +80,9 @@ def estimate_search_bytes(samples: int, sample_numel: int, grid_points: int, mul
     per_point = samples * sample_numel
     traj = grid_points * per_point * torch.empty((), dtype=trajectory_dtype).element_size() * (2 if x0_cost else 1)
     state_bytes = torch.empty((), dtype=state_dtype).element_size()
-    stores = grid_points * per_point * state_bytes * (3 + (2 if multistep else 0) + (2 if x0_cost else 0))
+    # UniPC adds two layers of pending corrections and the sources' corrected states
+    stores = grid_points * per_point * state_bytes * (3 + (2 if multistep else 0) + (2 if x0_cost else 0)
+                                                      + (3 if source_corrector else 0))
     chunk = min(target_chunk or grid_points, grid_points)
     wide = torch.empty((), dtype=cost_dtype).element_size()
     # the larger of the two phases of a layer: scoring (three source vectors and the targets of a block in

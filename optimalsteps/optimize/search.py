@@ -251,7 +251,8 @@ def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "eule
     part = dd.shard(noise.shape[0], storage.distributed)
     return estimate_search_bytes(part.stop - part.start, noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
                                  dp.cost == "x0", storage.place, storage.dtype or torch.float32,
-                                 torch.promote_types(noise.dtype, torch.float32), storage.target_chunk, dp.view.dtype)
+                                 torch.promote_types(noise.dtype, torch.float32), storage.target_chunk,
+                                 dp.view.dtype, get_solver(solver).source_corrector)
 
 
 def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:

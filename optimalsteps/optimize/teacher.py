@@ -38,17 +38,17 @@ def run_teacher(model: Any, noise: torch.Tensor, teacher: Schedule, solver: str,
     states = allocate(shape, dtype, x.device, storage, storage_dir, "teacher-states")
     x0s = allocate(shape, dtype, x.device, storage, storage_dir, "teacher-x0") if keep_x0 else None
     states[:, 0] = x
-    x0_prev, t_prev, nfe = None, None, 0
+    x0_prev, t_prev, nfe, correction = None, None, 0, None
     for i in tqdm(range(len(times) - 1), desc="teacher", disable=not progress, leave=False):
         try:
             x0 = predict_chunked(model, x, torch.full((x.shape[0],), times[i], dtype=torch.float64), cond, max_batch)
             out = solver_step(solver, model, x, times[i], times[i + 1], x0=x0, x0_prev=x0_prev, t_prev=t_prev,
-                              cond=cond)
+                              cond=cond, correction=correction)
         except OptimalStepsError as exc:
             raise OptimalStepsError(f"teacher step {i + 1} of {len(times) - 1}: {exc}") from None
         if x0s is not None:
             x0s[:, i] = x0
-        x, x0_prev, t_prev, nfe = out.x, x0, times[i], nfe + out.nfe + 1
+        x, x0_prev, t_prev, nfe, correction = out.x, x0, times[i], nfe + out.nfe + 1, out.correction
         states[:, i + 1] = x
     if x0s is not None:
         x0s[:, -1] = x
