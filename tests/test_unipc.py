@@ -10,7 +10,7 @@ import torch
 from optimalsteps import GaussianMixture, sample, search
 from optimalsteps.core.processes import FLOW, VP
 from optimalsteps.core.schedules import karras, logsnr
-from optimalsteps.core.solvers import get_solver, nfe_per_trajectory, unic_coefficients
+from optimalsteps.core.solvers import UNIPC_FLOW_MAX, get_solver, nfe_per_trajectory, unic_coefficients
 from optimalsteps.optimize.options import Checkpointing, DPOptions, Storage
 
 EPS64 = torch.finfo(torch.float64).eps
@@ -114,9 +114,12 @@ def test_corrector_coefficients_limits():
     # the series branch (tiny h) meets the closed form
     near = unic_coefficients(VP, torch.tensor([0.5]), torch.tensor([0.5 - 1e-4]), torch.tensor([0.5 + 1e-4]))
     assert all(torch.isfinite(c).all() for c in near)
-    # a previous estimate at the flow start (log-SNR -inf) is the limit r -> -inf: finite, no weight
+    # a previous estimate at the flow start counts as at 1 - 1e-6, where diffusers' scheduler puts it:
+    # finite, with the weight it has there
     k = unic_coefficients(FLOW, torch.tensor([0.7]), torch.tensor([0.4]), torch.tensor([1.0]))
-    assert all(torch.isfinite(c).all() for c in k) and float(k[2]) == 0
+    at_max = unic_coefficients(FLOW, torch.tensor([0.7]), torch.tensor([0.4]), torch.tensor([UNIPC_FLOW_MAX], dtype=torch.float64))
+    assert all(torch.isfinite(c).all() for c in k) and float(k[2]) != 0
+    assert all(torch.equal(a, b) for a, b in zip(k, at_max))
 
 
 def test_nfe_and_flow_start():

@@ -54,6 +54,18 @@ SOLVERS = {
 }
 
 
+# diffusers' UniPCMultistepScheduler moves a flow sigma of 1 to 1 - 1e-6 (its log-SNR would be -inf), which
+# gives the first estimate a real weight in the next steps; the library's unipc does the same so that a
+# schedule searched for it is the one the scheduler runs (the scheduler keeps its sigmas in float32, and
+# at this point that rounding moves the log-SNR by 1%)
+UNIPC_FLOW_MAX = float(torch.tensor(1.0 - 1e-6, dtype=torch.float32))
+
+
+def unipc_times(process: NoiseProcess, t: torch.Tensor) -> torch.Tensor:
+    """Times as UniPC's coefficients see them: a flow time of 1 becomes UNIPC_FLOW_MAX."""
+    return t.clamp(max=UNIPC_FLOW_MAX) if process.kind == "flow" else t
+
+
 def step_variable(solver: Solver, process: NoiseProcess, t: torch.Tensor) -> torch.Tensor:
     """The variable a multistep solver measures its step ratio in, at times t (float64)."""
     if solver.step_variable == "neg_log_sigma":
@@ -102,6 +114,9 @@ def update_coefficients(solver: str | Solver, process: NoiseProcess, t: torch.Te
     solver = get_solver(solver)
     t = torch.as_tensor(t, dtype=torch.float64)
     t_next = torch.as_tensor(t_next, dtype=torch.float64)
+    if solver.source_corrector:
+        t, t_next = unipc_times(process, t), unipc_times(process, t_next)
+        t_prev = None if t_prev is None else unipc_times(process, torch.as_tensor(t_prev, dtype=torch.float64))
     alpha, sigma = process.alpha(t), process.sigma(t)
     alpha_n, sigma_n = process.alpha(t_next), process.sigma(t_next)
     ratio = sigma_n / sigma
@@ -148,15 +163,15 @@ def unic_coefficients(process: NoiseProcess, t_from: torch.Tensor, t: torch.Tens
     rho from the 2x2 order conditions with r = (lambda_before - lambda_from) / h. A `t_before` at -inf
     log-SNR (the flow start) is the limit r -> -inf: rho_before = 0, rho_here = phi_2 / phi_1.
     """
-    t_from = torch.as_tensor(t_from, dtype=torch.float64)
-    t = torch.as_tensor(t, dtype=torch.float64)
+    t_from = unipc_times(process, torch.as_tensor(t_from, dtype=torch.float64))
+    t = unipc_times(process, torch.as_tensor(t, dtype=torch.float64))
     ratio = process.sigma(t) / process.sigma(t_from)
     e = process.alpha(t) - process.alpha(t_from) * ratio  # alpha_t (1 - e^{-h}), exact at a -inf start
     half = 0.5 * e
     k_x, k_from, k_before, k_here = ratio, half, torch.zeros_like(e), half
     if t_before is None:
         return k_x, k_from, k_before, k_here
-    t_before = torch.as_tensor(t_before, dtype=torch.float64)
+    t_before = unipc_times(process, torch.as_tensor(t_before, dtype=torch.float64))
     lam_from = process.log_snr(t_from)
     h = process.log_snr(t) - lam_from
     second = ~torch.isnan(t_before) & torch.isfinite(h) & torch.isfinite(lam_from)

@@ -13,6 +13,7 @@ import torch
 from ...core.errors import OptimalStepsError
 from ...core.processes import FLOW, NoiseProcess
 from ...core.schedules import Schedule
+from ...core.solvers import unipc_times
 
 # the pipelines' classifier-free guidance switches on above this scale
 CFG_THRESHOLD = 1.0
@@ -194,11 +195,21 @@ class PipelineModel:
         self._teacher: Optional[Callable[[int], Schedule]] = None
         # UniPC / DPM-Solver with flow sigmas hand the network int64 timesteps (sigma * 1000, truncated)
         self.integer_timesteps = False
+        self.scheduler_shift: Optional[float] = None  # the shift those schedulers apply to handed sigmas
 
     def flow_timestep(self, t: torch.Tensor) -> torch.Tensor:
         """The timestep the pipeline's scheduler hands the network at flow sigma t."""
-        timestep = flow_timestep(t, self.num_train_timesteps)
-        return torch.trunc(timestep) if self.integer_timesteps else timestep
+        if not self.integer_timesteps:
+            return flow_timestep(t, self.num_train_timesteps)
+        # these schedulers take the pre-shifted sigmas `pipeline_kwargs` hands them, shift them back in float64
+        # and truncate sigma * 1000: the round trip's last-bit error decides the integer (0.7 -> 699), so it
+        # is made here too. UniPC also moves a first sigma of 1 to 1 - 1e-6 (999, not 1000).
+        t = t.to(torch.float64)
+        k = self.scheduler_shift
+        if k is not None:
+            pre = t / (t + k * (1.0 - t))
+            t = k * pre / (1.0 + (k - 1.0) * pre)
+        return torch.trunc(unipc_times(FLOW, t) * self.num_train_timesteps).to(torch.float32)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         raise NotImplementedError

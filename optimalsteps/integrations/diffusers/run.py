@@ -87,6 +87,8 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
         model, dtype = family.build(pipe, request, cond)
     h, w = request.height, request.width
     model.integer_timesteps = family.flow and type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
+    if type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and family.flow:
+        model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1)[0])
     model.set_teacher(lambda teacher_steps: pipeline_teacher(pipe, teacher_steps, h, w))
     return PipelineInputs(model, cond, request.conditioning.count * request.per_prompt, h, w, request.frames, dtype,
                           _metadata(pipe, family, request, steps))
