@@ -194,8 +194,14 @@ def test_unipc_flow_scheduler_takes_a_schedule():
     if "unipc" not in SOLVERS:
         pytest.skip("sample_pipeline equality with UniPC needs the 'unipc' solver in core/solvers.py (engineer unipc)")
     embeds = {k: v for k, v in tiny.qwenimage().prompts.items() if not k.startswith("negative")}
+    seen = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: seen.append(k["timestep"].clone()) or forward(*a, **k)
     ours = od.sample_pipeline(pipe, embeds, schedule, height=64, width=64, generator=gen(4), solver="unipc")
     theirs = tiny.pipeline_latents(pipe, **embeds, height=64, width=64, generator=gen(4), **kwargs)
+    # the network sees the scheduler's integer timesteps, truncated from float64 sigmas: 0.1 is 99, not 100
+    assert torch.equal(torch.stack(seen[:4]), torch.stack(seen[4:]))
+    assert torch.allclose(torch.stack(seen[4:])[:, 0] * 1000, torch.tensor([999.0, 699.0, 300.0, 99.0]))
     assert rel_err(ours, theirs) < TOL
 
 

@@ -25,6 +25,23 @@ def test_cfg_combines_conditional_and_unconditional_in_one_call():
     assert CFGModel(inner, 1.0, uncond_value=10)(torch.zeros(1, 3), torch.zeros(1), labels=torch.tensor([5]))[0, 0] == 5
 
 
+def test_predict_x0_hands_times_in_the_models_time_dtype():
+    class Seen:
+        process, prediction, time_dtype = "flow", "x0", None
+
+        def __call__(self, x, t):
+            self.t = t
+            return x
+
+    model, x = Seen(), torch.ones(2, 3)
+    predict_x0(model, x, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    assert model.t.dtype == torch.float32  # the state's dtype by default
+    model.time_dtype = torch.float64  # e.g. a pipeline truncating float64 sigmas to integer timesteps
+    predict_x0(model, x, torch.tensor([0.1, 0.2], dtype=torch.float64))
+    assert model.t.dtype == torch.float64 and float(model.t[0]) == 0.1
+    assert CFGModel(model, 2.0, uncond_value=0).time_dtype == torch.float64
+
+
 def test_python_model_spec(tmp_path):
     (tmp_path / "m.py").write_text(
         "import torch\n"

@@ -7,7 +7,8 @@ A model is any callable `model(x, t, **cond)` with attributes `process` ("flow" 
 when noise must be drawn), `data_samples(n, generator)` (true data, for distribution metrics),
 `spec` (the string it was loaded from), `teacher_grid(teacher_steps) -> Schedule` (the grid a search or a
 comparison distils for this model, e.g. a pipeline's shifted or trained-range grid; read through
-`model_teacher_grid`, which falls back to `default_teacher_grid`).
+`model_teacher_grid`, which falls back to `default_teacher_grid`), `time_dtype` (the dtype it takes `t`
+in; None or absent: x's dtype).
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ def model_process(model: Any) -> NoiseProcess:
         raise OptimalStepsError("a model needs attributes 'process' and 'prediction' (see optimalsteps.models)")
     check_prediction(model.prediction)
     return get_process(model.process)
+
+
+def model_time_dtype(model: Any, x: torch.Tensor) -> torch.dtype:
+    """The dtype `model` takes its times in: its `time_dtype`, else the state's dtype."""
+    return getattr(model, "time_dtype", None) or x.dtype
 
 
 def default_teacher_grid(process: NoiseProcess, teacher_steps: int) -> Schedule:
@@ -73,7 +79,7 @@ def predict_x0(model: Any, x: torch.Tensor, t: torch.Tensor, cond: dict | None =
     t = torch.as_tensor(t, dtype=torch.float64, device=x.device)
     if t.dim() == 0:
         t = t.expand(x.shape[0])
-    out = model(x, t.to(x.dtype), **(cond or {}))
+    out = model(x, t.to(model_time_dtype(model, x)), **(cond or {}))
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise OptimalStepsError(
@@ -131,7 +137,8 @@ class CFGModel:
         self.guidance_scale = float(guidance_scale)
         self.cond_key = cond_key
         self.uncond_value = uncond_value
-        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range", "teacher_grid"):
+        for attr in ("sample_shape", "data_samples", "num_classes", "spec", "features", "data_range", "teacher_grid",
+                     "time_dtype"):
             if hasattr(model, attr):
                 setattr(self, attr, getattr(model, attr))
 

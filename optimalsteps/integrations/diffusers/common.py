@@ -197,8 +197,15 @@ class PipelineModel:
         self.integer_timesteps = False
         self.scheduler_shift: Optional[float] = None  # the shift those schedulers apply to handed sigmas
 
+    @property
+    def time_dtype(self) -> Optional[torch.dtype]:
+        """Float64 where the integer timestep is truncated from a float64 sigma: a float32 time can land on
+        the other side of an integer (sigma 0.1 is timestep 99 in the scheduler, 100 from float32 0.1)."""
+        return torch.float64 if self.integer_timesteps else None
+
     def flow_timestep(self, t: torch.Tensor) -> torch.Tensor:
-        """The timestep the pipeline's scheduler hands the network at flow sigma t."""
+        """The timestep the pipeline's scheduler hands the network at flow sigma t (float64 t where
+        `integer_timesteps`)."""
         if not self.integer_timesteps:
             return flow_timestep(t, self.num_train_timesteps)
         # these schedulers take the pre-shifted sigmas `pipeline_kwargs` hands them, shift them back in float64

@@ -14,11 +14,12 @@ so the schedules found are exact for euler.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
 from ...core.errors import OptimalStepsError
+from ...core.models import model_time_dtype
 from ...core.processes import FLOW
 from ...core.schedules import Schedule
 from ...core.solvers import sample
@@ -52,9 +53,13 @@ class _Segment:
         self.model, self.lo, self.hi = model, lo, hi
         self.sample_shape = getattr(model, "sample_shape", None)
 
+    @property
+    def time_dtype(self) -> Optional[torch.dtype]:
+        return getattr(self.model, "time_dtype", None)
+
     def __call__(self, x: torch.Tensor, s: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
         t = self.lo + (self.hi - self.lo) * s.double()
-        return (self.hi - self.lo) * self.model(x, t.to(s.dtype), **cond)
+        return (self.hi - self.lo) * self.model(x, t.to(model_time_dtype(self.model, x)), **cond)
 
     def times(self, s: torch.Tensor) -> torch.Tensor:
         t = self.lo + (self.hi - self.lo) * s
