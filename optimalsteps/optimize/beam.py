@@ -36,7 +36,7 @@ class BeamResult:
     score: float  # its objective on the search samples
     errors: torch.Tensor  # [B] its per-sample final errors against the teacher's end, float64
     finalists: list[tuple[list[int], float]]  # the `width` best complete schedules and their scores
-    nfe: int  # model evaluations of the DP (teacher excluded), per sample state
+    nfe: int  # model evaluations of the DP (teacher excluded), counted per sample state (all samples)
     peak_vectors: int  # most sample vectors (states, clean estimates) held at once: memory / (D * itemsize)
 
 

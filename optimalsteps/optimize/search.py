@@ -194,7 +194,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
            target_chunk: int | None = None, memory_limit: int | None = None, checkpoint_dir: str | None = None,
            resume: bool = False, distributed: bool = True,
            callback: Optional[Callable[[str, int, int], None]] = None, refine: Any = False,
-           refine_budget: int | None = None, coarse_to_fine: Any = False, free_start: bool = False) -> SearchResult:
+           refine_budget: int | None = None, coarse_to_fine: Any = False, free_start: bool = False,
+           method: str = "validated", objective: str | None = None, width: int | None = None) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
@@ -215,6 +216,10 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     - `free_start`: the first step may start from the initial state placed at any later grid point (the
       freedom the released code's first layer has, kept here with exactly-M-step cells); the schedule then
       records `noise_scale_time` and `sample` starts from sigma(t_start) * noise at its first time.
+    - `method`: "validated" (default: candidates of every kind, the winner on a validation set, within twice
+      the plain DP's model calls; optimize/select.py) or "dp" (the paper's plain DP, for reproduction);
+      `objective` ("mse", "log", "tail"; default "log" validated, "mse" dp) and `width` (histories kept per
+      cell; default 4 validated, 1 dp) choose the DP's aggregation and beam (optimize/beam.py).
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
     - `coarse_to_fine` (True or a `refine.CoarseToFine`): the DP on a coarse sub-grid, then on bands around
       its choices (far fewer model calls); `refine` (True or a `refine.Refinement`): then optimise the
@@ -257,6 +262,16 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     if reference_compat and (refine or coarse_to_fine):
         raise OptimalStepsError("--refine and --coarse-to-fine work on the exact DP, not with --reference-compat")
 
+    if not reference_compat and (method != "dp" or objective not in (None, "mse") or width not in (None, 1)):
+        from .select import search_hook
+
+        dp_options = {"cost": cost != "xt", "aggregate": aggregate != "joint", "refine": bool(refine),
+                      "coarse_to_fine": bool(coarse_to_fine), "storage": storage != "memory",
+                      "storage_dtype": storage_dtype is not None, "target_chunk": target_chunk is not None,
+                      "checkpoint_dir": checkpoint_dir is not None, "cost_channels": cost_channels is not None,
+                      "cost_frames": cost_frames is not None, "ranks": dd.shard(batch, distributed).world > 1}
+        return search_hook(method, model, noise, steps, teacher, solver_def.name, cond, objective, width, free_start,
+                           seed, candidates, max_batch, progress, callback, [k for k, v in dp_options.items() if v])
     sample_shape = tuple(noise.shape[1:])
     cost = "xt" if reference_compat else cost
     per_sample = reference_compat or aggregate == "median"
