@@ -1,3 +1,4 @@
+import functools
 import json
 import math
 import warnings
@@ -5,12 +6,16 @@ import warnings
 import pytest
 import torch
 
-from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample, search
+from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample
+from optimalsteps import search as any_search
 from optimalsteps.cli import main
 from optimalsteps.optimize.refine import (CoarseToFine, Refinement, coarse_to_fine_search, final_error, from_unit,
                                  level_strides, refine_schedule, to_unit)
 from optimalsteps.core.schedules import karras, logsnr, uniform
 from optimalsteps.core.solvers import nfe_per_trajectory
+
+# these tests check the paper's plain DP: they call it by name
+search = functools.partial(any_search, method="dp")
 
 
 def _model(process="flow", dim=6, seed=4):

@@ -336,7 +336,8 @@ def cmd_search(args: argparse.Namespace) -> None:
                     reference_compat=args.reference_compat, max_batch=args.max_batch, progress=True, seed=args.seed,
                     storage=args.storage, storage_dtype=args.storage_dtype, storage_dir=args.storage_dir,
                     target_chunk=args.target_chunk, memory_limit=args.memory_limit,
-                    checkpoint_dir=args.checkpoint, resume=args.resume, free_start=args.free_start, **refine_from_args(args))
+                    checkpoint_dir=args.checkpoint, resume=args.resume, free_start=args.free_start,
+                    **method_from_args(args), **refine_from_args(args))
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
@@ -344,8 +345,13 @@ def cmd_search(args: argparse.Namespace) -> None:
     schedule = result.schedule
     print(f"schedule ({schedule.steps} steps, {args.solver}): " + ", ".join(f"{v:.4g}" for v in schedule.times.tolist()))
     print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
-    print(f"cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.cost:.4g}   "
-          f"NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    if "cost" in schedule.metadata:
+        print(f"cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.cost:.4g}   "
+              f"NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    else:
+        print(f"{schedule.metadata['selection_method']} ({schedule.metadata['objective']} objective): "
+              f"{result.cost:.4g}   NFE: {result.nfe}   time: {result.seconds:.1f}s")
+    print_selection(schedule)
     print_refinement(schedule)
     print(f"wrote {args.out}")
 
@@ -453,11 +459,54 @@ def add_search_command(sub: Any) -> None:
     p.add_argument("--free-start", action="store_true",
                    help="let the first step start from the noise placed at a later grid point (docs/search.md)")
     p.add_argument("--max-batch", type=_positive_int, default=4096, help="largest batch of one model call")
+    add_method_args(p)
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out")
     add_scale_args(p)
     add_refine_args(p)
     p.set_defaults(func=cmd_search)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    from ..optimize.objectives import OBJECTIVES
+    from ..optimize.select import METHODS as SEARCH_METHODS
+
+    g = parser.add_argument_group("what the search optimises (docs/search.md)")
+    g.add_argument("--method", default=None, choices=SEARCH_METHODS,
+                   help="validated (default: the best of many candidates on a validation set) or dp (the paper's "
+                        "plain DP; the default when a plain-DP option such as --cost or --refine is given)")
+    g.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help="aggregation of the per-sample errors (default: log for validated, mse for dp)")
+    # --width is the image width of the diffusers options
+    g.add_argument("--beam-width", type=_positive_int, default=None,
+                   help="histories kept per DP cell (default: 4 for validated's beam candidate, 1 for dp)")
+
+
+# the plain DP's own options: given any of them, --method defaults to dp
+_DP_FLAGS = {"reference_compat": False, "cost": "xt", "aggregate": "joint", "free_start": False, "refine": False,
+             "coarse_to_fine": False, "storage": "memory", "storage_dtype": None, "target_chunk": None,
+             "checkpoint": None, "memory_limit": None}
+
+
+def method_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """search() keywords of --method, --objective, --width."""
+    method = args.method
+    if method is None:
+        given = [k for k, default in _DP_FLAGS.items() if getattr(args, k, default) != default]
+        method = "dp" if given else "validated"
+    return {"method": method, "objective": args.objective, "width": args.beam_width}
+
+
+def print_selection(schedule: Any) -> None:
+    """The validated search's candidates and their validation scores."""
+    from ..optimize.select import selection_table
+
+    table = selection_table(schedule)
+    if table:
+        print(f"winner: {schedule.metadata['winner']} of {len(schedule.metadata['selection'])} candidates, scored on "
+              f"{schedule.metadata['validation_samples']} validation samples (NFE {schedule.metadata['nfe']}, "
+              f"plain DP {schedule.metadata['plain_dp_nfe']})")
+        print(table)
 
 
 def add_refine_args(parser: argparse.ArgumentParser) -> None:

@@ -629,4 +629,5 @@ def coarse_to_fine_search(model: Any, noise: torch.Tensor, steps: int, teacher_s
     from .search import search
 
     fast = CoarseToFine(coarse_steps, factor, window, rounds)
-    return search(model, noise, steps, teacher_steps=teacher_steps, solver=solver, coarse_to_fine=fast, **options)
+    return search(model, noise, steps, teacher_steps=teacher_steps, solver=solver, coarse_to_fine=fast, method="dp",
+                  **options)
