@@ -107,7 +107,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     pool = [_dp_candidate(f"dp-{objective}", main, teacher, solver)]
 
     val_noise = validation_noise(noise, count, seed)
-    val_cond = index_cond(cond, torch.arange(count) % batch) if cond else cond
+    val_cond = _cond_rows(cond, torch.arange(count) % batch)
     val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
     money.spend(val_teacher.nfe * count)
     per_eval = count * nfe_per_trajectory(solver, steps)
@@ -120,7 +120,8 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
         if not money.fits(fit_cost + per_eval):
             break
         try:
-            fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, FIT_EVALUATIONS, cond)
+            fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, FIT_EVALUATIONS,
+                             _cond_rows(cond, torch.arange(batch)))
         except OptimalStepsError:
             money.spend(fit_cost + per_eval)  # counted as planned: the bound stays an upper bound
             continue
@@ -146,6 +147,15 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     return SearchResult(schedule, list(winner.indices or []), None, None, torch.empty(0), float(
         winner.validation["score"]), money.spent, search_teacher.nfe * batch, time.perf_counter() - started,
         teacher, teacher_out, amplitude)
+
+
+def _cond_rows(cond: dict | None, index: torch.Tensor) -> dict | None:
+    """Conditions for the samples at `index` (`sample` wants one row per sample: a broadcast row is repeated)."""
+    if not cond:
+        return cond
+    out = index_cond(cond, index)
+    return {k: v.expand((len(index),) + tuple(v.shape[1:])) if isinstance(v, torch.Tensor) and v.dim() > 0
+            and v.shape[0] == 1 else v for k, v in out.items()}
 
 
 def _scores(errors: torch.Tensor, objective: str) -> dict[str, float]:
