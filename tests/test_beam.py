@@ -73,7 +73,7 @@ def test_width_one_is_the_plain_dp(process, solver):
 
 
 def test_narrow_beams_never_beat_the_exhaustive_one():
-    model, noise, teacher, run = _setup("flow", "dpmpp2m", n=14)
+    model, noise, teacher, run = _setup("flow", "dpmpp2m", n=14, seed=3)
     scores = [beam_dp(model, run.states, teacher.times, 4, "dpmpp2m", "log", width=w).score for w in (1, 2, 8, 286)]
     # C(13, 3) = 286 paths reach the busiest cell: the widest beam enumerates every schedule
     assert scores[-1] <= min(scores) + TOL
