@@ -5,7 +5,8 @@ drawn from the seed), then builds candidates and scores each on validation with 
 
 1. the DP on the full teacher grid (`objective`, width 1, fixed start): the plain DP's cost, made robust;
 2. the closed forms at their defaults, DM and the published tables (no model calls to make);
-3. the parametric families of optimize/families.py fitted on the search samples;
+3. the parametric families of optimize/families.py fitted on the search samples (with up to 40 % of what
+   the budget has left);
 4. DP variants on a coarser sub-grid of the same teacher run: the other objective, a free start, and the
    width-K beam (optimize/beam.py), the grid as fine as the remaining budget allows.
 
@@ -35,7 +36,9 @@ from .objectives import OBJECTIVES, aggregate, check_objective, per_sample_error
 VALIDATION_SEED_OFFSET = 7_919  # validation noise seed = search seed + this
 DEFAULT_WIDTH = 4
 DEFAULT_BUDGET = 2.0
-FIT_EVALUATIONS = 10
+FIT_EVALUATIONS = 10  # samplings of the search noise per family, at most
+MIN_FIT_EVALUATIONS = 3
+FIT_SHARE = 0.4
 TABLE_NAMES = ("ays-sd15", "ays-sdxl", "oss-flux", "oss-chroma")
 
 
@@ -114,13 +117,16 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     money.spend(per_eval)  # the main DP's validation
 
     pool += _fixed_candidates(model_process(model), steps, solver, money, per_eval)
-    fit_cost = batch * nfe_per_trajectory(solver, steps) * FIT_EVALUATIONS
+    # the families get at most FIT_SHARE of what is left, the DP variants the rest
+    share = FIT_SHARE * (money.limit - money.spent) / len(FAMILIES) - per_eval
+    evaluations = min(FIT_EVALUATIONS, int(share // (batch * nfe_per_trajectory(solver, steps))))
+    fit_cost = batch * nfe_per_trajectory(solver, steps) * evaluations
     teacher_end = search_teacher.states[:, -1]
     for name in FAMILIES:
-        if not money.fits(fit_cost + per_eval):
+        if evaluations < MIN_FIT_EVALUATIONS or not money.fits(fit_cost + per_eval):
             break
         try:
-            fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, FIT_EVALUATIONS,
+            fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, evaluations,
                              _cond_rows(cond, torch.arange(batch)))
         except OptimalStepsError:
             money.spend(fit_cost + per_eval)  # counted as planned: the bound stays an upper bound
