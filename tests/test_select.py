@@ -1,5 +1,6 @@
 import functools
 import json
+import math
 
 import pytest
 import torch
@@ -37,17 +38,21 @@ def _noise(count=6, dim=6, seed=0):
 @pytest.mark.parametrize("process,solver", [("flow", "dpmpp2m"), ("vp", "heun"), ("ve", "euler")])
 def test_the_winner_is_the_best_candidate_on_validation(process, solver):
     model, noise = _model(process), _noise()
-    result = any_search(model, noise, steps=4, teacher_steps=100, solver=solver, seed=5)
+    result = any_search(model, noise, steps=4, teacher_steps=200, solver=solver, seed=5)
     meta = result.schedule.metadata
     rows = meta["selection"]
     names = [r["name"] for r in rows]
     assert {"dp-log", "uniform", "logsnr", "dm", "fit-shift"} <= set(names) and len(names) == len(set(names))
     assert meta["winner"] in names and meta["method"] == "oss" and meta["selection_method"] == "validated"
-    assert min(r["score"] for r in rows) == next(r["score"] for r in rows if r["name"] == meta["winner"])
+    eligible = [r for r in rows if r["eligible"]]
+    uniform_tail = next(r["tail"] for r in rows if r["name"] == "uniform")
+    # eligible: no worse a tail than 1.1x uniform's (all candidates when none is)
+    assert all(r["tail"] <= uniform_tail + math.log(1.1) for r in eligible) or len(eligible) == len(rows)
+    assert min(r["score"] for r in eligible) == next(r["score"] for r in rows if r["name"] == meta["winner"])
     # recompute on the validation set: the winner's score is what the schedule realises there, and no baseline
     # (recomputed the same way) is better
     val = validation_noise(noise, meta["validation_samples"], 5)
-    teacher = default_teacher_schedule(model.process, 100)
+    teacher = default_teacher_schedule(model.process, 200)
     reference = run_teacher(model, val, teacher, solver).states[:, -1]
 
     def score(schedule):
@@ -58,7 +63,8 @@ def test_the_winner_is_the_best_candidate_on_validation(process, solver):
     assert won == pytest.approx(result.cost, rel=1e-9)
     from optimalsteps.evaluation.baselines import make_schedule
     for name in ("uniform", "logsnr", "karras", "shift"):
-        assert won <= score(make_schedule(name, model.process, 4)) + 1e-9
+        if next(r["eligible"] for r in rows if r["name"] == name):
+            assert won <= score(make_schedule(name, model.process, 4)) + 1e-9
 
 
 @pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun"])

@@ -12,8 +12,9 @@ drawn from the seed), then builds candidates and scores each on validation with 
 
 Every model call is counted against a budget of `budget` (default 2) times the plain DP's on the same
 settings (its teacher plus its DP); a candidate that does not fit is skipped, so the bound holds by
-construction. The winner has the lowest validation objective, hence is never worse there than any
-candidate; its metadata `selection` records every candidate's validation scores.
+construction. The winner has the lowest validation objective among the candidates whose worst tenth of
+validation errors is at most 1.1 times uniform's (all candidates if none is), hence is never worse there
+than any such candidate; its metadata `selection` records every candidate's validation scores.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ DEFAULT_BUDGET = 2.0
 FIT_EVALUATIONS = 10  # samplings of the search noise per family, at most
 MIN_FIT_EVALUATIONS = 3
 FIT_SHARE = 0.4
+TAIL_SLACK = 1.1  # a candidate's worst tenth of validation errors may be this much worse than uniform's
 TABLE_NAMES = ("ays-sd15", "ays-sdxl", "oss-flux", "oss-chroma")
 
 
@@ -93,9 +95,8 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     if not (budget >= 1.0 and math.isfinite(budget)):
         raise OptimalStepsError(f"the budget must be a finite factor >= 1 of the plain DP's model calls, got {budget}")
     batch, n = noise.shape[0], teacher.steps
-    count = validation_samples if validation_samples is not None else max(4, min(batch, 32))
-    if count < 1:
-        raise OptimalStepsError(f"validation_samples must be at least 1, got {count}")
+    if validation_samples is not None and validation_samples < 1:
+        raise OptimalStepsError(f"validation_samples must be at least 1, got {validation_samples}")
     seed = 0 if seed is None else int(seed)
     plain = plain_dp_calls(batch, n, steps, solver, candidates)
     money = _Budget(int(budget * plain))
@@ -109,6 +110,10 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     money.spend(main.nfe)
     pool = [_dp_candidate(f"dp-{objective}", main, teacher, solver)]
 
+    # the validation set: as many as asked (default 2 B, 8 to 32), as far as the budget runs a teacher on them
+    per_validation_sample = nfe_per_trajectory(solver, n) + nfe_per_trajectory(solver, steps)
+    count = validation_samples or max(8, min(2 * batch, 32))
+    count = max(1, min(count, (money.limit - money.spent) // per_validation_sample))
     val_noise = validation_noise(noise, count, seed)
     val_cond = _cond_rows(cond, torch.arange(count) % batch)
     val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
@@ -140,7 +145,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     for c in pool:
         out = sample(model, val_noise, c.schedule, solver=solver, cond=val_cond).samples
         c.validation = _scores(per_sample_error(out, val_end), objective)
-    winner = min(pool, key=lambda c: c.validation["score"])  # first on ties: the DP, then the simplest
+    winner = _choose(pool)
     amplitude = amplitude_statistics(search_teacher.states)
     schedule = _winner_schedule(winner, pool, teacher, amplitude, {
         "model": getattr(model, "spec", type(model).__name__), "nfe": money.spent, "search_nfe": money.spent,
@@ -153,6 +158,21 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     return SearchResult(schedule, list(winner.indices or []), None, None, torch.empty(0), float(
         winner.validation["score"]), money.spent, search_teacher.nfe * batch, time.perf_counter() - started,
         teacher, teacher_out, amplitude)
+
+
+def _choose(pool: list[Candidate]) -> Candidate:
+    """The lowest validation objective among the candidates whose tail (the mean of the worst tenth of the
+    errors) is at most TAIL_SLACK times uniform's: no more broken samples than doing nothing; all of them if
+    none is. The first on ties: the DP, then the simplest."""
+    reference = next((c for c in pool if c.name == "uniform"), None)
+    eligible = pool
+    if reference is not None:
+        limit = reference.validation["tail"] + math.log(TAIL_SLACK)
+        eligible = [c for c in pool if c.validation["tail"] <= limit] or pool
+    chosen = {id(c) for c in eligible}
+    for c in pool:
+        c.validation["eligible"] = id(c) in chosen
+    return min(eligible, key=lambda c: c.validation["score"])
 
 
 def _cond_rows(cond: dict | None, index: torch.Tensor) -> dict | None:
@@ -270,7 +290,7 @@ def selection_table(schedule: Schedule) -> str:
     objective = schedule.metadata.get("objective", "log")
     lines = [f"{'candidate':<22} {'validation ' + objective:>16} {'mse':>10} {'p99':>10} {'search NFE':>11}"]
     for row in sorted(rows, key=lambda r: r["score"]):
-        mark = " *" if row["name"] == schedule.metadata.get("winner") else ""
+        mark = " *" if row["name"] == schedule.metadata.get("winner") else "" if row.get("eligible", True) else " -"
         lines.append(f"{row['name'] + mark:<22} {row['score']:>16.4g} {row['mse']:>10.3g} {row['p99']:>10.3g} "
                      f"{row['search_nfe']:>11}")
     return "\n".join(lines)
