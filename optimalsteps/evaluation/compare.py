@@ -351,7 +351,7 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
         parts += ["", "Distances below the data-vs-data floor are sampling noise, not differences.", ""]
     for solver in dict.fromkeys(r["solver"] for r in result.rows):
         parts += [f"## {solver}", "", markdown_table([r for r in result.rows if r["solver"] == solver]), ""]
-    parts += _selection_sections(result.rows)
+    parts += selection_sections(result.rows)
     if plot_names is None:
         parts += ["Plots skipped: matplotlib is not installed (pip install optimalsteps[plot]).", ""]
     elif plot_names:
@@ -359,7 +359,7 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
     return "\n".join(parts)
 
 
-def _selection_sections(rows: list[dict]) -> list[str]:
+def selection_sections(rows: list[dict]) -> list[str]:
     """Each validated schedule's candidates with their validation scores (the winner first, marked)."""
     parts = []
     for row in rows:
