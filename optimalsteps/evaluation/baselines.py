@@ -432,7 +432,7 @@ _DESCRIPTIONS = {
     "beta": "ComfyUI's beta schedule: Beta(0.6, 0.6) quantiles of the timestep axis",
     "kl-optimal": "Align Your Steps Thm 3.1: linear in arctan(sigma)",
     "cosine": "uniform in the time of the cosine noise schedule",
-    "oss": "Optimal Stepsize Distillation search (optimalsteps.search); needs a model",
+    "oss": "Optimal Stepsize Distillation search (optimalsteps.search, the validated choice); needs a model",
     "gits": "GITS, " + LOCAL_METHODS["gits"].paper + "; needs a model",
     "boss": "BOSS, " + LOCAL_METHODS["boss"].paper + "; needs a model",
     "dm": "DM, Xue et al. 2024, Accelerating Diffusion Sampling with Optimized Time Steps (no model needed)",
