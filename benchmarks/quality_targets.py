@@ -14,7 +14,7 @@ PSNR (to the exact ODE solution) of uniform Euler at 20 steps.
 
 Run: nice -n 10 python benchmarks/quality_targets.py [--quick] [--beds gmm-flow,gmm-vp,gmm-ve,digits-flow,...]
      [--seeds 0,1,2] [--dims 32,64] [--solvers euler,heun,dpmpp2m] [--steps 4,6,8,10] [--samples 16]
-     [--eval-samples 1024] [--teacher-steps 200] [--rows FILE.json] [--step-saving]
+     [--eval-samples 1024] [--teacher-steps 200] [--rows FILE.json] [--step-saving] [--report A.json,B.json]
 Rows accumulate in --rows (a cell already there is not recomputed), so the grid can be run in parts.
 """
 
@@ -56,6 +56,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--teacher-steps", type=int, default=200)
     p.add_argument("--rows", default=None, help="JSON file the rows accumulate in")
     p.add_argument("--step-saving", action="store_true")
+    p.add_argument("--report", default=None, help="only report the rows of these JSON files (comma-separated)")
     args = p.parse_args()
     if args.quick:
         args.seeds, args.dims, args.steps, args.eval_samples, args.teacher_steps = "0", "16", "4,8", 256, 100
@@ -205,6 +206,11 @@ def step_saving(args: argparse.Namespace) -> str:
 def main() -> None:
     args = parse()
     torch.set_num_threads(1)
+    if args.report:
+        rows = [r for f in args.report.split(",") for r in json.loads(Path(f).read_text())]
+        checks = cells(rows)
+        print(report(checks) + "\n\n### Missed cells\n\n" + missed(checks))
+        return
     rows: list[dict] = []
     path = Path(args.rows) if args.rows else None
     if path is not None and path.exists():

@@ -60,7 +60,7 @@ def _worker(shape, storage, dtype, teacher_steps, samples, queue):
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = search(model, noise, steps=5, teacher_steps=teacher_steps, storage=storage, storage_dtype=dtype,
-                        storage_dir=tmp, target_chunk=16, max_batch=64)
+                        storage_dir=tmp, target_chunk=16, max_batch=64, method="dp")
         seconds = time.perf_counter() - started
     stop.set()
     thread.join()

@@ -48,9 +48,10 @@ def main():
                     row["released"] = held_out_error(model, held, exact, ref.schedule, solver)
                 for aggregate in ("joint", "median"):
                     r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
-                               aggregate=aggregate)
+                               aggregate=aggregate, method="dp")
                     row[aggregate] = held_out_error(model, held, exact, r.schedule, solver)
-                r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver, free_start=True)
+                r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver, free_start=True,
+                           method="dp")
                 row["free start"] = held_out_error(model, held, exact, r.schedule, solver)
                 best = min(row, key=row.get)
                 cells = [f"{row[k]:.4f}" if k in row else "n/a (euler only)" for k in

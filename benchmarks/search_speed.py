@@ -124,7 +124,7 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
         r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="median")
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "search (joint)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="joint")
+        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="joint", method="dp")
         schedules, nfe = [r.indices], r.nfe
     elif variant == "search (reference-compat)":
         r = search(model, noise, steps=steps, teacher_schedule=teacher, reference_compat=True)
