@@ -121,7 +121,7 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
     base = _rss_mb()
     started = time.perf_counter()
     if variant == "search (exact, per sample)":
-        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="median")
+        r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="median", method="dp")
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "search (joint)":
         r = search(model, noise, steps=steps, teacher_schedule=teacher, aggregate="joint", method="dp")
