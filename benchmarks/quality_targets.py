@@ -67,7 +67,7 @@ def parse() -> argparse.Namespace:
 def beds(args: argparse.Namespace) -> list[tuple[str, object]]:
     """(name, model) of every test bed asked for."""
     out = []
-    names = args.beds.split(",")
+    names = [bed for bed in args.beds.split(",") if bed]  # --beds "" with --step-saving: only that
     processes = [bed[4:] for bed in names if bed.startswith("gmm-")]
     # seed-major: every process and dimension gets its first mixture before any gets a second
     for seed in (int(s) for s in args.seeds.split(",")):
@@ -224,11 +224,12 @@ def main() -> None:
             path.write_text(json.dumps(rows, indent=0) + "\n")
     asked = {name for name, _ in beds(args)}
     checks = cells([r for r in rows if r["bed"] in asked])
-    print(f"## Targets ({args.eval_samples} evaluation noises, {args.samples} search samples, teacher "
-          f"{args.teacher_steps} steps)\n")
-    print(report(checks))
-    print("\n### Missed cells\n")
-    print(missed(checks))
+    if checks:
+        print(f"## Targets ({args.eval_samples} evaluation noises, {args.samples} search samples, teacher "
+              f"{args.teacher_steps} steps)\n")
+        print(report(checks))
+        print("\n### Missed cells\n")
+        print(missed(checks))
     if args.step_saving:
         print("\n### Step saving\n")
         print(step_saving(args))
