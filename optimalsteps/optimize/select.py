@@ -13,8 +13,9 @@ drawn from the seed), then builds candidates and scores each on validation with 
 Every model call is counted against a budget of `budget` (default 2) times the plain DP's on the same
 settings (its teacher plus its DP); a candidate that does not fit is skipped, so the bound holds by
 construction. The winner has the lowest validation objective among the candidates whose worst tenth of
-validation errors is at most 1.1 times uniform's (all candidates if none is), hence is never worse there
-than any such candidate; its metadata `selection` records every candidate's validation scores.
+validation errors is at most 1.1 times that of the best baseline (the fixed schedule with the lowest
+objective, itself eligible), hence is never worse there than that baseline or any eligible candidate; its
+metadata `selection` records every candidate's validation scores.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ DEFAULT_BUDGET = 2.0
 FIT_EVALUATIONS = 10  # samplings of the search noise per family, at most
 MIN_FIT_EVALUATIONS = 3
 FIT_SHARE = 0.4
-TAIL_SLACK = 1.1  # a candidate's worst tenth of validation errors may be this much worse than uniform's
+TAIL_SLACK = 1.1  # a candidate's worst tenth of validation errors may be this much worse than the best baseline's
 TABLE_NAMES = ("ays-sd15", "ays-sdxl", "oss-flux", "oss-chroma")
 
 
@@ -162,13 +163,15 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
 
 def _choose(pool: list[Candidate]) -> Candidate:
     """The lowest validation objective among the candidates whose tail (the mean of the worst tenth of the
-    errors) is at most TAIL_SLACK times uniform's: no more broken samples than doing nothing; all of them if
-    none is. The first on ties: the DP, then the simplest."""
-    reference = next((c for c in pool if c.name == "uniform"), None)
+    errors) is at most TAIL_SLACK times that of the best baseline (the best fixed schedule by the objective):
+    typical fidelity is not bought with more broken samples than the schedule it beats. That baseline is
+    itself eligible, so the winner is never worse than it. The first on ties: the DP, then the simplest."""
+    fixed = [c for c in pool if c.nfe == 0 and c.indices is None]
     eligible = pool
-    if reference is not None:
+    if fixed:
+        reference = min(fixed, key=lambda c: c.validation["score"])
         limit = reference.validation["tail"] + math.log(TAIL_SLACK)
-        eligible = [c for c in pool if c.validation["tail"] <= limit] or pool
+        eligible = [c for c in pool if c.validation["tail"] <= limit]
     chosen = {id(c) for c in eligible}
     for c in pool:
         c.validation["eligible"] = id(c) in chosen
