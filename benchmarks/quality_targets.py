@@ -121,6 +121,7 @@ def cells(rows: list[dict]) -> list[dict]:
             "data_key": data_key, "data": oss[data_key], "best_data": best_data[data_key],
             "best_data_by": best_data["schedule"], "data_ok": oss[data_key] <= 1.05 * best_data[data_key],
             "p99": oss["mse_p99"], "p99_uniform": uni["mse_p99"], "p99_ok": oss["mse_p99"] <= 1.1 * uni["mse_p99"],
+            "p99_best_psnr": best_psnr["mse_p99"],
             "mode_change": oss["mode_change"], "mode_change_uniform": uni["mode_change"],
             "mse": oss["mse"], "best_mse": min(r["mse"] for r in rivals),
             "psnr_dp": by[PLAIN]["psnr"] if PLAIN in by else None,
@@ -155,6 +156,8 @@ def report(checks: list[dict]) -> str:
                       ("p99_ok", "p99 error <= 1.1x uniform's")):
         hits = sum(c[key] for c in checks)
         lines.append(f"- {text}: {hits} of {total} cells ({100 * hits / max(total, 1):.0f} %)")
+    reachable = sum(c["p99_best_psnr"] <= 1.1 * c["p99_uniform"] for c in checks)
+    lines.append(f"- (the best-PSNR baseline itself meets the p99 target in {reachable} of {total} cells)")
     both = sum(c["psnr_ok"] and c["data_ok"] and c["p99_ok"] for c in checks)
     lines.append(f"- all three: {both} of {total} cells ({100 * both / max(total, 1):.0f} %)")
     return "\n".join(lines)
@@ -170,7 +173,8 @@ def missed(checks: list[dict]) -> str:
         if not c["data_ok"]:
             why.append(f"{c['data_key']} {c['data'] / c['best_data']:.2f}x {c['best_data_by']}'s")
         if not c["p99_ok"]:
-            why.append(f"p99 {c['p99'] / c['p99_uniform']:.2f}x uniform's")
+            why.append(f"p99 {c['p99'] / c['p99_uniform']:.2f}x uniform's (the best-PSNR baseline "
+                       f"{c['best_psnr_by']}: {c['p99_best_psnr'] / c['p99_uniform']:.2f}x)")
         if why:
             lines.append(f"- {c['bed']} / {c['solver']} / {c['steps']} steps: " + "; ".join(why))
     return "\n".join(lines) or "- none"
