@@ -34,7 +34,7 @@ def per_sample_error(model, noise, schedule, solver, reference, chunk=1024):
 def timed_search(model, noise, steps, teacher_steps, solver, fast):
     started = time.perf_counter()
     result = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
-                    dp=DPOptions(coarse_to_fine=fast))
+                    dp=DPOptions(coarse_to_fine=fast), method="dp")
     return result, time.perf_counter() - started
 
 

@@ -68,7 +68,7 @@ def evaluate(model, name, noise, held, exact, steps_list, args, kmax):
         extra_target = teacher_outputs(model, extra, solver, args.teacher_steps)
         for steps in steps_list:
             started = time.perf_counter()
-            dp = search(model, noise, steps=steps, teacher_steps=args.teacher_steps, solver=solver)
+            dp = search(model, noise, steps=steps, teacher_steps=args.teacher_steps, solver=solver, method="dp")
             baselines, baseline_nfe = baseline_starts(model, noise, steps, solver)
             starts = {"oss": dp.schedule, **baselines}
             small = refine_schedule(model, noise, starts, solver, dp.teacher_samples)

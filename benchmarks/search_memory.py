@@ -61,7 +61,7 @@ def _worker(shape, storage, dtype, teacher_steps, samples, queue):
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         place = Storage(storage, dtype=dtype, dir=tmp, target_chunk=16, max_batch=64)
-        result = search(model, noise, steps=5, teacher_steps=teacher_steps, storage=place)
+        result = search(model, noise, steps=5, teacher_steps=teacher_steps, storage=place, method="dp")
         seconds = time.perf_counter() - started
     stop.set()
     thread.join()

@@ -53,7 +53,7 @@ def main():
                                dp=DPOptions(aggregate=aggregate))
                     row[aggregate] = held_out_error(model, held, exact, r.schedule, solver)
                 r = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver,
-                           dp=DPOptions(free_start=True))
+                           dp=DPOptions(free_start=True), method="dp")
                 row["free start"] = held_out_error(model, held, exact, r.schedule, solver)
                 best = min(row, key=row.get)
                 cells = [f"{row[k]:.4f}" if k in row else "n/a (euler only)" for k in

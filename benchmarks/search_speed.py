@@ -123,10 +123,10 @@ def _worker(variant, dim, teacher_steps, steps, samples, queue):
     base = _rss_mb()
     started = time.perf_counter()
     if variant == "search (exact, per sample)":
-        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="median"))
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="median"), method="dp")
         schedules, nfe = r.per_sample_indices, r.nfe
     elif variant == "search (joint)":
-        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="joint"))
+        r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(aggregate="joint"), method="dp")
         schedules, nfe = [r.indices], r.nfe
     elif variant == "search (reference-compat)":
         r = search(model, noise, steps=steps, teacher_grid=teacher, dp=DPOptions(reference_compat=True))

@@ -162,7 +162,7 @@ def test_oss_free_start_variant_is_compared_from_its_later_start():
     result = compare(model, steps=[3], solvers=["euler"], schedules=["oss-free"], samples=4, eval_samples=16,
                      teacher_steps=30)
     row = result.rows[0]
-    free = search(model, draw_noise(model, 4, 0), steps=3, teacher_steps=30, dp=DPOptions(free_start=True))
+    free = search(model, draw_noise(model, 4, 0), steps=3, teacher_steps=30, dp=DPOptions(free_start=True), method="dp")
     assert row["times"] == free.schedule.times.tolist()
     # evaluated as the search meant it: the noise scaled for the start time, placed at the first grid time
     eval_noise = draw_noise(model, 16, 0 + 1_000_003)

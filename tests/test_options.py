@@ -50,7 +50,7 @@ def test_cli_refuses_reference_compat_with_joint_in_one_line(tmp_path, capsys):
 
 def test_error_is_the_returned_schedules_realised_error_and_differs_from_the_median_dp_cost():
     model, noise = _model(), _noise(5)
-    result = search(model, noise, steps=2, teacher_steps=16, dp=DPOptions(aggregate="median"))
+    result = search(model, noise, steps=2, teacher_steps=16, dp=DPOptions(aggregate="median"), method="dp")
     realised, calls = final_error(model, noise, result.schedule, "euler", result.teacher_samples)
     assert result.error == pytest.approx(realised, rel=1e-12)  # float64 on both sides
     meta = result.schedule.metadata
@@ -59,7 +59,7 @@ def test_error_is_the_returned_schedules_realised_error_and_differs_from_the_med
     # for M <= 2 each per-sample DP finds its sample's optimum, so their mean (the median DP's cost) is at
     # most the shared median schedule's error, and here strictly below it
     assert result.dp_cost < result.error
-    joint = search(model, noise, steps=3, teacher_steps=16)
+    joint = search(model, noise, steps=3, teacher_steps=16, method="dp")
     assert joint.error == pytest.approx(joint.dp_cost, rel=1e-9)  # joint xt: the same quantity
 
 
@@ -97,7 +97,7 @@ def test_the_models_teacher_grid_is_read_by_search_and_compare():
     grid = model_teacher_grid(own, 10)
     assert torch.equal(grid.times, torch.linspace(1, 0, 11, dtype=torch.float64) ** 2)
     assert torch.equal(model_teacher_grid(model, 10).times, default_teacher_grid(model.process, 10).times)
-    result = search(own, _noise(), steps=2, teacher_steps=10)
+    result = search(own, _noise(), steps=2, teacher_steps=10, method="dp")
     assert torch.equal(result.teacher.times, grid.times)
     row = compare(own, steps=[2], schedules=["uniform"], samples=2, eval_samples=4, teacher_steps=10).rows[0]
     eval_noise = draw_noise(own, 4, 1_000_003)

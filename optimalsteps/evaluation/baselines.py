@@ -194,7 +194,7 @@ _DESCRIPTIONS = {
     "beta": "ComfyUI's beta schedule: Beta(0.6, 0.6) quantiles of the timestep axis",
     "kl-optimal": "Align Your Steps Thm 3.1: linear in arctan(sigma)",
     "cosine": "uniform in the time of the cosine noise schedule",
-    "oss": "Optimal Stepsize Distillation search (optimalsteps.search); needs a model",
+    "oss": "Optimal Stepsize Distillation search (optimalsteps.search, the validated choice); needs a model",
     "gits": "GITS, " + LOCAL_METHODS["gits"].paper + "; needs a model",
     "boss": "BOSS, " + LOCAL_METHODS["boss"].paper + "; needs a model",
     "dm": "DM, Xue et al. 2024, Accelerating Diffusion Sampling with Optimized Time Steps (no model needed)",
@@ -319,14 +319,21 @@ def oss_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int =
                cond: dict | None = None, *, refine: Refinement | bool = False, refine_budget: int | None = None,
                **options: Any) -> SearchResult:
     """The OSS search as `optimalsteps.search` offers it: the DP search (`optimalsteps.optimize.search.search`;
-    `options` are its keyword options: teacher_grid, dp, storage, checkpointing, progress, seed, callback),
+    `options` are its keyword options: teacher_grid, dp, storage, checkpointing, progress, seed, callback, method,
+    or their flat names, e.g. cost=, aggregate=, objective=, width=),
     then, with `refine` (True or a `Refinement`), the times optimised off the grid on the search samples from
     the best of the DP's schedule and every baseline, within `refine_budget` model calls (docs/refine.md)."""
     check_optional_int(refine_budget, "refine_budget", minimum=0)
     noise = as_noise(noise, model, "search noise")
+    options = from_flat(options)  # flat option names (cost=, aggregate=, objective=, ...) are accepted too
     dp, storage = options.get("dp"), options.get("storage") or Storage()
     if refine and dp is not None and dp.reference_compat:
         raise OptimalStepsError("--refine works on the exact DP, not with --reference-compat")
+    if refine and options.get("method") is None:
+        options["method"] = "dp"
+    if refine and options["method"] != "dp":
+        raise OptimalStepsError("refinement starts from the plain DP's schedule: pass method='dp' (--method dp) "
+                                "with it; the validated search chooses among candidates itself")
     result = search(model, noise, steps, teacher_steps, solver, cond, **options)
     if not refine:
         return result

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 from .baselines import SOLVER_SPECIFIC, check_name, make_schedules
 from ..core.checks import as_noise, check_int, check_seed
 from ..core.errors import OptimalStepsError
-from .metrics import frechet_distance, mixture_nll, mmd, mse, psnr, sliced_wasserstein
+from .metrics import (error_quantiles, frechet_distance, mixture_nll, mmd, mode_change_rate, mse, psnr,
+                      sliced_wasserstein)
 from ..core.io import check_writable, write_bytes
 from ..core.models import draw_noise, is_broadcast, model_process, model_teacher_grid
 from ..core.schedules import Schedule, check_steps
@@ -33,15 +34,17 @@ from ..core.solvers import get_solver, sample
 DEFAULT_SCHEDULES = ("oss", "uniform", "logsnr", "karras", "kl-optimal", "gits", "dm", "boss")
 # the OSS search refined off the grid, with the coarse-to-fine DP (optimalsteps.refine), or with a free first
 # step start (docs/search.md), under their own names
-SEARCH_VARIANTS = {"oss-refined": {"refine": True}, "oss-fast": {"coarse_to_fine": True},
-                   "oss-free": {"free_start": True}}
+SEARCH_VARIANTS = {"oss-refined": {"refine": True, "method": "dp"}, "oss-fast": {"coarse_to_fine": True, "method": "dp"},
+                   "oss-free": {"free_start": True, "method": "dp"}, "oss-dp": {"method": "dp"}}
 EVAL_SEED_OFFSET = 1_000_003  # evaluation noise seed = search seed + this, unless given
 
 # every row carries all of these keys; a metric that does not apply is None
-ROW_KEYS = ("schedule", "solver", "steps", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll", "fd",
-            "search_seconds", "sample_seconds", "process", "times")
+ROW_KEYS = ("schedule", "solver", "steps", "nfe", "mse", "psnr", "mse_median", "mse_p90", "mse_p99", "mode_change",
+            "mse_exact", "sw2", "mmd", "nll", "fd", "search_seconds", "sample_seconds", "process", "times",
+            "selection")
 # quality metrics and which direction is better (marked in results.md)
-BETTER = {"mse": min, "psnr": max, "mse_exact": min, "sw2": min, "mmd": min, "nll": min, "fd": min}
+BETTER = {"mse": min, "psnr": max, "mse_median": min, "mse_p90": min, "mse_p99": min, "mode_change": min,
+          "mse_exact": min, "sw2": min, "mmd": min, "nll": min, "fd": min}
 REPORT_FILES = ("results.json", "results.csv", "results.md", "reference.json")
 
 
@@ -125,9 +128,13 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
                     bar.set_postfix_str(f"{name} / {solver} / {m} steps")
                     schedule = made[(name, solver if _solver_specific(name) else None)][m]
                     out, seconds, nfe = _sample(model, eval_noise, schedule, solver, eval_cond, max_batch)
+                    median, p90, p99 = error_quantiles(out, teachers[solver])
                     row = {"schedule": name, "solver": solver, "steps": m, "nfe": nfe,
                            "mse": mse(out, teachers[solver]),
                            "psnr": psnr(out, teachers[solver], targets.data_range),
+                           "mse_median": median, "mse_p90": p90, "mse_p99": p99,
+                           "mode_change": mode_change_rate(model, out, teachers[solver]),
+                           "selection": _selection(schedule),
                            **_distribution_scores(model, out, targets),
                            "search_seconds": schedule.metadata.get("search_seconds"),
                            "sample_seconds": round(seconds, 4), "process": process.name,
@@ -158,6 +165,12 @@ def _check_compare_inputs(steps: Sequence[int], solvers: Sequence[str], schedule
     if strays:
         raise OptimalStepsError(f"options given for schedules not compared: {', '.join(strays)}")
     return steps, solvers, names, options
+
+
+def _selection(schedule: Schedule) -> list[dict] | None:
+    """A validated schedule's candidates and their validation scores (optimize/select.py), else None."""
+    rows = schedule.metadata.get("selection")
+    return [{k: r[k] for k in ("name", "score", "mse", "p99", "search_nfe")} for r in rows] if rows else None
 
 
 def _solver_specific(name: str) -> bool:
@@ -280,6 +293,7 @@ def _csv(rows: list[dict]) -> str:
     writer.writeheader()
     for row in rows:
         writer.writerow({k: (" ".join(f"{v:.6g}" for v in row[k]) if k == "times" else
+                             json.dumps(row[k]) if k == "selection" and row.get(k) else
                              "" if row.get(k) is None else row[k]) for k in ROW_KEYS})
     return buffer.getvalue()
 
@@ -305,11 +319,12 @@ def best_in_group(rows: list[dict], key: str) -> set[int]:
 
 def markdown_table(rows: list[dict], group_keys: tuple[str, ...] = ("solver", "steps")) -> str:
     """One table, rows grouped by (solver, steps); the best quality value of each group in bold."""
-    columns = ["steps", "schedule", "nfe", "mse", "psnr", "mse_exact", "sw2", "mmd", "nll", "fd", "search_seconds",
-               "sample_seconds"]
+    columns = ["steps", "schedule", "nfe", "mse", "psnr", "mse_median", "mse_p90", "mse_p99", "mode_change",
+               "mse_exact", "sw2", "mmd", "nll", "fd", "search_seconds", "sample_seconds"]
     # a column no row has a value for (FD on a mixture, NLL on images) is left out
     columns = [c for c in columns if c not in BETTER or any(row.get(c) is not None for row in rows)]
-    titles = {"nfe": "NFE", "mse": "MSE", "psnr": "PSNR dB", "mse_exact": "MSE exact", "sw2": "SW2", "mmd": "MMD²",
+    titles = {"nfe": "NFE", "mse": "MSE", "psnr": "PSNR dB", "mse_median": "median err", "mse_p90": "p90 err",
+              "mse_p99": "p99 err", "mode_change": "mode change", "mse_exact": "MSE exact", "sw2": "SW2", "mmd": "MMD²",
               "nll": "NLL", "fd": "FD", "search_seconds": "search s", "sample_seconds": "sample s"}
     lines = ["| " + " | ".join(titles.get(c, c) for c in columns) + " |",
              "|" + "|".join("---" if c in ("schedule",) else "---:" for c in columns) + "|"]
@@ -337,6 +352,9 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
                   f"(seed {ref['eval_seed']}) that no search saw.", ""]
     parts += ["Columns: MSE and PSNR against the teacher on the same noise"
               + (f" (PSNR data range {_fmt(ref.get('data_range'))})" if ref else "")
+              + "; median / p90 / p99 err the quantiles of the per-sample error against the teacher; mode change "
+              "the fraction of samples whose mode (a mixture's most likely component, a digit model's class) "
+              "differs from the teacher's"
               + "; MSE exact against the exact ODE solution; SW2 (sliced Wasserstein-2, 256 directions) and MMD² "
               "(unbiased, RBF kernel, median-distance bandwidth of the data) against true data samples; NLL the "
               "exact mean negative log-likelihood under the data density; FD the Frechet distance in the features "
@@ -357,11 +375,27 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
         parts += ["", "Distances below the data-vs-data floor are sampling noise, not differences.", ""]
     for solver in dict.fromkeys(r["solver"] for r in result.rows):
         parts += [f"## {solver}", "", markdown_table([r for r in result.rows if r["solver"] == solver]), ""]
+    parts += selection_sections(result.rows)
     if plot_names is None:
         parts += ["Plots skipped: matplotlib is not installed (pip install optimalsteps[plot]).", ""]
     elif plot_names:
         parts += ["## Plots", ""] + [f"![{name}]({name})" for name in plot_names] + [""]
     return "\n".join(parts)
+
+
+def selection_sections(rows: list[dict]) -> list[str]:
+    """Each validated schedule's candidates with their validation scores (the winner first, marked)."""
+    parts = []
+    for row in rows:
+        if not row.get("selection"):
+            continue
+        ranked = sorted(row["selection"], key=lambda c: c["score"])
+        parts += [f"### Candidates of {row['schedule']} ({row['solver']}, {row['steps']} steps), on validation", "",
+                  "| candidate | objective | MSE | p99 err | search NFE |", "|---|---:|---:|---:|---:|"]
+        parts += [f"| {'**' + c['name'] + '**' if i == 0 else c['name']} | {_fmt(c['score'])} | {_fmt(c['mse'])} "
+                  f"| {_fmt(c['p99'])} | {c['search_nfe']} |" for i, c in enumerate(ranked)]
+        parts.append("")
+    return parts
 
 
 # ------------------------------------------------------------------------------------------ plots

@@ -54,6 +54,38 @@ def psnr(x: torch.Tensor, ref: torch.Tensor, data_range: float) -> float:
     return float((10.0 * torch.log10(data_range ** 2 / per)).mean())
 
 
+def error_quantiles(x: torch.Tensor, ref: torch.Tensor, levels=(0.5, 0.9, 0.99)) -> list[float]:
+    """Quantiles of the per-sample mean squared error: the typical sample (median) and the tails."""
+    per = mse_per_sample(x, ref)
+    return [float(v) for v in torch.quantile(per, torch.tensor(levels, dtype=torch.float64))]
+
+
+def mode_labels(model: Any, x: torch.Tensor) -> torch.Tensor | None:
+    """Which mode each sample [N, ...] belongs to, as integer labels [N]: the most likely component of a
+    Gaussian mixture (its exact density), the classifier's label for a digits model; None if neither."""
+    if hasattr(model, "means") and hasattr(model, "stds") and hasattr(model, "weights"):
+        flat = _flat(x)
+        means, stds = model.means.to(torch.float64), model.stds.to(torch.float64)  # [K, D]
+        z = (flat[:, None, :] - means[None]) / stds[None]
+        log_comp = -0.5 * z.pow(2).sum(-1) - torch.log(stds).sum(-1)[None] + torch.log(model.weights)[None]
+        return log_comp.argmax(1)
+    if isinstance(getattr(model, "dataset", None), str) and callable(getattr(model, "features", None)):
+        from ..testbeds.nets import classify
+
+        if getattr(model, "_classify", None) is None:
+            model._classify = classify(model.dataset)
+        return model._classify(x).argmax(1)
+    return None
+
+
+def mode_change_rate(model: Any, x: torch.Tensor, ref: torch.Tensor) -> float | None:
+    """The fraction of samples whose mode (`mode_labels`) differs from their reference's (same noise)."""
+    labels, ref_labels = mode_labels(model, x), mode_labels(model, ref)
+    if labels is None or ref_labels is None:
+        return None
+    return float((labels != ref_labels).to(torch.float64).mean())
+
+
 # ---------------------------------------------------------------------------------- distributions
 
 

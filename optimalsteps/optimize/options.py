@@ -17,6 +17,7 @@ from ..core.errors import OptimalStepsError, unknown
 from .coarse import CoarseToFine
 from .dp import AGGREGATES, COSTS
 from .memory import check_storage, storage_dtype
+from .objectives import check_objective
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,8 @@ class DPOptions:
     reference_compat: bool = False
     coarse_to_fine: CoarseToFine | bool = False
     view: CostView = field(default_factory=CostView)
+    objective: Optional[str] = None  # None: "log" for the validated search, "mse" for the plain DP
+    width: Optional[int] = None  # histories kept per cell; None: 4 validated, 1 plain DP
 
     def __post_init__(self):
         if self.cost not in COSTS:
@@ -65,6 +68,11 @@ class DPOptions:
             raise unknown("aggregate", self.aggregate, AGGREGATES)
         if isinstance(self.candidates, bool) or int(self.candidates) != self.candidates or self.candidates < 1:
             raise OptimalStepsError(f"candidates must be at least 1, got {self.candidates}")
+        if self.objective is not None:
+            check_objective(self.objective)
+        if self.width is not None and (isinstance(self.width, bool) or int(self.width) != self.width
+                                       or self.width < 1):
+            raise OptimalStepsError(f"width must be a whole number >= 1, got {self.width}")
         if self.reference_compat:
             refused = [text for text, given in (("cost x0", self.cost == "x0"),
                                                 ("aggregate joint", self.aggregate == "joint"),
@@ -88,7 +96,8 @@ class DPOptions:
     def from_args(cls, args: argparse.Namespace) -> "DPOptions":
         fast = CoarseToFine(args.coarse_steps) if getattr(args, "coarse_to_fine", False) else False
         return cls(cost=args.cost, aggregate=args.aggregate, free_start=args.free_start,
-                   reference_compat=args.reference_compat, coarse_to_fine=fast)
+                   reference_compat=args.reference_compat, coarse_to_fine=fast,
+                   objective=getattr(args, "objective", None), width=getattr(args, "beam_width", None))
 
 
 @dataclass(frozen=True)
@@ -149,7 +158,7 @@ class Checkpointing:
 FLAT_OPTIONS = {
     "cost": ("dp", "cost"), "aggregate": ("dp", "aggregate"), "candidates": ("dp", "candidates"),
     "free_start": ("dp", "free_start"), "reference_compat": ("dp", "reference_compat"),
-    "coarse_to_fine": ("dp", "coarse_to_fine"),
+    "coarse_to_fine": ("dp", "coarse_to_fine"), "objective": ("dp", "objective"), "width": ("dp", "width"),
     "cost_channels": ("view", "channels"), "cost_frames": ("view", "frames"), "cost_dtype": ("view", "dtype"),
     "storage": ("storage", "place"), "storage_dtype": ("storage", "dtype"), "storage_dir": ("storage", "dir"),
     "target_chunk": ("storage", "target_chunk"), "memory_limit": ("storage", "memory_limit"),
@@ -164,7 +173,8 @@ def from_flat(options: dict[str, Any]) -> dict[str, Any]:
     groups: dict[str, dict[str, Any]] = {"dp": {}, "view": {}, "storage": {}, "checkpointing": {}}
     rest = {}
     for key, value in options.items():
-        if key in FLAT_OPTIONS:
+        # `storage` is both the flat name of Storage.place and the Storage object's own keyword
+        if key in FLAT_OPTIONS and not isinstance(value, (DPOptions, Storage, Checkpointing)):
             group, name = FLAT_OPTIONS[key]
             groups[group][name] = value
         else:

@@ -9,7 +9,7 @@ error on the search noise. docs/search.md describes the algorithm; `options.py` 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Optional, Sequence
 
 import torch
@@ -18,7 +18,7 @@ from . import distributed as dd
 from .checkpoint import Checkpointer, fingerprint, run_settings
 from .coarse import CoarseToFine, coarse_to_fine_dp
 from ..core.checks import as_noise, check_search_args
-from ..core.errors import OptimalStepsError
+from ..core.errors import OptimalStepsError, unknown
 from .dp import DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
 from .memory import check_fits, estimate_search_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
@@ -26,29 +26,9 @@ from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule, check_steps
 from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
 from .options import Checkpointing, DPOptions, Storage, from_flat
+from .result import SearchResult
+from .select import METHODS, search_hook
 from .teacher import Teacher, amplitude_statistics, run_teacher
-
-
-@dataclass
-class SearchResult:
-    schedule: Schedule
-    indices: list[int]  # teacher-grid indices of the schedule, start -> clean end
-    per_sample: Optional[list[Schedule]]  # per-sample schedules (median aggregation), else None
-    per_sample_indices: Optional[list[list[int]]]
-    cost_table: torch.Tensor  # [M+1, N+1] best cost per cell (joint) or [B, M+1, N+1] (per sample); inf = unreachable
-    # the DP's recorded final cost, mean over samples: with median aggregation or the reference DP the mean of
-    # the per-sample DPs' own best costs, not the error of the returned schedule (that is `error`)
-    dp_cost: float
-    nfe: int  # model evaluations spent, per sample state, teacher included (not the `error` run)
-    teacher_nfe: int
-    seconds: float
-    teacher: Schedule  # the teacher grid
-    teacher_samples: torch.Tensor
-    amplitude: dict[str, list[float]] = field(default_factory=dict)  # teacher quantiles per grid index
-    refinement: Optional[Any] = None  # the refine.RefineResult of optimalsteps.search(..., refine=...)
-    # the returned schedule's realised error: mean squared distance of its outputs on the search noise to
-    # the teacher's, in the DP's cost view (metadata `error_nfe` counts its model calls)
-    error: float = float("nan")
 
 
 @dataclass
@@ -68,7 +48,8 @@ class _Inputs:
 def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200, solver: str = "euler",
            cond: dict | None = None, *, teacher_grid: Schedule | None = None, dp: DPOptions | None = None,
            storage: Storage | None = None, checkpointing: Checkpointing | None = None, progress: bool = False,
-           seed: int | None = None, callback: Optional[Callable[[str, int, int], None]] = None) -> SearchResult:
+           seed: int | None = None, callback: Optional[Callable[[str, int, int], None]] = None,
+           method: str | None = None) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
@@ -80,6 +61,12 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
       so all take the same decisions; the peak memory is estimated first and the search refused if it
       cannot fit.
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
+    - `method`: "validated" (the default unless an option only the plain DP takes is given: candidates of every kind, the winner on a validation set, within twice
+      the plain DP's model calls; optimize/select.py) or "dp" (the paper's plain DP, for reproduction; the
+      default when cost, aggregate, coarse to fine, free start, storage or checkpoint options are given);
+      `dp.objective` ("mse", "log", "tail"; default "log" validated, "mse" dp) and `dp.width` (histories kept
+      per cell; default 4 validated, 1 dp) choose the DP's aggregation and beam (optimize/beam.py).
+      `dp.reference_compat` always runs the released code's DP.
     Refinement off the grid is composed on top of this search by `optimalsteps.search`
     (`evaluation.baselines.oss_search`), which also makes its starts.
     """
@@ -87,6 +74,13 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     noise = as_noise(noise, model, "search noise")
     inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
+    dp_only = _plain_dp_only(inputs, noise.shape[0])
+    if method is None:
+        method = "dp" if dp_only or inputs.dp.free_start else "validated"
+    if _beyond_plain_dp(method, inputs.dp):
+        return search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
+                           inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
+                           inputs.storage.max_batch, progress, callback, dp_only)
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     progress = progress and part.is_main
     local_noise = noise[part.start:part.stop]
@@ -113,6 +107,25 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
     _measure_error(result, model, local_noise, local_cond, ctx)
     return result
+
+
+def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
+    """Whether the search is the validated choice or a beam / other-objective DP rather than the plain DP."""
+    if method not in METHODS:
+        raise unknown("method", method, METHODS)
+    return not dp.reference_compat and (method != "dp" or dp.objective not in (None, "mse")
+                                        or dp.width not in (None, 1))
+
+
+def _plain_dp_only(inputs: _Inputs, batch: int) -> list[str]:
+    """The options given that only the plain DP takes (refused by the validated and beam searches)."""
+    dp, storage = inputs.dp, inputs.storage
+    given = {"cost": dp.cost != "xt", "aggregate": dp.aggregate is not None, "coarse_to_fine": bool(dp.coarse_to_fine),
+             "storage": storage.place != "memory", "storage_dtype": storage.dtype is not None,
+             "target_chunk": storage.target_chunk is not None, "checkpoint_dir": inputs.checkpointing.dir is not None,
+             "cost_channels": dp.view.channels is not None, "cost_frames": dp.view.frames is not None,
+             "ranks": dd.shard(batch, storage.distributed).world > 1}
+    return [name for name, is_given in given.items() if is_given]
 
 
 def _check_inputs(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int, solver: str, cond: dict | None,
@@ -286,4 +299,5 @@ def coarse_to_fine_search(model: Any, noise: torch.Tensor, steps: int, teacher_s
     fast = CoarseToFine(coarse_steps, factor, window, rounds)
     options = from_flat(options)
     dp = replace(options.pop("dp", None) or DPOptions(), coarse_to_fine=fast)
+    options.setdefault("method", "dp")  # coarse to fine is a way of running the plain DP
     return search(model, noise, steps, teacher_steps, solver, dp=dp, **options)

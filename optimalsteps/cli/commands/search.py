@@ -18,9 +18,11 @@ from ...optimize.checkpoint import clear_checkpoint
 from ...optimize.distributed import backend_for
 from ...optimize.dp import AGGREGATES, COSTS
 from ...optimize.memory import format_bytes
+from ...optimize.objectives import OBJECTIVES
 from ...optimize.options import Checkpointing, DPOptions, Storage
 from ...optimize.refine import Refinement
 from ...optimize.search import memory_estimate
+from ...optimize.select import METHODS, selection_table
 from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
                     positive_int)
 from ..inputs import search_inputs
@@ -46,9 +48,22 @@ def add(sub: Any) -> None:
     p.add_argument("--out", required=True, help="schedule file to write (.json)")
     p.add_argument("--force", action="store_true",
                    help="overwrite an existing --out (and, without --resume, start over in --checkpoint)")
+    add_method_args(p)
     add_scale_args(p)
     add_refine_args(p)
     p.set_defaults(func=run)
+
+
+def add_method_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("what the search optimises (docs/search.md)")
+    g.add_argument("--method", default=None, choices=METHODS,
+                   help="validated (default: the best of many candidates on a validation set) or dp (the paper's "
+                        "plain DP; the default when a plain-DP option such as --cost or --refine is given)")
+    g.add_argument("--objective", default=None, choices=OBJECTIVES,
+                   help="aggregation of the per-sample errors (default: log for validated, mse for dp)")
+    # --width is the image width of the diffusers options
+    g.add_argument("--beam-width", type=positive_int, default=None,
+                   help="histories kept per DP cell (default: 4 for validated's beam candidate, 1 for dp)")
 
 
 def init_distributed(device: torch.device) -> bool:
@@ -98,7 +113,8 @@ def run(args: argparse.Namespace) -> None:
         print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
     result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
                         dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing,
-                        progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget)
+                        progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget,
+                        method=args.method)
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
@@ -109,11 +125,18 @@ def run(args: argparse.Namespace) -> None:
 
 def report(result: Any, solver: str) -> None:
     schedule = result.schedule
+    metadata = schedule.metadata
     print(f"schedule ({schedule.steps} steps, {solver}): " + ", ".join(f"{v:.4g}" for v in schedule.times.tolist()))
-    print(f"teacher indices: {result.indices} of {schedule.metadata['teacher_steps']}")
-    print(f"DP cost ({schedule.metadata['cost']}, {schedule.metadata['aggregate']}): {result.dp_cost:.4g}   "
-          f"error of the schedule on the search samples: {result.error:.4g}   NFE: {result.nfe}   "
-          f"time: {result.seconds:.1f}s")
+    if metadata.get("winner"):
+        print(f"winner: {metadata['winner']} of {len(metadata['selection'])} candidates, scored on "
+              f"{metadata['validation_samples']} validation samples (NFE {metadata['nfe']}, plain DP "
+              f"{metadata['plain_dp_nfe']})")
+        print(selection_table(schedule))
+    else:
+        print(f"teacher indices: {result.indices} of {metadata['teacher_steps']}")
+        what = f"{metadata['cost']}, {metadata['aggregate']}" if "cost" in metadata else f"{metadata['objective']}"
+        print(f"DP cost ({what}): {result.dp_cost:.4g}   error of the schedule on the search samples: "
+              f"{result.error:.4g}   NFE: {result.nfe}   time: {result.seconds:.1f}s")
     print_refinement(schedule)
 
 

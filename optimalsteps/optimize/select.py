@@ -1,0 +1,348 @@
+"""The validated choice: build many candidate schedules cheaply, keep the one that wins on noise no search saw.
+
+`validated_search` runs the teacher once on the search noise and once on a validation set (its own noise,
+drawn from the seed), then builds candidates and scores each on validation with the objective:
+
+1. the DP on the full teacher grid (`objective`, width 1, fixed start): the plain DP's cost, made robust;
+2. the closed forms at their defaults, DM and the published tables (no model calls to make);
+3. the parametric families of optimize/families.py fitted on the search samples (with up to 40 % of what
+   the budget has left);
+4. DP variants on a coarser sub-grid of the same teacher run: the other objective, a free start, and the
+   width-K beam (optimize/beam.py), the grid as fine as the remaining budget allows.
+
+Every model call is counted against a budget of `budget` (default 2) times the plain DP's on the same
+settings (its teacher plus its DP); a candidate that does not fit is skipped, so the bound holds by
+construction. The winner has the lowest validation objective among the candidates whose worst tenth of
+validation errors is at most 1.1 times that of the best baseline (the fixed schedule with the lowest
+objective, itself eligible), hence is never worse there than that baseline or any eligible candidate; its
+metadata `selection` records every candidate's validation scores.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from ..core.dm import dm
+from ..core.errors import OptimalStepsError
+from ..core.models import index_cond, model_process
+from ..core.schedules import CLOSED_FORMS, Schedule, check_steps
+from ..core.solvers import get_solver, nfe_per_trajectory, sample
+from ..core.tables import table_schedule
+from .beam import beam_dp, beam_model_calls
+from .families import FAMILIES, fit_family
+from .objectives import OBJECTIVES, aggregate, check_objective, per_sample_error
+from .result import SearchResult
+from .teacher import amplitude_statistics, run_teacher
+
+VALIDATION_SEED_OFFSET = 7_919  # validation noise seed = search seed + this
+DEFAULT_WIDTH = 4
+DEFAULT_BUDGET = 2.0
+FIT_EVALUATIONS = 10  # samplings of the search noise per family, at most
+MIN_FIT_EVALUATIONS = 3
+FIT_SHARE = 0.4
+TAIL_SLACK = 1.1  # a candidate's worst tenth of validation errors may be this much worse than the best baseline's
+TABLE_NAMES = ("ays-sd15", "ays-sdxl", "oss-flux", "oss-chroma")
+
+
+@dataclass
+class Candidate:
+    name: str
+    schedule: Schedule
+    nfe: int  # model calls spent making it (search samples), teacher excluded
+    indices: Optional[list[int]] = None  # teacher-grid indices, for DP schedules
+    search_score: Optional[float] = None
+    validation: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Budget:
+    limit: int
+    spent: int = 0
+
+    def fits(self, calls: int) -> bool:
+        return self.spent + calls <= self.limit
+
+    def spend(self, calls: int) -> None:
+        self.spent += calls
+
+
+def plain_dp_calls(batch: int, teacher_steps: int, steps: int, solver: str, candidates: int = 4) -> int:
+    """Model calls of the plain DP (optimize/search.py, method="dp") with its teacher, on `batch` samples."""
+    return batch * (nfe_per_trajectory(solver, teacher_steps) +
+                    beam_model_calls(teacher_steps + 1, steps, solver, 1, candidates))
+
+
+def validation_noise(noise: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """`count` fresh standard normal draws shaped like the search noise, from the seed (drawn on the CPU)."""
+    generator = torch.Generator().manual_seed(int(seed) + VALIDATION_SEED_OFFSET)
+    fresh = torch.randn((count,) + tuple(noise.shape[1:]), generator=generator, dtype=torch.float64)
+    return fresh.to(dtype=noise.dtype, device=noise.device)
+
+
+def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, solver: str = "euler",
+                     cond: dict | None = None, objective: str = "log", width: int = DEFAULT_WIDTH,
+                     validation_samples: int | None = None, seed: int | None = None, candidates: int = 4,
+                     budget: float = DEFAULT_BUDGET, max_batch: int = 4096, progress: bool = False,
+                     callback: Optional[Callable[[str, int, int], None]] = None):
+    """The validated schedule as an optimize.search.SearchResult (see the module docstring)."""
+    started = time.perf_counter()
+    check_objective(objective)
+    steps, solver = check_steps(steps), get_solver(solver).name
+    if not isinstance(width, int) or width < 1:
+        raise OptimalStepsError(f"width must be a whole number >= 1, got {width}")
+    if not (budget >= 1.0 and math.isfinite(budget)):
+        raise OptimalStepsError(f"the budget must be a finite factor >= 1 of the plain DP's model calls, got {budget}")
+    batch, n = noise.shape[0], teacher.steps
+    if validation_samples is not None and validation_samples < 1:
+        raise OptimalStepsError(f"validation_samples must be at least 1, got {validation_samples}")
+    seed = 0 if seed is None else int(seed)
+    plain = plain_dp_calls(batch, n, steps, solver, candidates)
+    money = _Budget(int(budget * plain))
+
+    search_teacher = run_teacher(model, noise, teacher, solver, cond, progress, max_batch, keep_x0=False)
+    money.spend(search_teacher.nfe * batch)
+    if callback is not None:
+        callback("teacher", n, n)
+    main = beam_dp(model, search_teacher.states, teacher.times, steps, solver, objective, 1, cond=cond,
+                   candidates=candidates, max_batch=max_batch)
+    money.spend(main.nfe)
+    pool = [_dp_candidate(f"dp-{objective}", main, teacher, solver)]
+
+    # the validation set: as many as asked (default 2 B, 8 to 32), as far as the budget runs a teacher on them
+    per_validation_sample = nfe_per_trajectory(solver, n) + nfe_per_trajectory(solver, steps)
+    count = validation_samples or max(8, min(2 * batch, 32))
+    count = max(1, min(count, (money.limit - money.spent) // per_validation_sample))
+    val_noise = validation_noise(noise, count, seed)
+    val_cond = _cond_rows(cond, torch.arange(count) % batch)
+    val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
+    money.spend(val_teacher.nfe * count)
+    per_eval = count * nfe_per_trajectory(solver, steps)
+    money.spend(per_eval)  # the main DP's validation
+
+    pool += _fixed_candidates(model_process(model), steps, solver, money, per_eval)
+    # the families get at most FIT_SHARE of what is left, the DP variants the rest
+    share = FIT_SHARE * (money.limit - money.spent) / len(FAMILIES) - per_eval
+    evaluations = min(FIT_EVALUATIONS, int(share // (batch * nfe_per_trajectory(solver, steps))))
+    fit_cost = batch * nfe_per_trajectory(solver, steps) * evaluations
+    teacher_end = search_teacher.states[:, -1]
+    for name in FAMILIES:
+        if evaluations < MIN_FIT_EVALUATIONS or not money.fits(fit_cost + per_eval):
+            break
+        try:
+            fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, evaluations,
+                             _cond_rows(cond, torch.arange(batch)))
+        except OptimalStepsError:
+            money.spend(fit_cost + per_eval)  # counted as planned: the bound stays an upper bound
+            continue
+        money.spend(fit.nfe + per_eval)
+        pool.append(Candidate(f"fit-{name}", fit.schedule, fit.nfe, search_score=fit.score))
+    pool += _variant_candidates(model, search_teacher.states, teacher, steps, solver, objective, width, cond,
+                                candidates, max_batch, money, per_eval)
+
+    val_end = val_teacher.states[:, -1]
+    for c in pool:
+        out = sample(model, val_noise, c.schedule, solver=solver, cond=val_cond).samples
+        c.validation = _scores(per_sample_error(out, val_end), objective)
+    winner = _choose(pool)
+    amplitude = amplitude_statistics(search_teacher.states)
+    schedule = _winner_schedule(winner, pool, teacher, amplitude, {
+        "model": getattr(model, "spec", type(model).__name__), "nfe": money.spent, "search_nfe": money.spent,
+        "plain_dp_nfe": plain, "budget_nfe": money.limit, "teacher_nfe": search_teacher.nfe * batch,
+        "teacher_steps": n, "teacher_grid": teacher.metadata.get("baseline", "custom"), "solver": solver,
+        "samples": batch, "seed": seed, "steps": steps, "objective": objective, "width": width,
+        "validation_samples": count, "validation_seed": seed + VALIDATION_SEED_OFFSET,
+        "search_seconds": round(time.perf_counter() - started, 4)})
+    teacher_out = search_teacher.states[:, -1].to(dtype=torch.promote_types(noise.dtype, torch.float32))
+    return SearchResult(schedule, list(winner.indices or []), None, None, torch.empty(0), float(
+        winner.validation["score"]), money.spent, search_teacher.nfe * batch, time.perf_counter() - started,
+        teacher, teacher_out, amplitude)
+
+
+def _choose(pool: list[Candidate]) -> Candidate:
+    """The lowest validation objective among the candidates whose tail (the mean of the worst tenth of the
+    errors) is at most TAIL_SLACK times that of the best baseline (the best fixed schedule by the objective):
+    typical fidelity is not bought with more broken samples than the schedule it beats. That baseline is
+    itself eligible, so the winner is never worse than it. The first on ties: the DP, then the simplest."""
+    fixed = [c for c in pool if c.nfe == 0 and c.indices is None]
+    eligible = pool
+    if fixed:
+        reference = min(fixed, key=lambda c: c.validation["score"])
+        limit = reference.validation["tail"] + math.log(TAIL_SLACK)
+        eligible = [c for c in pool if c.validation["tail"] <= limit]
+    chosen = {id(c) for c in eligible}
+    for c in pool:
+        c.validation["eligible"] = id(c) in chosen
+    return min(eligible, key=lambda c: c.validation["score"])
+
+
+def _cond_rows(cond: dict | None, index: torch.Tensor) -> dict | None:
+    """Conditions for the samples at `index` (`sample` wants one row per sample: a broadcast row is repeated)."""
+    if not cond:
+        return cond
+    out = index_cond(cond, index)
+    return {k: v.expand((len(index),) + tuple(v.shape[1:])) if isinstance(v, torch.Tensor) and v.dim() > 0
+            and v.shape[0] == 1 else v for k, v in out.items()}
+
+
+def _scores(errors: torch.Tensor, objective: str) -> dict[str, float]:
+    """Validation scores of per-sample errors [V]: the objective that decides, and every objective beside it."""
+    out = {"score": float(aggregate(errors, objective))}
+    out.update({name: float(aggregate(errors, name)) for name in OBJECTIVES})
+    out["p90"] = float(torch.quantile(errors, 0.9))
+    out["p99"] = float(torch.quantile(errors, 0.99))
+    return out
+
+
+def _dp_candidate(name: str, result: Any, teacher: Schedule, solver: str) -> Candidate:
+    indices = result.indices
+    metadata: dict[str, Any] = {"teacher_indices": list(indices)}
+    if indices[0] != 0:
+        # a free start: the first step starts from sigma(t_start) * noise placed at a later grid time
+        metadata["noise_scale_time"] = float(teacher.times[0])
+    schedule = Schedule(teacher.times[indices], teacher.process, solver=solver, metadata=metadata)
+    return Candidate(name, schedule, result.nfe, list(indices), result.score)
+
+
+def _fixed_candidates(process: Any, steps: int, solver: str, money: _Budget, per_eval: int) -> list[Candidate]:
+    """The closed forms at their defaults, DM and the published tables, as far as the budget evaluates them."""
+    makers = [(name, lambda name=name: CLOSED_FORMS[name](process, steps)) for name in CLOSED_FORMS]
+    makers.append(("dm", lambda: dm(process, steps, solver=solver)))
+    makers += [(name, lambda name=name: table_schedule(name, process, steps)) for name in TABLE_NAMES]
+    out = []
+    for name, make in makers:
+        if not money.fits(per_eval):
+            break
+        try:
+            schedule = make()
+        except OptimalStepsError:  # e.g. a table whose noise levels this process does not reach
+            continue
+        money.spend(per_eval)
+        out.append(Candidate(name, schedule, 0))
+    return out
+
+
+def _variant_candidates(model: Any, states: torch.Tensor, teacher: Schedule, steps: int, solver: str,
+                        objective: str, width: int, cond: dict | None, candidates: int, max_batch: int,
+                        money: _Budget, per_eval: int) -> list[Candidate]:
+    """The DP's other settings on the finest sub-grid of the teacher's that the remaining budget pays for."""
+    other = "mse" if objective != "mse" else "log"
+    variants = [(f"dp-{other}", other, 1, False), (f"dp-{objective}-free", objective, 1, True)]
+    if width > 1:
+        variants.append((f"dp-{objective}-w{width}", objective, width, False))
+    batch, n = states.shape[0], teacher.steps
+    while variants:
+        points = _grid_points(n, steps, solver, variants, candidates, money.limit - money.spent, batch, per_eval)
+        if points is not None:
+            break
+        variants.pop()
+    out = []
+    if not variants:
+        return out
+    grid = sorted({round(i * n / (points - 1)) for i in range(points)})
+    for name, obj, w, free in variants:
+        result = beam_dp(model, states, teacher.times, steps, solver, obj, w, grid, free, cond, candidates, max_batch)
+        money.spend(result.nfe + per_eval)
+        out.append(_dp_candidate(f"{name}@{len(grid)}" if len(grid) < n + 1 else name, result, teacher, solver))
+    return out
+
+
+def _grid_points(n: int, steps: int, solver: str, variants: list, candidates: int, left: int, batch: int,
+                 per_eval: int) -> Optional[int]:
+    """The most grid points (at most n + 1, at least steps + 2) whose variants all fit in `left` calls."""
+    def cost(points: int) -> int:
+        return sum(batch * beam_model_calls(points, steps, solver, w, candidates, free) + per_eval
+                   for _, _, w, free in variants)
+
+    lo, hi = steps + 2, n + 1
+    if lo > hi or cost(lo) > left:
+        return None
+    while lo < hi:  # the cost grows with the grid: bisect for the largest that fits
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if cost(mid) <= left else (lo, mid - 1)
+    return lo
+
+
+def _winner_schedule(winner: Candidate, pool: list[Candidate], teacher: Schedule, amplitude: dict,
+                     settings: dict[str, Any]) -> Schedule:
+    """The winner with the search settings and every candidate's validation scores in its metadata."""
+    metadata = {key: value for key, value in winner.schedule.metadata.items() if key != "teacher_indices"}
+    grid = teacher.times.tolist()
+    nearest = [min(range(len(grid)), key=lambda i: abs(grid[i] - t)) for t in winner.schedule.times.tolist()[:-1]]
+    metadata.update(settings)
+    metadata.update({
+        "method": "oss", "selection_method": "validated", "winner": winner.name,
+        "teacher_indices": winner.indices,
+        "selection": [{"name": c.name, "search_nfe": c.nfe, "search_score": c.search_score, **c.validation}
+                      for c in pool],
+        "calibration": {"q05": [amplitude["q05"][i] for i in nearest], "q95": [amplitude["q95"][i] for i in nearest]},
+    })
+    return Schedule(winner.schedule.times.clone(), winner.schedule.process, solver=settings["solver"],
+                    metadata=metadata)
+
+
+def selection_table(schedule: Schedule) -> str:
+    """The candidates' validation scores of a validated schedule as a small text table (winner marked)."""
+    rows = schedule.metadata.get("selection")
+    if not rows:
+        return ""
+    objective = schedule.metadata.get("objective", "log")
+    lines = [f"{'candidate':<22} {'validation ' + objective:>16} {'mse':>10} {'p99':>10} {'search NFE':>11}"]
+    for row in sorted(rows, key=lambda r: r["score"]):
+        mark = " *" if row["name"] == schedule.metadata.get("winner") else "" if row.get("eligible", True) else " -"
+        lines.append(f"{row['name'] + mark:<22} {row['score']:>16.4g} {row['mse']:>10.3g} {row['p99']:>10.3g} "
+                     f"{row['search_nfe']:>11}")
+    return "\n".join(lines)
+
+
+METHODS = ("validated", "dp")
+
+
+def search_hook(method: str, model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, solver: str,
+                cond: dict | None, objective: str | None, width: int | None, free_start: bool, seed: int | None,
+                candidates: int, max_batch: int, progress: bool, callback: Any, dp_only: list[str]):
+    """search() for method "validated", or "dp" with a non-default objective or width (the beam DP on the
+    full grid); `dp_only` names the options given that only the plain DP takes."""
+    if method not in METHODS:
+        raise OptimalStepsError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+    if method == "validated" and free_start:
+        dp_only = dp_only + ["free_start (the validated search tries a free start itself)"]
+    if dp_only:
+        what = "method='validated'" if method == "validated" else "the DP with an objective or width"
+        raise OptimalStepsError(f"{what} does not take {', '.join(dp_only)}: use method='dp' with the mse "
+                                "objective and width 1 for those")
+    if method == "validated":
+        return validated_search(model, noise, steps, teacher, solver, cond, objective or "log",
+                                DEFAULT_WIDTH if width is None else width, seed=seed, candidates=candidates,
+                                max_batch=max_batch, progress=progress, callback=callback)
+    return _beam_search_result(model, noise, steps, teacher, solver, cond, objective or "mse", width or 1,
+                               free_start, seed, candidates, max_batch)
+
+
+def _beam_search_result(model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, solver: str,
+                        cond: dict | None, objective: str, width: int, free_start: bool, seed: int | None,
+                        candidates: int, max_batch: int):
+    """The beam DP on the full teacher grid as a SearchResult."""
+    started = time.perf_counter()
+    check_objective(objective)
+    batch = noise.shape[0]
+    run = run_teacher(model, noise, teacher, solver, cond, False, max_batch, keep_x0=False)
+    result = beam_dp(model, run.states, teacher.times, steps, solver, objective, width, None, free_start, cond,
+                     candidates, max_batch)
+    found = _dp_candidate(f"dp-{objective}", result, teacher, solver)
+    amplitude = amplitude_statistics(run.states)
+    nfe = run.nfe * batch + result.nfe
+    found.schedule.metadata.update({
+        "method": "oss", "selection_method": "dp", "model": getattr(model, "spec", type(model).__name__),
+        "nfe": nfe, "search_nfe": nfe, "teacher_nfe": run.nfe * batch, "teacher_steps": teacher.steps,
+        "solver": solver, "samples": batch, "seed": seed, "steps": steps, "objective": objective, "width": width,
+        "free_start": free_start, "dp_cost": result.score, "peak_vectors": result.peak_vectors,
+        "search_seconds": round(time.perf_counter() - started, 4),
+        "calibration": {key: [amplitude[key][i] for i in result.indices[:-1]] for key in ("q05", "q95")}})
+    out = run.states[:, -1].to(dtype=torch.promote_types(noise.dtype, torch.float32))
+    return SearchResult(found.schedule, list(result.indices), None, None, torch.empty(0), result.score, nfe,
+                        run.nfe * batch, time.perf_counter() - started, teacher, out, amplitude)
