@@ -417,7 +417,7 @@ def test_killed_search_refuses_to_resume_on_an_edited_model_file(tmp_path):
     resumed = _cli(*argv, "--resume", "--out", str(tmp_path / "b.json"))
     assert resumed.returncode == 0, resumed.stderr
     model = load_model(f"gmm:{mix}")
-    straight = search(model, draw_noise(model, 6, 0), steps=6, teacher_steps=120)
+    straight = search(model, draw_noise(model, 6, 0), steps=6, teacher_steps=120, method="dp")
     assert json.loads((tmp_path / "b.json").read_text())["metadata"]["teacher_indices"] == straight.indices
 
 

@@ -78,8 +78,8 @@ def test_the_whole_validated_search_costs_at_most_twice_the_plain_dp(solver, sam
     counted, plain_counted = Counting(_model("vp")), Counting(_model("vp"))
     result = any_search(counted, noise, steps=steps, teacher_steps=teacher_steps, solver=solver)
     plain = plain_dp(plain_counted, noise, steps=steps, teacher_steps=teacher_steps, solver=solver)
-    assert counted.calls == result.nfe and plain_counted.calls == plain.nfe + plain.schedule.metadata["error_nfe"]
-    assert counted.calls <= 2 * plain.nfe
+    assert counted.calls == result.nfe + result.schedule.metadata["error_nfe"] and plain_counted.calls == plain.nfe + plain.schedule.metadata["error_nfe"]
+    assert result.nfe <= 2 * plain.nfe  # the search itself; the error run after it is reporting, on both sides
     assert result.schedule.metadata["plain_dp_nfe"] == plain.nfe
 
 

@@ -63,7 +63,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
     - `method`: "validated" (the default unless an option only the plain DP takes is given: candidates of every kind, the winner on a validation set, within twice
       the plain DP's model calls; optimize/select.py) or "dp" (the paper's plain DP, for reproduction; the
-      default when cost, aggregate, coarse to fine, free start, storage or checkpoint options are given);
+      default when cost, aggregate, coarse to fine, free start, storage or checkpoint options are given, and
+      for unipc, whose corrector only the plain DP carries);
       `dp.objective` ("mse", "log", "tail"; default "log" validated, "mse" dp) and `dp.width` (histories kept
       per cell; default 4 validated, 1 dp) choose the DP's aggregation and beam (optimize/beam.py).
       `dp.reference_compat` always runs the released code's DP.
@@ -76,11 +77,16 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
     dp_only = _plain_dp_only(inputs, noise.shape[0])
     if method is None:
-        method = "dp" if dp_only or inputs.dp.free_start else "validated"
+        method = "dp" if dp_only or inputs.dp.free_start or inputs.solver.source_corrector else "validated"
     if _beyond_plain_dp(method, inputs.dp):
-        return search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
-                           inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
-                           inputs.storage.max_batch, progress, callback, dp_only)
+        if inputs.solver.source_corrector:
+            raise OptimalStepsError(f"the validated search and the beam DP do not carry {inputs.solver.name}'s "
+                                    "corrector yet: use method='dp' with it")
+        result = search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
+                             inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
+                             inputs.storage.max_batch, progress, callback, dp_only)
+        _measure_error(result, model, noise, cond, inputs.solver.name, inputs.storage.max_batch)
+        return result
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     progress = progress and part.is_main
     local_noise = noise[part.start:part.stop]
@@ -105,7 +111,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     if checkpointer is not None:
         checkpointer.close()
     result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
-    _measure_error(result, model, local_noise, local_cond, ctx)
+    _measure_error(result, model, local_noise, local_cond, ctx.solver.name, ctx.max_batch, ctx.cost_dtype, ctx.view,
+                   ctx.sample_mean, ctx.part.total)
     return result
 
 
@@ -245,16 +252,16 @@ def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Ten
                         teacher_run.nfe * batch, seconds, inputs.teacher, teacher_out, amplitude)
 
 
-def _measure_error(result: SearchResult, model: Any, local_noise: torch.Tensor, local_cond: dict | None,
-                   ctx: DPContext) -> None:
-    """The returned schedule's realised error on the search noise (one sample run, its calls counted apart)."""
-    out = sample(model, local_noise, result.schedule, ctx.solver.name, local_cond, max_batch=ctx.max_batch)
-    dtype = ctx.cost_dtype  # the difference in the cost's precision, as the DP's
-    diff = (out.samples.to(dtype) - result.teacher_samples.to(dtype)).reshape(local_noise.shape[0], -1)
-    per_sample = ctx.view(diff).pow(2).mean(-1)
-    result.error = float(ctx.sample_mean(per_sample))
+def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: dict | None, solver: str,
+                   max_batch: int, dtype: torch.dtype = torch.float64, view: Callable = lambda d: d,
+                   mean: Callable = lambda e: e.mean(), samples: int | None = None) -> None:
+    """The returned schedule's realised error on (this rank's) search noise, in the DP's cost view and
+    precision: one sample run, its calls counted apart from the search's (metadata `error_nfe`)."""
+    out = sample(model, noise, result.schedule, solver, cond, max_batch=max_batch)
+    diff = (out.samples.to(dtype) - result.teacher_samples.to(dtype)).reshape(noise.shape[0], -1)
+    result.error = float(mean(view(diff).pow(2).mean(-1)))
     result.schedule.metadata["error"] = result.error
-    result.schedule.metadata["error_nfe"] = out.nfe * ctx.part.total
+    result.schedule.metadata["error_nfe"] = out.nfe * (samples or noise.shape[0])
 
 
 def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", dp: DPOptions | None = None,
