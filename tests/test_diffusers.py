@@ -23,24 +23,10 @@ from optimalsteps.cli import main  # noqa: E402
 from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
 from optimalsteps.core.schedules import Schedule  # noqa: E402
 
+from diffusers_helpers import (flux_embeds, gen, one_thread, rel_err, tiny_dit, tiny_flux,  # noqa: E402, F401
+                               tiny_vae)
+
 TOKENS = 16  # tokenizer / text encoder length: short prompts, no truncation
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny networks gain nothing from threads, and on a busy machine OpenMP's waiting makes them 100x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 # ------------------------------------------------------------------------------ tiny pipelines
@@ -73,13 +59,6 @@ def clip(files, projection: bool, seed: int):
     return cls(config).eval()
 
 
-def tiny_vae():
-    torch.manual_seed(1)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                   layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16).eval()
-
-
 def sd3_pipe(files, shift: float = 3.0):
     torch.manual_seed(0)
     transformer = diffusers.SD3Transformer2DModel(
@@ -95,23 +74,7 @@ def sd3_pipe(files, shift: float = 3.0):
 
 
 def flux_pipe():
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4)).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                          base_image_seq_len=4, max_image_seq_len=64)
-    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None,
-                                  text_encoder_2=None, tokenizer_2=None, transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def flux_embeds(batch: int, seed: int = 7) -> dict:
-    g = gen(seed)
-    return {"prompt_embeds": torch.randn(batch, 8, 32, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, 16, generator=g)}
+    return tiny_flux()
 
 
 def unet(sdxl: bool):
@@ -157,15 +120,7 @@ def sdxl_embeds(batch: int) -> dict:
 
 
 def dit_pipe():
-    torch.manual_seed(0)
-    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                  out_channels=8, num_layers=1, sample_size=8, patch_size=2,
-                                                  num_embeds_ada_norm=1000).eval()
-    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
-    pipe = diffusers.DiTPipeline(transformer=transformer, vae=tiny_vae(), scheduler=scheduler,
-                                 id2label={207: "golden retriever", 281: "tabby, tabby cat"})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_dit(tiny_vae(), {207: "golden retriever", 281: "tabby, tabby cat"})
 
 
 def wan_pipe():

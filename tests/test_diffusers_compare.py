@@ -18,60 +18,21 @@ from optimalsteps.integrations import diffusers as od  # noqa: E402
 from optimalsteps.integrations.diffusers_compare import (ImageMetrics, _scores, compare_pipeline,  # noqa: E402
                                                          decode_latents, default_image_metrics, write_comparison)
 
+from diffusers_helpers import flux_embeds, gen, one_thread, tiny_dit, tiny_flux, tiny_vae  # noqa: E402, F401
+
 EPS32 = torch.finfo(torch.float32).eps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def vae(shift_factor=None):
-    torch.manual_seed(1)
-    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 8),
-                                   layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=16,
-                                   scaling_factor=0.7, shift_factor=shift_factor).eval()
+    return tiny_vae(scaling_factor=0.7, shift_factor=shift_factor)
 
 
 def dit_pipe():
-    torch.manual_seed(0)
-    transformer = diffusers.DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4,
-                                                  out_channels=8, num_layers=1, sample_size=8, patch_size=2,
-                                                  num_embeds_ada_norm=1000).eval()
-    scheduler = diffusers.DDIMScheduler(beta_schedule="linear", clip_sample=False, set_alpha_to_one=True)
-    pipe = diffusers.DiTPipeline(transformer=transformer, vae=vae(), scheduler=scheduler,
-                                 id2label={207: "golden retriever", 281: "tabby cat", 1: "goldfish"})
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return tiny_dit(vae(), {207: "golden retriever", 281: "tabby cat", 1: "goldfish"})
 
 
 def flux_pipe(with_vae: bool = True):
-    torch.manual_seed(0)
-    transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
-        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16, guidance_embeds=True,
-        axes_dims_rope=(2, 2, 4)).eval()
-    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                                          base_image_seq_len=4, max_image_seq_len=64)
-    pipe = diffusers.FluxPipeline(scheduler=scheduler, vae=vae(shift_factor=0.1) if with_vae else None,
-                                  text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None,
-                                  transformer=transformer)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def flux_embeds(batch: int) -> dict:
-    g = gen(7)
-    return {"prompt_embeds": torch.randn(batch, 8, 32, generator=g),
-            "pooled_prompt_embeds": torch.randn(batch, 16, generator=g)}
+    return tiny_flux(vae(shift_factor=0.1) if with_vae else None)
 
 
 def pooled_features(images: torch.Tensor) -> torch.Tensor:

@@ -19,23 +19,9 @@ from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
 from optimalsteps.integrations import diffusers as od  # noqa: E402
 from optimalsteps.integrations.diffusers import tiny  # noqa: E402
 
+from diffusers_helpers import gen, one_thread, rel_err  # noqa: E402, F401
+
 TOL = torch.finfo(torch.float32).eps * 2000  # float32 rounding over a few tiny transformer calls and steps
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
-
-
-def gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def check_family(pipe, prompts, call, seed=1, steps=3, teacher_steps=8, **options):

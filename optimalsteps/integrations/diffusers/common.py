@@ -63,6 +63,11 @@ def close(a: Any, b: Any) -> bool:
     return a == b
 
 
+def guidance_embedding(scale: Optional[float], n: int, device: torch.device) -> Optional[torch.Tensor]:
+    """A distilled model's guidance input for n rows (float32, as the pipelines pass it); None without one."""
+    return None if scale is None else torch.full((n,), scale, dtype=torch.float32, device=device)
+
+
 def flow_timestep(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
     """The flow scheduler's timestep of sigma t: sigma * num_train_timesteps in float32."""
     return t.to(torch.float32) * num_train_timesteps
@@ -130,6 +135,21 @@ def sequence_length(pipe: Any, options: CallOptions) -> Any:
 
 def lora_scale(options: CallOptions) -> Optional[float]:
     return (options.attention_kwargs or {}).get("scale")
+
+
+def given_embeddings(embeds: dict, *names: str) -> dict[str, Any]:
+    """encode_prompt's keyword arguments for the user's precomputed `names` and their `negative_` twins
+    (None where not given)."""
+    return {prefix + name: embeds.get(prefix + name) for name in names for prefix in ("", "negative_")}
+
+
+def with_negatives(cfg: bool, **pairs: tuple[Any, Any]) -> dict[str, Any]:
+    """Per-sample conditions from name=(positive, negative): the positives, then under CFG the `negative_`
+    entries."""
+    cond = {name: positive for name, (positive, _) in pairs.items()}
+    if cfg:
+        cond.update({"negative_" + name: negative for name, (_, negative) in pairs.items()})
+    return cond
 
 
 # ------------------------------------------------------------------ classifier-free guidance

@@ -20,7 +20,7 @@ import torch
 
 from ...core.errors import OptimalStepsError
 from ...core.schedules import flux_mu
-from .common import CFG_THRESHOLD, CallOptions, call_default, call_parameters
+from .common import CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of
 from .prompts import Conditioning, text_conditioning
 
 FLOW_SCHEDULERS = ("FlowMatchEulerDiscreteScheduler", "UniPCMultistepScheduler", "DPMSolverMultistepScheduler")
@@ -69,6 +69,7 @@ class Family:
     video: ClassVar[bool] = False
     packed: ClassVar[bool] = True  # latents are packed in 2 x 2 patches [B, seq, 4C]
     steps_set_mu: ClassVar[bool] = False  # mu depends on the number of steps (Flux 2)
+    steps_only: ClassVar[bool] = False  # __call__ hands its scheduler only the step count, no sigmas
 
     # ----------------------------------------------------------------- recognising a pipeline
     def matches(self, components: dict[str, set[str]]) -> bool:
@@ -148,7 +149,11 @@ class Family:
         return float(k), {"shift": float(k), "dynamic_shift": False}
 
     def default_run(self, pipe: Any, scheduler: Any, steps: int, height: int, width: int) -> None:
-        """Set `scheduler` as `pipe(..., num_inference_steps=steps)` sets it (the Flux way: linspace sigmas)."""
+        """Set `scheduler` as `pipe(..., num_inference_steps=steps)` sets it: linspace sigmas (the Flux way), or
+        the scheduler's own spacing where `steps_only`."""
+        if self.steps_only:
+            scheduler.set_timesteps(steps)
+            return
         mu = self.shift(pipe, height, width, steps)[1].get("mu")
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
 
@@ -180,8 +185,26 @@ class Family:
     def build(self, pipe: Any, request: Request, cond: dict[str, torch.Tensor]) -> tuple[Any, torch.dtype]:
         raise NotImplementedError
 
+    def image_latent_shape(self, pipe: Any, request: Request) -> tuple[int, int, int]:
+        """[C, H, W] of unpacked image latents at the request's size."""
+        vsf = self.vae_scale_factor(pipe)
+        return self.net(pipe).config.in_channels, request.height // vsf, request.width // vsf
+
+    def flow_model(self, model_class: type[PipelineModel], pipe: Any, request: Request, cond: dict[str, torch.Tensor],
+                   guidance: Guidance, shape: tuple[int, ...], *args: Any, latents_dtype: Optional[torch.dtype] = None,
+                   **kwargs: Any) -> tuple[PipelineModel, torch.dtype]:
+        """(model, latents dtype) for `build`: `model_class` over the family's network with the request's spec,
+        attention options and the scheduler's num_train_timesteps (`args` / `kwargs` follow those). Without
+        `latents_dtype` the latents and the network's inputs take the prompt embeddings' dtype, as the pipeline's do."""
+        model = model_class(self.net(pipe), guidance, shape, request.spec, pipe.scheduler.config.num_train_timesteps,
+                            request.options.attention_kwargs, *args, **kwargs)
+        if latents_dtype is None:
+            latents_dtype = model.dtype = cond["prompt_embeds"].dtype
+        return model, latents_dtype
+
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         """The initial latents `pipe(...)` draws from `generator`, as its own prepare_latents draws them."""
-        latents = pipe.prepare_latents(inputs.batch, self.net(pipe).config.in_channels // 4, inputs.height,
-                                       inputs.width, inputs.dtype, pipe._execution_device, generator)
+        channels = self.net(pipe).config.in_channels // (4 if self.packed else 1)
+        latents = pipe.prepare_latents(inputs.batch, channels, inputs.height, inputs.width, inputs.dtype,
+                                       device_of(pipe), generator)
         return latents[0] if isinstance(latents, tuple) else latents

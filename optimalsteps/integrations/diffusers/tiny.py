@@ -52,6 +52,21 @@ def flow_scheduler(**extra: Any) -> Any:
                                                      base_image_seq_len=4, max_image_seq_len=64, **extra)
 
 
+def _with_negative(g: torch.Generator, *shape: int) -> dict:
+    """Random prompt embeddings and negative ones of one shape."""
+    return {"prompt_embeds": torch.randn(*shape, generator=g),
+            "negative_prompt_embeds": torch.randn(*shape, generator=g)}
+
+
+def _masked(seed: int) -> dict:
+    """Two prompts' embeddings [2, 6, 16] with text masks (the second padded by 2 tokens), and negatives."""
+    g = _gen(seed)
+    return {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
+            "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
+            "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
+            "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
+
+
 def _quiet(pipe: Any) -> Any:
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -100,9 +115,7 @@ def flux2_klein() -> TinyCase:
 
     pipe = diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=None, text_encoder=None, tokenizer=None,
                                         transformer=flux2_transformer(False), is_distilled=False)
-    g = _gen(6)
-    prompts = {"prompt_embeds": torch.randn(1, 5, 16, generator=g),
-               "negative_prompt_embeds": torch.randn(1, 5, 16, generator=g)}
+    prompts = _with_negative(_gen(6), 1, 5, 16)
     return TinyCase("Flux 2 Klein, CFG 3", _quiet(pipe), prompts, dict(height=32, width=32, guidance_scale=3.0))
 
 
@@ -170,12 +183,7 @@ def lumina2() -> TinyCase:
                                               cap_feat_dim=16).eval()
     pipe = diffusers.Lumina2Pipeline(transformer=net, scheduler=flow_scheduler(), vae=None, text_encoder=None,
                                      tokenizer=None)
-    g = _gen(10)
-    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
-               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
-               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
-               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
-    return TinyCase("Lumina 2, mu (of the channel count), CFG 4 norm-rescaled, text masks", _quiet(pipe), prompts,
+    return TinyCase("Lumina 2, mu (of the channel count), CFG 4 norm-rescaled, text masks", _quiet(pipe), _masked(10),
                     dict(height=64, width=64, guidance_scale=4.0))
 
 
@@ -188,13 +196,8 @@ def sana() -> TinyCase:
                                            cross_attention_dim=16, caption_channels=16, sample_size=8).eval()
     pipe = diffusers.SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=net,
                                   scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0))
-    g = _gen(12)
-    prompts = {"prompt_embeds": torch.randn(2, 6, 16, generator=g),
-               "prompt_attention_mask": torch.tensor([[1] * 6, [1] * 4 + [0] * 2]),
-               "negative_prompt_embeds": torch.randn(2, 6, 16, generator=g),
-               "negative_prompt_attention_mask": torch.ones(2, 6, dtype=torch.long)}
     # without a VAE the pipeline's scale factor is 32: 256 pixels are 8 latents
-    return TinyCase("SANA, shift 3, CFG 4.5, text masks", _quiet(pipe), prompts,
+    return TinyCase("SANA, shift 3, CFG 4.5, text masks", _quiet(pipe), _masked(12),
                     dict(height=256, width=256, guidance_scale=4.5, use_resolution_binning=False, negative_prompt=None),
                     default_is_teacher=False)
 
@@ -226,12 +229,12 @@ def hunyuanvideo15() -> TinyCase:
                     dict(height=16, width=16, num_frames=5))
 
 
-def wan_transformer(seed: int) -> Any:
+def wan_transformer(seed: int, in_channels: int = 4) -> Any:
     import diffusers
 
     torch.manual_seed(seed)
     return diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4,
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=in_channels, out_channels=4,
         text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
 
 
@@ -275,10 +278,7 @@ def wan21() -> TinyCase:
 
     pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
-    g = _gen(13)
-    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
-               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
-    return TinyCase("Wan 2.1, shift 5, CFG 5", _quiet(pipe), prompts,
+    return TinyCase("Wan 2.1, shift 5, CFG 5", _quiet(pipe), _with_negative(_gen(13), 1, 8, 16),
                     dict(height=32, width=32, num_frames=5, guidance_scale=5.0), custom_schedule=False)
 
 
@@ -290,16 +290,12 @@ def wan_i2v() -> TinyCase:
     vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
                                      latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0],
                                      scale_factor_temporal=2, scale_factor_spatial=2).eval()
-    torch.manual_seed(0)
-    net = diffusers.WanTransformer3DModel(  # 4 latent + 2 frame-mask + 4 condition channels in
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=10, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=16, num_layers=1, rope_max_seq_len=32).eval()
+    net = wan_transformer(0, in_channels=10)  # 4 latent + 2 frame-mask + 4 condition channels in
     pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=net,
                                              image_encoder=None, image_processor=None,
                                              scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
     g = _gen(13)
-    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
-               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    prompts = _with_negative(g, 1, 8, 16)
     image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
     return TinyCase("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", _quiet(pipe), prompts,
                     dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
@@ -311,9 +307,7 @@ def wan22() -> TinyCase:
     pipe = diffusers.WanPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=wan_transformer(0),
                                  transformer_2=wan_transformer(1), boundary_ratio=0.875,
                                  scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
-    g = _gen(13)
-    prompts = {"prompt_embeds": torch.randn(1, 8, 16, generator=g),
-               "negative_prompt_embeds": torch.randn(1, 8, 16, generator=g)}
+    prompts = _with_negative(_gen(13), 1, 8, 16)
     return TinyCase("Wan 2.2 two experts (boundary 0.875), shift 5, CFG 5 / 2", _quiet(pipe), prompts,
                     dict(height=32, width=32, num_frames=5, guidance_scale=5.0, guidance_scale_2=2.0),
                     custom_schedule=False)

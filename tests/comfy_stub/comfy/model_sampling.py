@@ -60,7 +60,19 @@ def make_beta_schedule(schedule, n_timestep, linear_start=1e-4, linear_end=2e-2)
     raise ValueError(schedule)
 
 
-class ModelSamplingDiscrete(torch.nn.Module):
+class _SigmaTable(torch.nn.Module):
+    """A table of increasing sigmas, its ends as ComfyUI reads them."""
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+
+class ModelSamplingDiscrete(_SigmaTable):
     def __init__(self, beta_schedule="linear", linear_start=0.00085, linear_end=0.012, timesteps=1000):
         super().__init__()
         betas = make_beta_schedule(beta_schedule, timesteps, linear_start, linear_end)
@@ -70,14 +82,6 @@ class ModelSamplingDiscrete(torch.nn.Module):
         sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
         self.register_buffer("sigmas", sigmas.float())
         self.register_buffer("log_sigmas", sigmas.log().float())
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         """The nearest table index in log sigma (an integer: discrete models see quantised time)."""
@@ -103,7 +107,7 @@ def time_snr_shift(alpha, t):
     return alpha * t / (1 + (alpha - 1) * t)
 
 
-class ModelSamplingDiscreteFlow(torch.nn.Module):
+class ModelSamplingDiscreteFlow(_SigmaTable):
     def __init__(self, shift=1.0, multiplier=1000, timesteps=1000):
         super().__init__()
         self.noise_scale = 1.0
@@ -113,14 +117,6 @@ class ModelSamplingDiscreteFlow(torch.nn.Module):
         self.shift = shift
         self.multiplier = multiplier
         self.register_buffer("sigmas", self.sigma((torch.arange(1, timesteps + 1, 1) / timesteps) * multiplier))
-
-    @property
-    def sigma_min(self):
-        return self.sigmas[0]
-
-    @property
-    def sigma_max(self):
-        return self.sigmas[-1]
 
     def timestep(self, sigma):
         return sigma * self.multiplier

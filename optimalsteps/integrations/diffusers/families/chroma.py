@@ -7,9 +7,10 @@ from typing import Any, Optional
 
 import torch
 
-from ..common import Guidance, PipelineModel, device_of, lora_scale, sequence_length
+from ..common import Guidance, PipelineModel, device_of, given_embeddings, lora_scale, sequence_length
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
+from .flux import packed_latents
 
 
 class ChromaModel(PipelineModel):
@@ -39,12 +40,9 @@ class Chroma(Family):
         check_unconditional(pipe, c, cfg)
         embeds, _, mask, neg, _, neg_mask = pipe.encode_prompt(
             prompt=c.texts, negative_prompt=negatives(options.negative_prompt, c.count), device=device_of(pipe),
-            num_images_per_prompt=request.per_prompt, prompt_embeds=c.embeds.get("prompt_embeds"),
-            negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-            prompt_attention_mask=c.embeds.get("prompt_attention_mask"),
-            negative_prompt_attention_mask=c.embeds.get("negative_prompt_attention_mask"),
-            do_classifier_free_guidance=cfg, max_sequence_length=sequence_length(pipe, options),
-            lora_scale=lora_scale(options))
+            num_images_per_prompt=request.per_prompt, do_classifier_free_guidance=cfg,
+            max_sequence_length=sequence_length(pipe, options), lora_scale=lora_scale(options),
+            **given_embeddings(c.embeds, "prompt_embeds", "prompt_attention_mask"))
         cond = {"prompt_embeds": embeds}
         if mask is not None:
             cond["prompt_attention_mask"] = mask
@@ -56,12 +54,5 @@ class Chroma(Family):
         return cond
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        dtype = cond["prompt_embeds"].dtype
-        vsf = pipe.vae_scale_factor
-        h, w = request.height // (vsf * 2), request.width // (vsf * 2)
-        img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
-        model = ChromaModel(pipe.transformer, Guidance(request.scale), (h * w, pipe.transformer.config.in_channels),
-                            request.spec, pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
-                            img_ids)
-        model.dtype = dtype
-        return model, dtype
+        shape, img_ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
+        return self.flow_model(ChromaModel, pipe, request, cond, Guidance(request.scale), shape, img_ids)

@@ -13,8 +13,7 @@ import torch
 
 from ....core.errors import OptimalStepsError
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      lora_scale,
-                      sequence_length)
+                      guidance_embedding, lora_scale, sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
 
@@ -31,9 +30,7 @@ class FluxModel(PipelineModel):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # the pipeline casts the timestep to the latents' dtype, then hands the transformer timestep / 1000
         timestep = self.flow_timestep(t).to(self.dtype) / 1000
-        guidance = None
-        if self.embedded_guidance is not None:
-            guidance = torch.full((x.shape[0],), self.embedded_guidance, dtype=torch.float32, device=x.device)
+        guidance = guidance_embedding(self.embedded_guidance, x.shape[0], x.device)
         embeds, h = cond["prompt_embeds"], x.to(self.dtype)
         if "image_latents" in cond:  # Kontext: the reference image's tokens after the noisy ones
             h = torch.cat([h, cond["image_latents"].to(self.dtype)], dim=1)
@@ -89,26 +86,27 @@ class Flux(Family):
         return cond
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        dtype = cond["prompt_embeds"].dtype
-        vsf = pipe.vae_scale_factor
-        h, w = request.height // (vsf * 2), request.width // (vsf * 2)
-        img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
+        shape, img_ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
         if "image_latents" in cond:
             img_ids = torch.cat([img_ids, request.extras["image_ids"]], dim=0)
         embedded = request.scale if pipe.transformer.config.guidance_embeds else None
-        shape = (h * w, pipe.transformer.config.in_channels)
-        model = FluxModel(pipe.transformer, Guidance(_true_cfg(request.options)), shape,
-                          request.spec, pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs,
-                          embedded, img_ids)
-        model.dtype = dtype
-        return model, dtype
-
+        return self.flow_model(FluxModel, pipe, request, cond, Guidance(_true_cfg(request.options)), shape,
+                               embedded, img_ids)
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         if not _kontext(pipe):
             return super().draw(pipe, inputs, generator)
         return pipe.prepare_latents(None, inputs.batch, pipe.transformer.config.in_channels // 4, inputs.height,
                                     inputs.width, inputs.dtype, device_of(pipe), generator)[0]
+
+
+def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tuple[int, int], torch.Tensor]:
+    """([tokens, channels] of the packed latents at the request's size, their position ids) as the Flux
+    pipelines build them."""
+    vsf = pipe.vae_scale_factor
+    h, w = request.height // (vsf * 2), request.width // (vsf * 2)
+    img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
+    return (h * w, pipe.transformer.config.in_channels), img_ids
 
 
 def _kontext(pipe: Any) -> bool:

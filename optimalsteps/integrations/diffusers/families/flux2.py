@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from ..common import CallOptions, Guidance, PipelineModel, device_of, sequence_length
+from ..common import CallOptions, Guidance, PipelineModel, device_of, guidance_embedding, sequence_length
 from ..family import Family, Request
 from ..prompts import check_unconditional
 
@@ -23,9 +23,7 @@ class Flux2Model(PipelineModel):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n = x.shape[0]
         timestep = self.flow_timestep(t).to(self.dtype) / 1000
-        guidance = None
-        if self.embedded_guidance is not None:
-            guidance = torch.full((n,), self.embedded_guidance, dtype=torch.float32, device=x.device)
+        guidance = guidance_embedding(self.embedded_guidance, n, x.device)
         embeds = cond["prompt_embeds"]
         return self.net(hidden_states=x.to(self.net.dtype), timestep=timestep, guidance=guidance,
                         encoder_hidden_states=embeds, txt_ids=self.text_ids(embeds).to(x.device),
@@ -77,11 +75,8 @@ class Flux2(Family):
                                              device_of(pipe), torch.Generator().manual_seed(0))
         embedded = request.scale if request.kind == "distilled" else None
         guidance = Guidance(request.scale if request.kind == "cfg" else 1.0)
-        model = Flux2Model(pipe.transformer, guidance, (latent_ids.shape[1], config.in_channels), request.spec,
-                           pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs, embedded,
-                           latent_ids[:1], type(pipe)._prepare_text_ids)
-        model.dtype = dtype
-        return model, dtype
+        return self.flow_model(Flux2Model, pipe, request, cond, guidance, (latent_ids.shape[1], config.in_channels),
+                               embedded, latent_ids[:1], type(pipe)._prepare_text_ids)
 
 
 def pipe_default_steps(pipe: Any) -> int:

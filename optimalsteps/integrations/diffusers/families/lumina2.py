@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..common import Guidance, PipelineModel, call_default, device_of, sequence_length
+from ..common import Guidance, PipelineModel, call_default, device_of, given_embeddings, sequence_length, with_negatives
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -41,27 +41,11 @@ class Lumina2(Family):
         embeds, mask, neg, neg_mask = pipe.encode_prompt(
             c.texts, cfg, negative_prompt=negatives(options.negative_prompt, c.count),
             num_images_per_prompt=request.per_prompt, device=device_of(pipe),
-            prompt_embeds=c.embeds.get("prompt_embeds"), negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-            prompt_attention_mask=c.embeds.get("prompt_attention_mask"),
-            negative_prompt_attention_mask=c.embeds.get("negative_prompt_attention_mask"),
+            **given_embeddings(c.embeds, "prompt_embeds", "prompt_attention_mask"),
             max_sequence_length=sequence_length(pipe, options))
-        cond = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-        if cfg:
-            cond.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
-        return cond
+        return with_negatives(cfg, prompt_embeds=(embeds, neg), prompt_attention_mask=(mask, neg_mask))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        dtype = cond["prompt_embeds"].dtype
-        vsf = pipe.vae_scale_factor
-        shape = (pipe.transformer.config.in_channels, request.height // vsf, request.width // vsf)
         renorm = bool(call_default(pipe, "cfg_normalization"))
-        model = Lumina2Model(pipe.transformer, Guidance(request.scale, renorm=renorm), shape, request.spec,
-                             pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs)
-        model.dtype = dtype
-        return model, dtype
-
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return pipe.prepare_latents(inputs.batch, pipe.transformer.config.in_channels, inputs.height, inputs.width,
-                                    inputs.dtype, device_of(pipe), generator)
-
-
+        return self.flow_model(Lumina2Model, pipe, request, cond, Guidance(request.scale, renorm=renorm),
+                               self.image_latent_shape(pipe, request))

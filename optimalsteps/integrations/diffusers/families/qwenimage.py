@@ -9,7 +9,7 @@ import torch
 
 from ....core.errors import OptimalStepsError
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      sequence_length)
+                      guidance_embedding, sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
 
@@ -23,9 +23,7 @@ class QwenImageModel(PipelineModel):
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n = x.shape[0]
         timestep = self.flow_timestep(t).to(self.dtype) / 1000
-        guidance = None
-        if self.embedded_guidance is not None:
-            guidance = torch.full((n,), self.embedded_guidance, dtype=torch.float32, device=x.device)
+        guidance = guidance_embedding(self.embedded_guidance, n, x.device)
         return self.net(hidden_states=x.to(self.dtype), timestep=timestep, guidance=guidance,
                         encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
                         encoder_hidden_states=cond["prompt_embeds"], img_shapes=[[self.image_shape]] * n,
@@ -74,14 +72,10 @@ class QwenImage(Family):
         return cond
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        dtype = cond["prompt_embeds"].dtype
         vsf = self.vae_scale_factor(pipe)
         h, w = request.height // vsf // 2, request.width // vsf // 2
         config = pipe.transformer.config
         embedded = request.scale if config.guidance_embeds else None
         guidance = Guidance(true_cfg(pipe, request.options), renorm=True)
-        model = QwenImageModel(pipe.transformer, guidance, (h * w, config.in_channels), request.spec,
-                               pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs, embedded,
+        return self.flow_model(QwenImageModel, pipe, request, cond, guidance, (h * w, config.in_channels), embedded,
                                (1, h, w))
-        model.dtype = dtype
-        return model, dtype

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import CallOptions, Guidance, PipelineModel, call_default, device_of, lora_scale, sequence_length
+from ..common import (CallOptions, Guidance, PipelineModel, call_default, device_of, given_embeddings, lora_scale,
+                      sequence_length, with_negatives)
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -42,6 +43,7 @@ class Sana(Family):
     denoisers = ("SanaTransformer2DModel",)
     batched_cfg = True
     packed = False
+    steps_only = True
 
     def vae_scale_factor(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor)
@@ -53,31 +55,18 @@ class Sana(Family):
         return tuple(pipe.image_processor.classify_height_width_bin(
             height, width, ratios=_bins(pipe.transformer.config.sample_size)))
 
-    def default_run(self, pipe: Any, scheduler: Any, steps: int, height: int, width: int) -> None:
-        scheduler.set_timesteps(steps)
-
     def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
         c, cfg, options = request.conditioning, request.kind == "cfg", request.options
         check_unconditional(pipe, c, cfg)
         embeds, mask, neg, neg_mask = pipe.encode_prompt(
             c.texts, cfg, negative_prompt=negatives(options.negative_prompt, c.count) or "",
             num_images_per_prompt=request.per_prompt, device=device_of(pipe),
-            prompt_embeds=c.embeds.get("prompt_embeds"), negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-            prompt_attention_mask=c.embeds.get("prompt_attention_mask"),
-            negative_prompt_attention_mask=c.embeds.get("negative_prompt_attention_mask"),
+            **given_embeddings(c.embeds, "prompt_embeds", "prompt_attention_mask"),
             max_sequence_length=sequence_length(pipe, options), lora_scale=lora_scale(options))
-        cond = {"prompt_embeds": embeds, "prompt_attention_mask": mask}
-        if cfg:
-            cond.update(negative_prompt_embeds=neg, negative_prompt_attention_mask=neg_mask)
-        return cond
+        return with_negatives(cfg, prompt_embeds=(embeds, neg), prompt_attention_mask=(mask, neg_mask))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        vsf = self.vae_scale_factor(pipe)
-        shape = (pipe.transformer.config.in_channels, request.height // vsf, request.width // vsf)
-        model = SanaModel(pipe.transformer, Guidance(request.scale, batched=True), shape, request.spec,
-                          pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs)
-        return model, torch.float32
+        # SANA's latents are float32 whatever the network's dtype
+        return self.flow_model(SanaModel, pipe, request, cond, Guidance(request.scale, batched=True),
+                               self.image_latent_shape(pipe, request), latents_dtype=torch.float32)
 
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return pipe.prepare_latents(inputs.batch, pipe.transformer.config.in_channels, inputs.height, inputs.width,
-                                    torch.float32, device_of(pipe), generator)

@@ -9,7 +9,8 @@ from typing import Any, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import CallOptions, Guidance, PipelineModel, device_of, lora_scale, per_sample
+from ..common import (CallOptions, Guidance, PipelineModel, device_of, given_embeddings, lora_scale, per_sample,
+                      with_negatives)
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 from ..tables import SigmaTable, discrete_prediction, discrete_x0
@@ -67,14 +68,12 @@ class SD(Family):
         check_unconditional(pipe, c, cfg)
         embeds, neg = pipe.encode_prompt(c.texts, device_of(pipe), request.per_prompt, cfg,
                                          negatives(request.options.negative_prompt, c.count),
-                                         prompt_embeds=c.embeds.get("prompt_embeds"),
-                                         negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-                                         lora_scale=lora_scale(request.options))
-        return {"prompt_embeds": embeds, **({"negative_prompt_embeds": neg} if cfg else {})}
+                                         lora_scale=lora_scale(request.options),
+                                         **given_embeddings(c.embeds, "prompt_embeds"))
+        return with_negatives(cfg, prompt_embeds=(embeds, neg))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        vsf = pipe.vae_scale_factor
-        shape = (pipe.unet.config.in_channels, request.height // vsf, request.width // vsf)
+        shape = self.image_latent_shape(pipe, request)
         model = UNetModel(pipe.unet, Guidance(request.scale, batched=True), shape, request.spec,
                           SigmaTable.of(pipe.scheduler), pipe.scheduler.config.get("prediction_type", "epsilon"),
                           request.options.attention_kwargs)
@@ -102,11 +101,8 @@ class SDXL(SD):
         embeds, neg, pooled, neg_pooled = pipe.encode_prompt(
             prompt=c.texts, prompt_2=None, device=device_of(pipe), num_images_per_prompt=request.per_prompt,
             do_classifier_free_guidance=cfg, negative_prompt=negatives(request.options.negative_prompt, c.count),
-            negative_prompt_2=None, prompt_embeds=c.embeds.get("prompt_embeds"),
-            negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-            pooled_prompt_embeds=c.embeds.get("pooled_prompt_embeds"),
-            negative_pooled_prompt_embeds=c.embeds.get("negative_pooled_prompt_embeds"),
-            lora_scale=lora_scale(request.options))
+            negative_prompt_2=None, lora_scale=lora_scale(request.options),
+            **given_embeddings(c.embeds, "prompt_embeds", "pooled_prompt_embeds"))
         projection = int(pooled.shape[-1]) if pipe.text_encoder_2 is None else pipe.text_encoder_2.config.projection_dim
         try:
             time_ids = pipe._get_add_time_ids((request.height, request.width), (0, 0), (request.height, request.width),

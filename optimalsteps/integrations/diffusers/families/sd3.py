@@ -7,7 +7,8 @@ from typing import Any
 
 import torch
 
-from ..common import Guidance, PipelineModel, device_of, lora_scale, sequence_length
+from ..common import (Guidance, PipelineModel, device_of, given_embeddings, lora_scale, sequence_length,
+                      with_negatives)
 from ..family import Family, Request
 from ..prompts import check_unconditional, negatives
 
@@ -48,24 +49,10 @@ class SD3(Family):
             prompt=c.texts, prompt_2=None, prompt_3=None, device=device_of(pipe),
             num_images_per_prompt=request.per_prompt, do_classifier_free_guidance=cfg,
             negative_prompt=negatives(request.options.negative_prompt, c.count),
-            prompt_embeds=c.embeds.get("prompt_embeds"), negative_prompt_embeds=c.embeds.get("negative_prompt_embeds"),
-            pooled_prompt_embeds=c.embeds.get("pooled_prompt_embeds"),
-            negative_pooled_prompt_embeds=c.embeds.get("negative_pooled_prompt_embeds"),
+            **given_embeddings(c.embeds, "prompt_embeds", "pooled_prompt_embeds"),
             max_sequence_length=sequence_length(pipe, request.options), lora_scale=lora_scale(request.options))
-        cond = {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-        if cfg:
-            cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
-        return cond
+        return with_negatives(cfg, prompt_embeds=(embeds, neg), pooled_prompt_embeds=(pooled, neg_pooled))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        dtype = cond["prompt_embeds"].dtype
-        vsf = pipe.vae_scale_factor
-        shape = (pipe.transformer.config.in_channels, request.height // vsf, request.width // vsf)
-        model = SD3Model(pipe.transformer, Guidance(request.scale, batched=True), shape, request.spec,
-                         pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs)
-        model.dtype = dtype
-        return model, dtype
-
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return pipe.prepare_latents(inputs.batch, pipe.transformer.config.in_channels, inputs.height, inputs.width,
-                                    inputs.dtype, device_of(pipe), generator)
+        return self.flow_model(SD3Model, pipe, request, cond, Guidance(request.scale, batched=True),
+                               self.image_latent_shape(pipe, request))

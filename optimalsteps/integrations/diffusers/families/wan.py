@@ -70,6 +70,7 @@ class Wan(Family):
     custom_schedule = False
     video = True
     packed = False
+    steps_only = True
     model_class = WanModel
 
     def matches(self, components: dict[str, set[str]]) -> bool:
@@ -86,9 +87,6 @@ class Wan(Family):
 
     def size_rules(self, vae_scale_factor: int, net_config: Any) -> dict:
         return {"multiple": 16}  # what the pipeline's check_inputs demands
-
-    def default_run(self, pipe: Any, scheduler: Any, steps: int, height: int, width: int) -> None:
-        scheduler.set_timesteps(steps)
 
     def expert_boundary(self, pipe: Any) -> Optional[float]:
         """The flow sigma (boundary_ratio) where Wan 2.2 hands over to transformer_2; None with one expert."""

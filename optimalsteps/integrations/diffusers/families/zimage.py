@@ -96,12 +96,6 @@ class ZImage(Family):
         vsf = pipe.vae_scale_factor
         shape = (pipe.transformer.in_channels, 2 * (request.height // (vsf * 2)), 2 * (request.width // (vsf * 2)))
         guidance = Guidance(1.0 + request.scale, batched=True, positive_first=True)
-        model = ZImageModel(pipe.transformer, guidance, shape, request.spec, pipe.scheduler.config.num_train_timesteps,
-                            request.options.attention_kwargs)
-        return model, torch.float32
-
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return pipe.prepare_latents(inputs.batch, pipe.transformer.in_channels, inputs.height, inputs.width,
-                                    torch.float32, device_of(pipe), generator)
+        return self.flow_model(ZImageModel, pipe, request, cond, guidance, shape, latents_dtype=torch.float32)
 
 
