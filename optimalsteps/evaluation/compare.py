@@ -97,54 +97,71 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
                      "search_samples": int(noise.shape[0]), "seed": seed, "eval_samples": int(eval_noise.shape[0]),
                      "eval_seed": eval_seed, "data_range": targets.data_range, "floor": targets.floor, "teacher": {}}
         result = CompareResult([], reference, sample_shape=tuple(eval_noise.shape[1:]))
-        teachers = {}
-        for solver in solvers:
-            bar.set_postfix_str(f"teacher ({solver})")
-            out, seconds, nfe = _sample(model, eval_noise, teacher, solver, eval_cond, max_batch)
-            teachers[solver] = out
-            if targets.data_range is None:  # no data to tell the range: the teacher's outputs set it
-                targets.data_range = reference["data_range"] = float(out.max() - out.min()) or 1.0
-            result.teacher_samples[solver] = out[:keep].clone()
-            scores = _distribution_scores(model, out, targets)
-            reference["teacher"][solver] = {"nfe": nfe, "sample_seconds": round(seconds, 4), **scores}
-            bar.update(1)
-
-        made: dict[tuple[str, str | None], dict[int, Schedule]] = {}
-        for name in names:
-            # the OSS search distils the same teacher the evaluation uses; GITS and BOSS keep their papers' grids
-            extra = {"teacher_steps": teacher_steps, "max_batch": max_batch} if name == "oss" else {}
-            if name in SEARCH_VARIANTS:
-                extra = {"teacher_steps": teacher_steps, "max_batch": max_batch, **SEARCH_VARIANTS[name]}
-            for solver in (solvers if _solver_specific(name) else [None]):
-                bar.set_postfix_str(f"schedule {name}" + (f" ({solver})" if solver else ""))
-                made[(name, solver)] = make_schedules("oss" if name in SEARCH_VARIANTS else name, process, steps,
-                                                      model=model, noise=noise, cond=cond, solver=solver or "euler",
-                                                      **{**extra, **options.get(name, {})})
-                bar.update(1)
-
+        teachers = _teacher_runs(model, eval_noise, teacher, solvers, eval_cond, max_batch, keep, targets, result,
+                                 bar)
+        made = _make_all(model, process, names, solvers, steps, noise, cond, teacher_steps, max_batch, options, bar)
         for name in names:
             for solver in solvers:
                 for m in steps:
                     bar.set_postfix_str(f"{name} / {solver} / {m} steps")
                     schedule = made[(name, solver if _solver_specific(name) else None)][m]
-                    out, seconds, nfe = _sample(model, eval_noise, schedule, solver, eval_cond, max_batch)
-                    median, p90, p99 = error_quantiles(out, teachers[solver])
-                    row = {"schedule": name, "solver": solver, "steps": m, "nfe": nfe,
-                           "mse": mse(out, teachers[solver]),
-                           "psnr": psnr(out, teachers[solver], targets.data_range),
-                           "mse_median": median, "mse_p90": p90, "mse_p99": p99,
-                           "mode_change": mode_change_rate(model, out, teachers[solver]),
-                           "selection": _selection(schedule),
-                           **_distribution_scores(model, out, targets),
-                           "search_seconds": schedule.metadata.get("search_seconds"),
-                           "sample_seconds": round(seconds, 4), "process": process.name,
-                           "times": [float(v) for v in schedule.times.tolist()]}
-                    result.rows.append({key: row.get(key) for key in ROW_KEYS})
+                    out, row = _row(model, eval_noise, schedule, name, solver, m, eval_cond, max_batch,
+                                    teachers[solver], targets)
+                    result.rows.append(row)
                     result.samples[(name, solver, m)] = out[:keep].clone()
                     bar.update(1)
     finally:
         bar.close()
     return result
+
+
+def _teacher_runs(model: Any, eval_noise: torch.Tensor, teacher: Schedule, solvers: list[str], eval_cond: dict | None,
+                  max_batch: int, keep: int, targets: "_Targets", result: CompareResult, bar: Any) -> dict:
+    """Each solver's teacher on the evaluation noise (recorded in the result's reference)."""
+    teachers = {}
+    for solver in solvers:
+        bar.set_postfix_str(f"teacher ({solver})")
+        out, seconds, nfe = _sample(model, eval_noise, teacher, solver, eval_cond, max_batch)
+        teachers[solver] = out
+        if targets.data_range is None:  # no data to tell the range: the teacher's outputs set it
+            targets.data_range = result.reference["data_range"] = float(out.max() - out.min()) or 1.0
+        result.teacher_samples[solver] = out[:keep].clone()
+        scores = _distribution_scores(model, out, targets)
+        result.reference["teacher"][solver] = {"nfe": nfe, "sample_seconds": round(seconds, 4), **scores}
+        bar.update(1)
+    return teachers
+
+
+def _make_all(model: Any, process: Any, names: list[str], solvers: list[str], steps: list[int], noise: torch.Tensor,
+              cond: dict | None, teacher_steps: int, max_batch: int, options: dict, bar: Any) -> dict:
+    """Every compared schedule: {(name, solver or None): {steps: Schedule}}."""
+    made: dict[tuple[str, str | None], dict[int, Schedule]] = {}
+    for name in names:
+        # the OSS search distils the same teacher the evaluation uses; GITS and BOSS keep their papers' grids
+        extra = {"teacher_steps": teacher_steps, "max_batch": max_batch} if name == "oss" else {}
+        if name in SEARCH_VARIANTS:
+            extra = {"teacher_steps": teacher_steps, "max_batch": max_batch, **SEARCH_VARIANTS[name]}
+        for solver in (solvers if _solver_specific(name) else [None]):
+            bar.set_postfix_str(f"schedule {name}" + (f" ({solver})" if solver else ""))
+            made[(name, solver)] = make_schedules("oss" if name in SEARCH_VARIANTS else name, process, steps,
+                                                  model=model, noise=noise, cond=cond, solver=solver or "euler",
+                                                  **{**extra, **options.get(name, {})})
+            bar.update(1)
+    return made
+
+
+def _row(model: Any, eval_noise: torch.Tensor, schedule: Schedule, name: str, solver: str, steps: int,
+         eval_cond: dict | None, max_batch: int, teacher_out: torch.Tensor, targets: "_Targets"):
+    """(the outputs, the result row) of one schedule run with one solver on the evaluation noise."""
+    out, seconds, nfe = _sample(model, eval_noise, schedule, solver, eval_cond, max_batch)
+    median, p90, p99 = error_quantiles(out, teacher_out)
+    row = {"schedule": name, "solver": solver, "steps": steps, "nfe": nfe, "mse": mse(out, teacher_out),
+           "psnr": psnr(out, teacher_out, targets.data_range), "mse_median": median, "mse_p90": p90, "mse_p99": p99,
+           "mode_change": mode_change_rate(model, out, teacher_out), "selection": _selection(schedule),
+           **_distribution_scores(model, out, targets), "search_seconds": schedule.metadata.get("search_seconds"),
+           "sample_seconds": round(seconds, 4), "process": model_process(model).name,
+           "times": [float(v) for v in schedule.times.tolist()]}
+    return out, {key: row.get(key) for key in ROW_KEYS}
 
 
 def _check_compare_inputs(steps: Sequence[int], solvers: Sequence[str], schedules: Sequence[str], teacher_steps: int,
