@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from optimalsteps.core.models import draw_noise, load_model
+from optimalsteps.core.models import draw_noise
+from optimalsteps.testbeds.registry import load_model
 from optimalsteps.core.schedules import uniform
 from optimalsteps.core.solvers import sample
 from optimalsteps.evaluation.compare import EVAL_SEED_OFFSET, compare
