@@ -273,6 +273,28 @@ def flux_kontext() -> TinyCase:
                                   image=torch.randn(1, 4, 8, 8, generator=g)))
 
 
+def flux_img2img() -> TinyCase:
+    """Flux Img2Img with its image given as latents (a 4-channel tiny 'VAE': no VAE is built), strength 0.6."""
+    import diffusers
+
+    parts = tiny_flux_parts()
+    pipe = diffusers.FluxImg2ImgPipeline(**parts)
+    pipe.latent_channels = 4  # what a VAE with 4 latent channels would set
+    pipe.image_processor.register_to_config(vae_latent_channels=4)  # so that it passes latents through
+    g = _gen(11)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux Img2Img, image latents, strength 0.6, mu, distilled guidance 3.5", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=3.5, strength=0.6,
+                         image=torch.randn(1, 4, 8, 8, generator=g)))
+
+
+def tiny_flux_parts() -> dict:
+    parts = flux().pipe.components
+    return {k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                  "transformer")}
+
+
 def wan21() -> TinyCase:
     import diffusers
 
@@ -314,7 +336,7 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
+    "flux": flux, "flux-kontext": flux_kontext, "flux-img2img": flux_img2img, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
     "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
     "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
     "wan22": wan22,
