@@ -258,6 +258,18 @@ def test_flux_img2img_strength_starts_the_schedule():
         od.pipeline_kwargs(result.schedule, tiny.flux().pipe, strength=0.6)
 
 
+def test_flux_img2img_pixels_through_the_vae():
+    case = tiny.flux_img2img_pixels()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=8, seed=1, **call)
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL  # the VAE's sampled latents drew from the generator first
+    ours = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **call)
+    theirs = tiny.pipeline_latents(pipe, **{**embeds, **call, **od.pipeline_kwargs(result.schedule, pipe)},
+                                   generator=gen(4))
+    assert rel_err(ours, theirs) < TOL
+
+
 # -------------------------------------------------------------------------------------- AuraFlow
 
 def test_auraflow_batched_cfg():

@@ -172,7 +172,8 @@ def _image_latents(pipe: Any, image: Any, height: int, width: int, dtype: torch.
         raise OptimalStepsError(f"encoding an img2img image needs the pipeline's VAE; pass latents "
                                 f"[B, {pipe.latent_channels}, h, w] instead")
     pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
-    return pipe._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generator)
+    with torch.no_grad():
+        return pipe._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generator)
 
 
 def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tuple[int, int], torch.Tensor]:
