@@ -45,7 +45,7 @@ class FluxModel(PipelineModel):
 
 class Flux(Family):
     name = "flux"
-    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline)"
+    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline)"
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
 
