@@ -9,7 +9,9 @@ For each family it reports, as relative L2 errors of the final latents:
   schedule (for pipelines without a schedule argument: `pipeline_schedule(pipe, M)` against
   `pipe(num_inference_steps=M)`).
 
-    PYTHONPATH=. nice -n 10 python benchmarks/diffusers_equality.py
+    PYTHONPATH=. nice -n 10 python benchmarks/diffusers_equality.py [case ...]
+
+(img2img: pipeline_kwargs' strength 1.0 replaces the call's strength.)
 """
 
 from __future__ import annotations
@@ -45,14 +47,14 @@ def measure(case: tiny.TinyCase) -> dict[str, float]:
         theirs = pipe(**prompts, num_inference_steps=STEPS, generator=gen(2), output_type="latent", **call).frames
         return {"sample": rel_err(ours, theirs)}
     result = od.search_pipeline(pipe, prompts, steps=STEPS, teacher_steps=TEACHER_STEPS, seed=1, **call)
-    teacher = tiny.pipeline_latents(pipe, **prompts, **call, **od.pipeline_kwargs(result.teacher, pipe),
+    teacher = tiny.pipeline_latents(pipe, **prompts, **{**call, **od.pipeline_kwargs(result.teacher, pipe)},
                                     generator=gen(1))
     errors = {"teacher": rel_err(result.teacher_samples, teacher)}
     if case.default_is_teacher:
         own = tiny.pipeline_latents(pipe, **prompts, **call, num_inference_steps=TEACHER_STEPS, generator=gen(1))
         errors["own run"] = rel_err(result.teacher_samples, own)
     ours = od.sample_pipeline(pipe, prompts, result.schedule, generator=gen(4), **call)
-    theirs = tiny.pipeline_latents(pipe, **prompts, **call, **od.pipeline_kwargs(result.schedule, pipe),
+    theirs = tiny.pipeline_latents(pipe, **prompts, **{**call, **od.pipeline_kwargs(result.schedule, pipe)},
                                    generator=gen(4))
     return {**errors, "sample": rel_err(ours, theirs)}
 
@@ -67,7 +69,10 @@ def main() -> None:
     print("| family (tiny pipeline, settings) | teacher vs pipeline | teacher vs own N-step run | "
           "sample_pipeline vs pipeline |")
     print("|---|---|---|---|")
+    only = sys.argv[1:]  # case names (tiny.CASES) to measure; all without
     for name, build in tiny.CASES.items():
+        if only and name not in only:
+            continue
         start = time.perf_counter()
         case = build()
         errors = measure(case)

@@ -112,12 +112,10 @@ def test_unsupported_pipelines_name_the_supported_families():
     pipe.scheduler = diffusers.DDIMScheduler()
     with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
         od.pipeline_family(pipe)
-    parts = tiny.flux().pipe.components
-    img2img = diffusers.FluxImg2ImgPipeline(**{k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer",
-                                                                     "text_encoder_2", "tokenizer_2", "transformer")})
-    assert od.pipeline_family(img2img) == "flux"  # recognised by its transformer, then refused for what it needs
-    with pytest.raises(OptimalStepsError, match="FluxImg2ImgPipeline needs strength, which the flux family does not"):
-        od.pipeline_inputs(img2img, tiny.flux().prompts, height=64, width=64)
+    inpaint = diffusers.FluxInpaintPipeline(**tiny.tiny_flux_parts())
+    assert od.pipeline_family(inpaint) == "flux"  # recognised by its transformer, then refused for what it needs
+    with pytest.raises(OptimalStepsError, match="FluxInpaintPipeline needs mask_image, strength, which the flux"):
+        od.pipeline_inputs(inpaint, tiny.flux().prompts, height=64, width=64)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         case = tiny.qwenimage()
         od.sample_pipeline(case.pipe, case.prompts, od.pipeline_teacher(case.pipe, 4, 64, 64), height=64,
@@ -218,6 +216,58 @@ def test_flux_kontext_reference_image_and_max_area():
     assert (fitted.height, fitted.width) == (80, 32)  # sqrt(4096 * 2) = 90.5 and sqrt(4096 / 2) = 45, floored to 16
     with pytest.raises(OptimalStepsError, match="FluxPipeline takes no image"):
         od.sample_pipeline(tiny.flux().pipe, embeds, result.schedule, **call)
+
+
+# --------------------------------------------------------------------------------- Flux Img2Img
+
+def test_flux_img2img_strength_starts_the_schedule():
+    case = tiny.flux_img2img()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    plain = {k: v for k, v in call.items() if k != "strength"}  # pipeline_kwargs brings strength 1.0
+    default = od.search_pipeline(pipe, embeds, steps=3, teacher_steps=8, seed=1, **plain)
+    assert default.schedule.metadata["diffusers"]["strength"] == 0.6  # the __call__ default, recorded
+    result = od.search_pipeline(pipe, embeds, steps=3, teacher_steps=8, seed=1, **call)
+    for schedule, seed in ((result.teacher, 1), (result.schedule, 4)):
+        ours = od.sample_pipeline(pipe, embeds, schedule, generator=gen(seed), **call)
+        theirs = tiny.pipeline_latents(pipe, **embeds, **plain, **od.pipeline_kwargs(schedule, pipe),
+                                       generator=gen(seed))
+        assert rel_err(ours, theirs) < TOL
+    assert rel_err(ours, od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **plain)) < TOL
+    teacher = result.teacher.times
+    # 8 teacher steps at strength 0.6: the pipeline skips int(8 - 4.8) = 3 sigmas and runs 5 steps
+    assert result.teacher.steps == 5 and float(result.schedule.times[0]) == float(teacher[0]) < 1.0
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL  # the teacher is the pipeline's own 8-step run
+    # a weaker strength starts later: less noise, closer to the image's latents
+    weak = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=8, seed=1, **{**call, "strength": 0.3})
+    assert float(weak.teacher.times[0]) < float(teacher[0])
+    image = pipe._pack_latents(call["image"].repeat(2, 1, 1, 1), 2, 4, 8, 8)
+    assert rel_err(weak.teacher_samples, image) < rel_err(result.teacher_samples, image)
+    kwargs = od.pipeline_kwargs(result.schedule, pipe, strength=0.6)
+    assert kwargs["strength"] == 1.0 and len(kwargs["sigmas"]) == 3
+    with pytest.warns(od.SettingsWarning, match="searched at strength 0.6, not 0.3"):
+        od.pipeline_kwargs(result.schedule, pipe, strength=0.3)
+    for bad in (0, 1.5, "0.5", True):
+        with pytest.raises(OptimalStepsError, match=r"strength must be a number in \(0, 1\], got"):
+            od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "strength": bad})
+        with pytest.raises(OptimalStepsError, match=r"strength must be a number in \(0, 1\], got"):
+            od.pipeline_kwargs(result.schedule, pipe, strength=bad)
+    with pytest.raises(OptimalStepsError, match="FluxImg2ImgPipeline needs an image"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": None})
+    with pytest.raises(OptimalStepsError, match="FluxPipeline takes no strength"):
+        od.pipeline_kwargs(result.schedule, tiny.flux().pipe, strength=0.6)
+
+
+def test_flux_img2img_pixels_through_the_vae():
+    case = tiny.flux_img2img_pixels()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=8, seed=1, **call)
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL  # the VAE's sampled latents drew from the generator first
+    ours = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **call)
+    theirs = tiny.pipeline_latents(pipe, **{**embeds, **call, **od.pipeline_kwargs(result.schedule, pipe)},
+                                   generator=gen(4))
+    assert rel_err(ours, theirs) < TOL
 
 
 # -------------------------------------------------------------------------------------- AuraFlow

@@ -75,6 +75,10 @@ class Family:
     def matches(self, components: dict[str, set[str]]) -> bool:
         return bool(components.get(self.denoiser, set()) & set(self.denoisers))
 
+    def variant(self, pipe: Any) -> "Family":
+        """The family object for this pipeline: a variant whose call differs (Flux Img2Img), or this one."""
+        return self
+
     def net(self, pipe: Any) -> Any:
         return getattr(pipe, self.denoiser)
 
@@ -201,6 +205,15 @@ class Family:
         if latents_dtype is None:
             latents_dtype = model.dtype = cond["prompt_embeds"].dtype
         return model, latents_dtype
+
+    def teacher(self, pipe: Any, grid: Any, options: CallOptions) -> Any:
+        """The teacher run for a call from the pipeline's full teacher grid (img2img: the part its strength keeps)."""
+        return grid
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        """The state the pipeline's loop starts from at flow sigma `sigma_start` (the drawn latents, except where
+        it mixes in an image, as img2img does)."""
+        return self.draw(pipe, inputs, generator)
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         """The initial latents `pipe(...)` draws from `generator`, as its own prepare_latents draws them."""

@@ -41,7 +41,7 @@ def family_from_components(components: dict[str, set[str]], pipeline: str) -> Fa
 def family_of(pipe: Any) -> Family:
     """The family of a pipeline, recognised by its denoiser (and components), so subclasses and variants of a
     supported pipeline are recognised too; refuses any other in one line naming the supported families."""
-    family = family_from_components(components_of(pipe), type(pipe).__name__)
+    family = family_from_components(components_of(pipe), type(pipe).__name__).variant(pipe)
     family.check_scheduler(pipe)
     return family
 

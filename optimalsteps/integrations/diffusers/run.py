@@ -4,10 +4,11 @@ the pipeline would draw, then run the project's search or sampler on them."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import math
 import warnings
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -67,6 +68,8 @@ def _metadata(pipe: Any, family: Family, request: Request, steps: Optional[int])
     for name, value in options.given().items():
         if name not in ("num_frames", "image"):
             metadata[name] = value
+    if "strength" in request.extras:
+        metadata["strength"] = request.extras["strength"]  # img2img: the call default's too
     return metadata
 
 
@@ -89,14 +92,27 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
     model.integer_timesteps = family.flow and type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
     if type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and family.flow:
         model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1)[0])
-    model.set_teacher(lambda teacher_steps: pipeline_teacher(pipe, teacher_steps, h, w))
+    model.set_teacher(_teacher(pipe, family, model, request.options, h, w))
     return PipelineInputs(model, cond, request.conditioning.count * request.per_prompt, h, w, request.frames, dtype,
-                          _metadata(pipe, family, request, steps))
+                          _metadata(pipe, family, request, steps), request.extras)
 
 
-def draw_latents(pipe: Any, inputs: PipelineInputs, generator: Any = None) -> torch.Tensor:
-    """The pipeline's initial latents (unit variance) for `generator`, drawn exactly as its __call__ does."""
-    return family_of(pipe).draw(pipe, inputs, generator)
+def _teacher(pipe: Any, family: Family, model: Any, options: CallOptions, height: int,
+             width: int) -> Callable[[int], Schedule]:
+    """The model's teacher grid: the pipeline's own, as the call runs it (img2img: from its strength's start,
+    which becomes the start of the model's process, since a search starts at the process start)."""
+    def grid(teacher_steps: int) -> Schedule:
+        teacher = family.teacher(pipe, pipeline_teacher(pipe, teacher_steps, height, width), options)
+        if float(teacher.times[0]) != model.process.t_start:
+            model.process = dataclasses.replace(model.process, t_start=float(teacher.times[0]))
+        return teacher
+    return grid
+
+
+def draw_latents(pipe: Any, inputs: PipelineInputs, generator: Any = None, sigma_start: float = 1.0) -> torch.Tensor:
+    """The pipeline's initial latents for `generator`, drawn exactly as its __call__ does (unit variance; an
+    img2img pipeline's: its image noised to the flow sigma `sigma_start`)."""
+    return family_of(pipe).start(pipe, inputs, generator, sigma_start)
 
 
 def _initial_ve_scale(pipe: Any, family: Family, sigma0: float) -> float:
@@ -151,8 +167,8 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     if teacher_schedule is None:
         teacher_schedule = inputs.model.teacher_grid(teacher_steps)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator), inputs.model.process,
-                          float(teacher_schedule.times[0]))
+    start = float(teacher_schedule.times[0])
+    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator, start), inputs.model.process, start)
     recorded = {**inputs.metadata, "seed": int(seed)}
     boundary = family_of(pipe).expert_boundary(pipe)
     if boundary is not None:
@@ -209,5 +225,6 @@ def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_sc
     model = inputs.model
     if "split_step" in schedule.metadata and hasattr(model, "low_at_boundary"):
         model.low_at_boundary = True  # a two-expert schedule: its step at the boundary is the second expert's
-    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator), process, float(schedule.times[0]))
+    start = float(schedule.times[0])
+    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator, start), process, start)
     return sample(model, noise, schedule, solver=solver, cond=inputs.cond, progress=progress).samples

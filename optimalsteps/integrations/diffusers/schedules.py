@@ -14,7 +14,7 @@ from ...core.errors import OptimalStepsError
 from ...core.processes import FLOW, NoiseProcess
 from ...core.schedules import Schedule, check_steps, karras
 from ...core.schedules import shift as shifted_uniform
-from .common import SettingsWarning
+from .common import SettingsWarning, call_parameters, close
 from .family import Family
 from .registry import family_of
 from .settings import current_settings, resolution, warn_settings
@@ -133,7 +133,7 @@ def _ddim_sigmas(scheduler: Any, steps: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- pipeline_kwargs
 
 def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None, width: Optional[int] = None,
-                    guidance_scale: Optional[float] = None) -> dict[str, Any]:
+                    guidance_scale: Optional[float] = None, strength: Optional[float] = None) -> dict[str, Any]:
     """Keyword arguments that make `pipe(...)` run exactly `schedule`.
 
     - flow schedulers (FlowMatchEulerDiscrete; UniPC with flow sigmas): `sigmas` without the terminal 0 (the
@@ -143,6 +143,10 @@ def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None,
     - EulerDiscreteScheduler (SD, SDXL): `sigmas` with the terminal 0, M + 1 values.
     - schedulers that take only integer `timesteps` (DPMSolverMultistep, Heun, ...): rounded timesteps, with
       a SettingsWarning saying how far rounding moved the sigmas.
+    - img2img (Flux Img2Img): the schedule covers [s, 0] from the sigma s its image is noised to; the kwargs
+      carry strength=1.0 (pass them instead of your own strength), so the pipeline keeps every sigma and
+      noises the image to the first. `strength`, if given, is checked against the one the schedule was
+      searched with.
     Refuses pipelines and schedulers that cannot take a custom schedule (DDIM, DiT, Wan: use
     `sample_pipeline`), and warns when the pipeline, resolution, shift / mu, guidance or solver differ from
     those recorded at search time.
@@ -153,6 +157,7 @@ def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None,
         raise OptimalStepsError(f"{cls} takes no custom schedule (its __call__ has no sigmas or timesteps); run "
                                 "the schedule with optimalsteps.diffusers.sample_pipeline")
     recorded = schedule.metadata.get("diffusers") or {}
+    _check_strength(pipe, strength, recorded.get("strength"))
     height = recorded.get("height") if height is None else height
     width = recorded.get("width") if width is None else width
     height, width = resolution(pipe, family, height, width)
@@ -162,6 +167,18 @@ def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None,
     if family.flow:
         return _flow_kwargs(schedule, pipe, family, height, width)
     return _discrete_kwargs(schedule, pipe)
+
+
+def _check_strength(pipe: Any, strength: Any, recorded: Any) -> None:
+    if strength is None:
+        return
+    if "strength" not in call_parameters(pipe):
+        raise OptimalStepsError(f"{type(pipe).__name__} takes no strength")
+    if isinstance(strength, bool) or not isinstance(strength, (int, float)) or not 0.0 < strength <= 1.0:
+        raise OptimalStepsError(f"strength must be a number in (0, 1], got {strength!r}")
+    if recorded is not None and not close(float(strength), float(recorded)):
+        warnings.warn(f"the schedule was searched at strength {recorded}, not {strength}: it starts where "
+                      f"strength {recorded} starts", SettingsWarning, stacklevel=3)
 
 
 def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, width: int) -> dict[str, Any]:

@@ -273,6 +273,46 @@ def flux_kontext() -> TinyCase:
                                   image=torch.randn(1, 4, 8, 8, generator=g)))
 
 
+def flux_img2img() -> TinyCase:
+    """Flux Img2Img with its image given as latents (a 4-channel tiny 'VAE': no VAE is built), strength 0.6."""
+    import diffusers
+
+    parts = tiny_flux_parts()
+    pipe = diffusers.FluxImg2ImgPipeline(**parts)
+    pipe.latent_channels = 4  # what a VAE with 4 latent channels would set
+    pipe.image_processor.register_to_config(vae_latent_channels=4)  # so that it passes latents through
+    g = _gen(11)
+    prompts = {"prompt_embeds": torch.randn(2, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(2, 16, generator=g)}
+    return TinyCase("Flux Img2Img, image latents, strength 0.6, mu, distilled guidance 3.5", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=3.5, strength=0.6,
+                         image=torch.randn(1, 4, 8, 8, generator=g)))
+
+
+def flux_img2img_pixels() -> TinyCase:
+    """Flux Img2Img with a pixel image through a tiny VAE (its sampled latents draw from the generator first)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, shift_factor=0.1,
+                                  scaling_factor=1.5).eval()
+    pipe = diffusers.FluxImg2ImgPipeline(**{**tiny_flux_parts(), "vae": vae})
+    g = _gen(12)
+    prompts = {"prompt_embeds": torch.randn(1, 8, 32, generator=g),
+               "pooled_prompt_embeds": torch.randn(1, 16, generator=g)}
+    return TinyCase("Flux Img2Img, pixel image through a VAE, strength 0.7, mu, distilled guidance 3.5",
+                    _quiet(pipe), prompts, dict(height=16, width=16, guidance_scale=3.5, strength=0.7,
+                                                image=torch.rand(1, 3, 16, 16, generator=g)))
+
+
+def tiny_flux_parts() -> dict:
+    parts = flux().pipe.components
+    return {k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                                  "transformer")}
+
+
 def wan21() -> TinyCase:
     import diffusers
 
@@ -314,7 +354,8 @@ def wan22() -> TinyCase:
 
 
 CASES: dict[str, Callable[[], TinyCase]] = {
-    "flux": flux, "flux-kontext": flux_kontext, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
+    "flux": flux, "flux-kontext": flux_kontext, "flux-img2img": flux_img2img,
+    "flux-img2img-pixels": flux_img2img_pixels, "wan21": wan21, "qwenimage": qwenimage, "flux2": flux2,
     "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
     "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
     "wan22": wan22,

@@ -12,6 +12,7 @@ from typing import Any, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
+from ....core.schedules import Schedule
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
                       guidance_embedding, lora_scale, sequence_length)
 from ..family import Family, Request
@@ -44,9 +45,12 @@ class FluxModel(PipelineModel):
 
 class Flux(Family):
     name = "flux"
-    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline)"
+    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline)"
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
+
+    def variant(self, pipe: Any) -> Family:
+        return FluxImg2Img() if _img2img(pipe) else self
 
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"
@@ -81,7 +85,7 @@ class Flux(Family):
                 prompt_embeds=c.embeds.get("negative_prompt_embeds"),
                 pooled_prompt_embeds=c.embeds.get("negative_pooled_prompt_embeds"), **common)
             cond.update(negative_prompt_embeds=neg, negative_pooled_prompt_embeds=neg_pooled)
-        if options.image is not None:
+        if options.image is not None and _kontext(pipe):
             cond["image_latents"], request.extras["image_ids"] = _kontext_latents(pipe, request, embeds)
         return cond
 
@@ -100,6 +104,78 @@ class Flux(Family):
                                     inputs.width, inputs.dtype, device_of(pipe), generator)[0]
 
 
+class FluxImg2Img(Flux):
+    """FluxImg2ImgPipeline: the loop starts from the image's latents noised to the first sigma s of its run,
+    s noise + (1 - s) image latents, and `strength` keeps the last int(N strength) or so of its N sigmas.
+
+    A schedule for it covers [s, 0] (its first time is where the image is noised to). `pipeline_kwargs` hands the
+    pipeline those sigmas with strength 1.0, which keeps them all and noises the image to the first one, so
+    `pipe(...)` runs exactly the schedule `sample_pipeline` runs; the teacher is the pipeline's own N-step run
+    at the call's strength: its shifted grid from the index the pipeline's get_timesteps starts at."""
+
+    label = "Flux.1 Img2Img (FluxImg2ImgPipeline: image and strength)"
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        if options.image is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs an image (pixels, or latents with "
+                                    f"{pipe.latent_channels} channels)")
+        call_strength(pipe, options)
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        request.extras["image"] = request.options.image  # noised into the first latents by `start`
+        request.extras["strength"] = call_strength(pipe, request.options)  # recorded with the schedule
+        return super().encode(pipe, request)
+
+    def teacher(self, pipe: Any, grid: Schedule, options: CallOptions) -> Schedule:
+        strength, steps = call_strength(pipe, options), grid.steps
+        first = int(max(steps - min(steps * strength, steps), 0))  # as the pipeline's get_timesteps
+        if first >= steps:
+            raise OptimalStepsError(f"strength {strength} leaves no step of a {steps}-step teacher")
+        return Schedule(grid.times[first:], grid.process, grid.solver, {**grid.metadata, "strength": strength})
+
+    def schedule_extras(self, pipe: Any, info: dict, steps: int) -> dict[str, Any]:
+        # strength 1.0 keeps every handed sigma; the schedule's first sigma already is the strength's start
+        return {**super().schedule_extras(pipe, info, steps), "strength": 1.0}
+
+    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return self.start(pipe, inputs, generator, 1.0)
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        from diffusers.utils.torch_utils import randn_tensor
+
+        device, dtype, channels = device_of(pipe), inputs.dtype, pipe.transformer.config.in_channels // 4
+        h, w = 2 * (inputs.height // (pipe.vae_scale_factor * 2)), 2 * (inputs.width // (pipe.vae_scale_factor * 2))
+        image = _image_latents(pipe, inputs.extras["image"], inputs.height, inputs.width, dtype, generator)
+        if inputs.batch % image.shape[0]:
+            raise OptimalStepsError(f"cannot share {image.shape[0]} images among {inputs.batch} prompts x images")
+        image = image.repeat(inputs.batch // image.shape[0], 1, 1, 1)
+        noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device, dtype=dtype)
+        sigma = torch.tensor(sigma_start, dtype=torch.float32).to(dtype)  # the scheduler's float32 sigma, cast
+        return pipe._pack_latents(sigma * noise + (1.0 - sigma) * image, inputs.batch, channels, h, w)
+
+
+def call_strength(pipe: Any, options: CallOptions) -> float:
+    """The call's strength (the user's, else the __call__ default), refused in one line unless in (0, 1]."""
+    value = options.strength if options.strength is not None else call_default(pipe, "strength")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
+        raise OptimalStepsError(f"strength must be a number in (0, 1], got {value!r}")
+    return float(value)
+
+
+def _image_latents(pipe: Any, image: Any, height: int, width: int, dtype: torch.dtype, generator: Any) -> torch.Tensor:
+    """The img2img image's unpacked latents as the pipeline makes them: a tensor with the VAE's latent channels
+    as is, anything else preprocessed and encoded by the VAE (drawing from `generator` first, as it does)."""
+    device = device_of(pipe)
+    if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels:
+        return image.to(device=device, dtype=dtype)
+    if getattr(pipe, "vae", None) is None:
+        raise OptimalStepsError(f"encoding an img2img image needs the pipeline's VAE; pass latents "
+                                f"[B, {pipe.latent_channels}, h, w] instead")
+    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
+    with torch.no_grad():
+        return pipe._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generator)
+
+
 def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tuple[int, int], torch.Tensor]:
     """([tokens, channels] of the packed latents at the request's size, their position ids) as the Flux
     pipelines build them."""
@@ -109,9 +185,16 @@ def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tup
     return (h * w, pipe.transformer.config.in_channels), img_ids
 
 
+def _img2img(pipe: Any) -> bool:
+    """A plain img2img pipeline: prepare_latents noises an image to a timestep, and no mask or control input."""
+    first_two = tuple(inspect.signature(pipe.prepare_latents).parameters)[:2]
+    return first_two == ("image", "timestep") and not {"mask_image", "control_image"} & set(call_parameters(pipe))
+
+
 def _kontext(pipe: Any) -> bool:
     """A Kontext-style pipeline: its prepare_latents takes the reference image first."""
-    return next(iter(inspect.signature(pipe.prepare_latents).parameters), None) == "image"
+    first_two = tuple(inspect.signature(pipe.prepare_latents).parameters)[:2]
+    return first_two[:1] == ("image",) and first_two != ("image", "timestep")  # img2img noises its image instead
 
 
 def _kontext_latents(pipe: Any, request: Request, embeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
