@@ -302,8 +302,8 @@ def test_qwenimage_edit_reference_picture():
     own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
     assert rel_err(result.teacher_samples, own) < TOL
     # the reference picture reaches the transformer
-    black = {**call, "image": Image.new("RGB", call["image"].size)}
-    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **black)
+    white = {**call, "image": Image.new("RGB", call["image"].size, "white")}
+    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **white)
     assert rel_err(other, edited) > 1e-3
     # without height / width the call runs at the picture's size, resized to about 1024 x 1024 (4:3 -> 1184 x 896)
     sized = od.pipeline_inputs(pipe, embeds, image=call["image"], true_cfg_scale=3.0)
