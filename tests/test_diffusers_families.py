@@ -336,3 +336,35 @@ def test_hunyuanvideo15_guider_and_two_text_encoders():
     case.pipe.guider = case.pipe.guider.new(guidance_scale=6.0, stop=0.5)
     with pytest.raises(OptimalStepsError, match="plain ClassifierFreeGuidance guider"):
         od.sample_pipeline(case.pipe, case.prompts, result.schedule, **case.call)
+
+
+# ------------------------------------------------------------------------------ QwenImage Edit
+
+def test_qwenimage_edit_reference_picture():
+    from PIL import Image
+
+    case = tiny.qwenimage_edit()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result, edited = check_family(pipe, embeds, call)
+    assert od.pipeline_family(pipe) == "qwenimage-edit"
+    recorded = result.schedule.metadata["diffusers"]
+    assert recorded["family"] == "qwenimage-edit" and recorded["dynamic_shift"] and recorded["true_cfg_scale"] == 3.0
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    # the reference picture reaches the transformer
+    white = {**call, "image": Image.new("RGB", call["image"].size, "white")}
+    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **white)
+    assert rel_err(other, edited) > 1e-3
+    # without height / width the call runs at the picture's size, resized to about 1024 x 1024 (4:3 -> 1184 x 896)
+    sized = od.pipeline_inputs(pipe, embeds, image=call["image"], true_cfg_scale=3.0)
+    assert (sized.height, sized.width) == (896, 1184)
+    without = {k: v for k, v in call.items() if k != "image"}
+    with pytest.raises(OptimalStepsError, match=r"^QwenImageEditPipeline needs image= \(the picture to edit\)$"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **without)
+    with pytest.raises(OptimalStepsError, match="takes image= as a PIL image, got Tensor"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": torch.zeros(1, 3, 64, 64)})
+    with pytest.raises(OptimalStepsError, match="QwenImagePipeline takes no image"):
+        od.sample_pipeline(tiny.qwenimage().pipe, embeds, result.schedule, **call)
+    plus = diffusers.QwenImageEditPlusPipeline(**pipe.components)  # several pictures: another path, refused
+    with pytest.raises(OptimalStepsError, match="QwenImageEditPlusPipeline is not reproduced yet"):
+        od.pipeline_inputs(plus, embeds, **call)

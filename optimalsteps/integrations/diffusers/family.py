@@ -105,6 +105,11 @@ class Family:
         size = pipe.default_sample_size * self.vae_scale_factor(pipe)
         return size, size
 
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        """The size a call asks for before the defaults fill it in (QwenImage Edit: from its image)."""
+        return height, width
+
     def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
         """The size the pipeline really generates for a requested one (Flux Kontext fits it to max_area)."""
         return height, width

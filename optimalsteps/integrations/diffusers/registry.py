@@ -15,6 +15,7 @@ from .families.flux2 import Flux2
 from .families.hunyuanvideo15 import HunyuanVideo15
 from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
+from .families.qwenimage_edit import QwenImageEdit
 from .families.sana import Sana
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
@@ -23,7 +24,7 @@ from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
-    QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
+    QwenImageEdit(), QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
 )
 
 

@@ -45,6 +45,7 @@ def _request(pipe: Any, family: Family, prompts: Prompts, options: CallOptions, 
     """Every check of a call, before any encoder or network runs."""
     check_call_options(pipe, options)
     family.check_options(pipe, options)
+    height, width = family.requested_size(pipe, height, width, options)
     height, width = family.call_size(pipe, *resolution(pipe, family, height, width), options)
     frames = family.num_frames(pipe, options.num_frames)
     scale = guidance_scale(pipe, options.guidance_scale)

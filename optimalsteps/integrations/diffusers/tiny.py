@@ -90,6 +90,24 @@ def qwenimage() -> TinyCase:
                     dict(height=64, width=64, true_cfg_scale=3.0))
 
 
+def qwenimage_edit() -> TinyCase:
+    """QwenImage Edit with a tiny QwenImage VAE (16x down) for a 4:3 reference picture, which the pipeline
+    resizes to 1184x896 (1036 image tokens after the 4 noisy ones)."""
+    import diffusers
+    from PIL import Image
+
+    base = qwenimage()
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=0,
+                                           temperal_downsample=[False, True, True, True],
+                                           latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+    pipe = diffusers.QwenImageEditPipeline(scheduler=base.pipe.scheduler, vae=vae, text_encoder=None, tokenizer=None,
+                                           processor=None, transformer=base.pipe.transformer)
+    pixels = (torch.rand(24, 32, 3, generator=_gen(11)) * 255).to(torch.uint8).numpy()
+    return TinyCase("QwenImage Edit, reference picture through the VAE, mu, true CFG 3, text masks", _quiet(pipe),
+                    base.prompts, dict(height=64, width=64, true_cfg_scale=3.0, image=Image.fromarray(pixels)))
+
+
 def flux2_transformer(guidance_embeds: bool) -> Any:
     import diffusers
 
@@ -359,4 +377,5 @@ CASES: dict[str, Callable[[], TinyCase]] = {
     "flux2-klein": flux2_klein, "chroma": chroma, "zimage": zimage, "auraflow": auraflow, "lumina2": lumina2,
     "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
     "wan22": wan22,
+    "qwenimage-edit": qwenimage_edit,
 }

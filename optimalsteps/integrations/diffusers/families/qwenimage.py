@@ -16,18 +16,22 @@ from ..prompts import has_negative, negatives
 
 class QwenImageModel(PipelineModel):
     def __init__(self, net: Any, guidance: Guidance, sample_shape: tuple[int, ...], spec: str, num_train_timesteps: int,
-                 attention: Optional[dict], embedded_guidance: Optional[float], image_shape: tuple[int, int, int]):
+                 attention: Optional[dict], embedded_guidance: Optional[float], img_shapes: list[tuple[int, int, int]]):
         super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
-        self.embedded_guidance, self.image_shape = embedded_guidance, image_shape
+        self.embedded_guidance, self.img_shapes = embedded_guidance, img_shapes
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         n = x.shape[0]
         timestep = self.flow_timestep(t).to(self.dtype) / 1000
         guidance = guidance_embedding(self.embedded_guidance, n, x.device)
-        return self.net(hidden_states=x.to(self.dtype), timestep=timestep, guidance=guidance,
-                        encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
-                        encoder_hidden_states=cond["prompt_embeds"], img_shapes=[[self.image_shape]] * n,
-                        attention_kwargs=self.attention or {}, return_dict=False)[0]
+        h = x.to(self.dtype)
+        if "image_latents" in cond:  # Edit: the reference image's tokens after the noisy ones
+            h = torch.cat([h, cond["image_latents"].to(self.dtype)], dim=1)
+        out = self.net(hidden_states=h, timestep=timestep, guidance=guidance,
+                       encoder_hidden_states_mask=cond.get("prompt_embeds_mask"),
+                       encoder_hidden_states=cond["prompt_embeds"], img_shapes=[self.img_shapes] * n,
+                       attention_kwargs=self.attention or {}, return_dict=False)[0]
+        return out[:, : x.shape[1]]
 
 
 def true_cfg(pipe: Any, options: CallOptions) -> float:
@@ -49,11 +53,16 @@ class QwenImage(Family):
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"
 
+    def prompt_inputs(self, request: Request) -> dict[str, Any]:
+        """encode_prompt's arguments besides the text (the Edit pipelines' reference image)."""
+        return {}
+
     def _encode(self, pipe: Any, request: Request, texts: Any, embeds: Any,
                 mask: Any) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, mask = pipe.encode_prompt(prompt=texts, prompt_embeds=embeds, prompt_embeds_mask=mask,
                                           device=device_of(pipe), num_images_per_prompt=request.per_prompt,
-                                          max_sequence_length=sequence_length(pipe, request.options))
+                                          max_sequence_length=sequence_length(pipe, request.options),
+                                          **self.prompt_inputs(request))
         # no mask is an all-ones mask; one is kept so the negative branch never inherits the positive's
         if mask is None:
             mask = torch.ones(embeds.shape[:2], dtype=torch.long, device=embeds.device)
@@ -78,4 +87,4 @@ class QwenImage(Family):
         embedded = request.scale if config.guidance_embeds else None
         guidance = Guidance(true_cfg(pipe, request.options), renorm=True)
         return self.flow_model(QwenImageModel, pipe, request, cond, guidance, (h * w, config.in_channels), embedded,
-                               (1, h, w))
+                               [(1, h, w)] + request.extras.get("image_shapes", []))
