@@ -23,9 +23,10 @@ from typing import Any, Optional, Sequence
 import torch
 
 from ..core.errors import OptimalStepsError
-from ..core.models import index_cond, model_process, predict_x0
+from ..core.models import model_process
 from ..core.solvers import get_solver, heun_coefficients, update_coefficients
 from .objectives import aggregate, check_objective
+from .teacher import predict_chunked
 
 BLOCK_ELEMENTS = 1 << 23  # float64 elements per temporary block of candidate states (64 MiB)
 
@@ -118,13 +119,8 @@ class _Run:
         flat = states.reshape(entries * batch, *self.sample_shape)
         tt = times.repeat_interleave(batch)
         rows = torch.arange(batch).repeat(entries)
-        out = []
-        for lo in range(0, flat.shape[0], self.max_batch):
-            hi = min(lo + self.max_batch, flat.shape[0])
-            cond = index_cond(self.cond, rows[lo:hi]) if self.cond else self.cond
-            out.append(predict_x0(self.model, flat[lo:hi], tt[lo:hi], cond))
         self.nfe += flat.shape[0]
-        return torch.cat(out).reshape(entries, batch, dim)
+        return predict_chunked(self.model, flat, tt, self.cond, self.max_batch, rows).reshape(entries, batch, dim)
 
 
 def _coefficients(run: _Run, beam: _Beam, src: torch.Tensor, tgt: torch.Tensor) -> list[torch.Tensor]:

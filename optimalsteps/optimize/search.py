@@ -75,7 +75,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     noise = as_noise(noise, model, "search noise")
     inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
-    dp_only = _plain_dp_only(inputs, noise.shape[0])
+    part = dd.shard(noise.shape[0], inputs.storage.distributed)
+    dp_only = _plain_dp_only(inputs, part.world)
     if method is None:
         method = "dp" if dp_only or inputs.dp.free_start or inputs.solver.source_corrector else "validated"
     if _beyond_plain_dp(method, inputs.dp):
@@ -87,7 +88,6 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                              inputs.storage.max_batch, progress, callback, dp_only)
         _measure_error(result, model, noise, cond, inputs.solver.name, inputs.storage.max_batch)
         return result
-    part = dd.shard(noise.shape[0], inputs.storage.distributed)
     progress = progress and part.is_main
     local_noise = noise[part.start:part.stop]
     local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
@@ -124,14 +124,14 @@ def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
                                         or dp.width not in (None, 1))
 
 
-def _plain_dp_only(inputs: _Inputs, batch: int) -> list[str]:
+def _plain_dp_only(inputs: _Inputs, ranks: int) -> list[str]:
     """The options given that only the plain DP takes (refused by the validated and beam searches)."""
     dp, storage = inputs.dp, inputs.storage
     given = {"cost": dp.cost != "xt", "aggregate": dp.aggregate is not None, "coarse_to_fine": bool(dp.coarse_to_fine),
              "storage": storage.place != "memory", "storage_dtype": storage.dtype is not None,
              "target_chunk": storage.target_chunk is not None, "checkpoint_dir": inputs.checkpointing.dir is not None,
              "cost_channels": dp.view.channels is not None, "cost_frames": dp.view.frames is not None,
-             "ranks": dd.shard(batch, storage.distributed).world > 1}
+             "ranks": ranks > 1}
     return [name for name, is_given in given.items() if is_given]
 
 

@@ -118,7 +118,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     count = validation_samples or max(8, min(2 * batch, 32))
     count = max(1, min(count, (money.limit - money.spent) // per_validation_sample))
     val_noise = validation_noise(noise, count, seed)
-    val_cond = _cond_rows(cond, torch.arange(count) % batch)
+    val_cond = index_cond(cond, torch.arange(count) % batch)
     val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
     money.spend(val_teacher.nfe * count)
     per_eval = count * nfe_per_trajectory(solver, steps)
@@ -135,7 +135,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
             break
         try:
             fit = fit_family(name, model, noise, teacher_end, steps, solver, objective, evaluations,
-                             _cond_rows(cond, torch.arange(batch)))
+                             cond)
         except OptimalStepsError:
             money.spend(fit_cost + per_eval)  # counted as planned: the bound stays an upper bound
             continue
@@ -178,15 +178,6 @@ def _choose(pool: list[Candidate]) -> Candidate:
     for c in pool:
         c.validation["eligible"] = id(c) in chosen
     return min(eligible, key=lambda c: c.validation["score"])
-
-
-def _cond_rows(cond: dict | None, index: torch.Tensor) -> dict | None:
-    """Conditions for the samples at `index` (`sample` wants one row per sample: a broadcast row is repeated)."""
-    if not cond:
-        return cond
-    out = index_cond(cond, index)
-    return {k: v.expand((len(index),) + tuple(v.shape[1:])) if isinstance(v, torch.Tensor) and v.dim() > 0
-            and v.shape[0] == 1 else v for k, v in out.items()}
 
 
 def _scores(errors: torch.Tensor, objective: str) -> dict[str, float]:
