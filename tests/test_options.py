@@ -120,8 +120,10 @@ def test_sample_in_chunks_is_the_same_and_broadcasts_one_row_conditions():
     schedule = make_schedule("karras", "flow", 4)
     whole = sample(model, noise, schedule, solver="heun", return_trajectory=True)
     parts = sample(model, noise, schedule, solver="heun", return_trajectory=True, max_batch=2)
-    assert torch.equal(whole.samples, parts.samples) and whole.nfe == parts.nfe
-    assert all(torch.equal(a, b) for a, b in zip(whole.trajectory, parts.trajectory))
+    # chunks change the matrix shapes the BLAS sees, so the sums may round differently: equal to the dtype's eps
+    tol = 64 * torch.finfo(whole.samples.dtype).eps
+    assert torch.allclose(whole.samples, parts.samples, rtol=tol, atol=tol) and whole.nfe == parts.nfe
+    assert all(torch.allclose(a, b, rtol=tol, atol=tol) for a, b in zip(whole.trajectory, parts.trajectory))
 
     class Labelled:
         process, prediction = "flow", "x0"
