@@ -12,8 +12,9 @@ estimate as its history, exactly as in the search.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, replace
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -21,6 +22,7 @@ from ...core.errors import OptimalStepsError
 from ...core.schedules import Schedule
 from ...optimize.options import DPOptions, from_flat
 from ...optimize.result import SearchResult
+from ...optimize.search import search
 
 
 @dataclass
@@ -38,6 +40,17 @@ class ExpertSchedule:
     def split_step(self) -> int:
         """Steps the high-noise expert runs (a two-stage sampler's end_at_step / start_at_step)."""
         return len(self.high_sigmas) - 1
+
+
+@dataclass
+class ExpertSplit:
+    """What a two-expert pipeline's wrapped model carries (`model.expert_split`) for the search."""
+
+    boundary: float  # flow sigma where the second expert takes over
+    default_schedule: Callable[[int], Schedule]  # the pipeline's own M-step schedule
+
+    def high_steps(self, steps: int) -> int:
+        return default_high_steps(self.default_schedule(steps), self.boundary, steps)
 
 
 def teacher_through(teacher: Schedule, boundary: float) -> tuple[Schedule, int]:
@@ -75,22 +88,28 @@ def expert_schedule(result: SearchResult, boundary: float) -> ExpertSchedule:
                           result)
 
 
-def search_experts(search: Callable[..., SearchResult], model: Any, noise: torch.Tensor, steps: int, high_steps: int,
-                   teacher: Schedule, boundary: float, cond: dict, solver: str, **options: Any) -> ExpertSchedule:
-    """Search `steps` steps of which `high_steps` run the high-noise expert down to `boundary` exactly: one
-    plain DP on `teacher` with its nearest point moved onto the boundary. `model` evaluates at the boundary
-    with the low-noise expert (and with the high one as its `end_of_step`)."""
+def search_experts(model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, cond: Optional[dict],
+                   solver: str = "euler", high_steps: Optional[int] = None, **options: Any) -> ExpertSchedule:
+    """Search `steps` steps of which `high_steps` (default: the pipeline's own share) run the high-noise expert
+    down to the boundary exactly: one plain DP on `teacher` with its nearest point moved onto the boundary.
+    `model` is a two-expert pipeline's wrapped model (`model.expert_split`); `options` go to the search."""
+    split = getattr(model, "expert_split", None)
+    if split is None:
+        raise OptimalStepsError("the two-expert search needs a pipeline with two experts (Wan 2.2 with transformer_2)")
+    high_steps = split.high_steps(steps) if high_steps is None else high_steps
     if not 1 <= high_steps < steps:
         raise OptimalStepsError(f"high_steps must be between 1 and {steps - 1} for {steps} steps, got {high_steps}")
-    grid, index = teacher_through(teacher, boundary)
+    grid, index = teacher_through(teacher, split.boundary)
     if not (high_steps <= index and steps - high_steps <= grid.steps - index):
         raise OptimalStepsError("the teacher grid has too few points on one side of the boundary; use more "
                                 "teacher steps")
     options = from_flat(options)
-    if options.get("method", "dp") != "dp":
+    if options.get("method", "dp") not in (None, "dp"):
         raise OptimalStepsError("the two-expert search runs the plain DP (method='dp'): the validated search's "
                                 "candidates need not hold the boundary")
     options["method"] = "dp"
     options["dp"] = replace(options.get("dp") or DPOptions(), through=(high_steps, index))
-    result = search(model, noise, steps, solver=solver, cond=cond, teacher_grid=grid, **options)
-    return expert_schedule(result, boundary)
+    routed = copy.copy(model)
+    routed.boundary_owner = 2  # the step at the boundary starts the second stage
+    result = search(routed, noise, steps, solver=solver, cond=cond, teacher_grid=grid, **options)
+    return expert_schedule(result, split.boundary)
