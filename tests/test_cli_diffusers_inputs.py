@@ -99,7 +99,8 @@ def test_cli_image_reaches_image_to_video(serve, tmp_path):
     schedule = od.pipeline_schedule(pipe, 3, 16, 16)
     schedule.save(tmp_path / "s.json")
     args = ["sample", "--model", "diffusers:tiny", "--prompt", "a dog", "--guidance", "5", "--height", "16",
-            "--width", "16", "--num-frames", "5", "--schedule", str(tmp_path / "s.json"), "--samples", "1", "--seed", "2"]
+            "--width", "16", "--num-frames", "5", "--schedule", str(tmp_path / "s.json"), "--samples", "1",
+            "--seed", "2"]
     assert main([*args, "--image", str(image), "--out", str(out)]) == 0
     picture = PIL.open(image).convert("RGB")
     ours = od.sample_pipeline(pipe, ["a dog"], schedule, 5.0, 16, 16, generator=gen(2), image=picture, num_frames=5)

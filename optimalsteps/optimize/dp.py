@@ -144,7 +144,8 @@ class DPContext:
         """Clean estimates of flattened states [R, D] of samples `rows` at times t [R] (by `model`, default ctx's)."""
         x = flat_states.reshape((flat_states.shape[0],) + self.sample_shape)
         self.nfe += flat_states.shape[0]
-        return predict_chunked(model or self.model, x, t, self.cond, self.max_batch, rows).reshape(flat_states.shape[0], -1)
+        out = predict_chunked(model or self.model, x, t, self.cond, self.max_batch, rows)
+        return out.reshape(flat_states.shape[0], -1)
 
 
 def _rows(store: torch.Tensor, grid: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
@@ -295,7 +296,8 @@ def _heun_correct(ctx: DPContext, x: torch.Tensor, x0: torch.Tensor, t_src: torc
     pred = predicted[:, jj]
     flat = pred.reshape(batch * len(jj), -1)
     rows = torch.arange(batch, device=flat.device).repeat_interleave(len(jj))
-    x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows, end_of_step(ctx.model)).reshape(batch, len(jj), -1)
+    x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows, end_of_step(ctx.model))
+    x0_pred = x0_pred.reshape(batch, len(jj), -1)
     t = t_src[:, jj]
     t_next = ctx.times[tgt[jj]][None].expand_as(t)
     a_x, a_x0, a_pred, a_x0p = (c.to(pred.dtype)[..., None] for c in heun_coefficients(ctx.process, t, t_next))

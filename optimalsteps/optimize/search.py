@@ -106,8 +106,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                     cost_dtype=inputs.dp.view.dtype, progress=progress, sample_shape=tuple(noise.shape[1:]), part=part,
                     chunk=inputs.storage.target_chunk, storage=inputs.storage.place, storage_dir=inputs.storage.dir,
                     checkpointer=checkpointer, callback=callback, free_start=inputs.dp.free_start,
-                    device=noise.device, start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])),
-                    cells=_through_cells(inputs, noise.device))
+                    device=noise.device, cells=_through_cells(inputs, noise.device),
+                    start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])))
     traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
     if checkpointer is not None:
         checkpointer.close()
