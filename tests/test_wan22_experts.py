@@ -111,3 +111,19 @@ def test_a_two_expert_schedule_needs_its_boundary(case):
     other.metadata["boundary"] = 0.9
     with pytest.raises(OptimalStepsError, match="not this pipeline's"):
         od.sample_pipeline(pipe, prompts, other, generator=gen(0), **CALL)
+
+
+def test_wan22_with_its_unipc_scheduler_routes_by_integer_timesteps():
+    """Wan's own scheduler (UniPC on flow sigmas) hands the networks integer timesteps: the boundary's is
+    truncated as every time's is, and each expert still runs only its own steps."""
+    case = tiny.wan22()
+    pipe, prompts = case.pipe, case.prompts
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                       flow_shift=5.0)
+    result = od.search_pipeline(pipe, prompts, steps=4, teacher_steps=16, seed=0, solver="unipc", **CALL)
+    assert result.schedule.times.tolist()[result.split_step] == BOUNDARY
+    high, low = Timesteps(pipe.transformer), Timesteps(pipe.transformer_2)
+    ours = od.sample_pipeline(pipe, prompts, result.schedule, generator=gen(5), solver="unipc", **CALL)
+    assert len(high.seen) == 2 * result.split_step and len(low.seen) == 2 * (4 - result.split_step)
+    assert min(high.seen) > max(low.seen)
+    assert rel_err(ours, hand_run(pipe, prompts, result.schedule, "unipc", seed=5)) <= torch.finfo(torch.float32).eps * 8
