@@ -110,6 +110,14 @@ def add_diffusers_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--negative-prompt", default=None, help="the negative prompt of classifier-free guidance")
     group.add_argument("--height", type=positive_int, default=None, help="image height (default: the pipeline's)")
     group.add_argument("--width", type=positive_int, default=None, help="image width (default: the pipeline's)")
+    group.add_argument("--num-frames", type=positive_int, default=None,
+                       help="video pipelines: the number of frames (default: the pipeline's)")
+    group.add_argument("--image", default=None, metavar="PATH",
+                       help="the input image (PNG/JPG) of an img2img / edit / image-to-video pipeline")
+    group.add_argument("--strength", type=float, default=None,
+                       help="img2img: how much of the schedule runs from the noised --image (the pipeline's strength)")
+    group.add_argument("--mask", default=None, metavar="PATH",
+                       help="inpainting: the mask image (white is repainted), as the pipeline's mask_image / mask")
 
 
 def add_scale_args(parser: argparse.ArgumentParser) -> None:

@@ -98,7 +98,8 @@ def search_inputs(args: argparse.Namespace):
     return model, noise, cond, {}
 
 
-DIFFUSERS_ONLY = ("prompt", "prompts_file", "negative_prompt", "height", "width")
+DIFFUSERS_ONLY = ("prompt", "prompts_file", "negative_prompt", "height", "width", "num_frames", "image", "strength",
+                  "mask")
 
 
 def refuse_diffusers_only(args: argparse.Namespace) -> None:
@@ -110,15 +111,38 @@ def refuse_diffusers_only(args: argparse.Namespace) -> None:
                                 f"not to {args.model}")
 
 
-def diffusers_search_inputs(args: argparse.Namespace):
-    """(model, noise, cond, metadata) of --model diffusers:PATH_OR_ID with its prompts, guidance and resolution."""
-    # imported only for diffusers: specs, so that the other commands never load the integration
-    from ..integrations.diffusers import load_diffusers_model
+def load_image(path: str, flag: str) -> Any:
+    """An RGB PIL image from a PNG / JPG file, or a one-line error naming the flag."""
+    try:
+        from PIL import Image, UnidentifiedImageError
+    except ImportError:
+        raise OptimalStepsError(f"{flag} needs Pillow (pip install pillow)") from None
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, UnidentifiedImageError, ValueError) as exc:
+        raise OptimalStepsError(f"cannot read {flag} {path}: {str(exc).splitlines()[0] if str(exc) else exc}") from None
 
-    if getattr(args, "noise", None):
-        raise OptimalStepsError("--noise does not apply to a diffusers pipeline: it draws its latents from --seed")
-    if getattr(args, "label", None) is not None:
-        raise OptimalStepsError("--label does not apply to a diffusers pipeline: give DiT classes as --prompt")
+
+def diffusers_call_options(args: argparse.Namespace, pipe: Any) -> dict[str, Any]:
+    """The pipeline call options of --image / --strength / --mask, under the names `pipe(...)` takes them."""
+    options: dict[str, Any] = {}
+    if getattr(args, "image", None) is not None:
+        options["image"] = load_image(args.image, "--image")
+    if getattr(args, "strength", None) is not None:
+        options["strength"] = args.strength
+    if getattr(args, "mask", None) is not None:
+        from ..integrations.diffusers.common import call_parameters
+
+        params = call_parameters(pipe)
+        name = next((n for n in ("mask_image", "mask") if n in params), None)
+        if name is None:
+            raise OptimalStepsError(f"--mask: {type(pipe).__name__} takes no mask")
+        options[name] = load_image(args.mask, "--mask").convert("L")
+    return options
+
+
+def diffusers_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(getattr(args, "prompt", None) or [])
     if getattr(args, "prompts_file", None):
         try:
@@ -126,6 +150,43 @@ def diffusers_search_inputs(args: argparse.Namespace):
         except (OSError, UnicodeDecodeError) as exc:
             raise OptimalStepsError(f"cannot read --prompts-file {args.prompts_file}: {exc}") from None
         prompts += [line.strip() for line in lines if line.strip()]
-    return load_diffusers_model(args.model[len("diffusers:"):], prompts, getattr(args, "guidance", None),
-                                getattr(args, "height", None), getattr(args, "width", None), args.seed, args.samples,
-                                negative_prompt=getattr(args, "negative_prompt", None))
+    return prompts
+
+
+def check_diffusers_args(args: argparse.Namespace) -> None:
+    """Every diffusers argument checked that can be before the pipeline loads (the image files readable)."""
+    if getattr(args, "noise", None):
+        raise OptimalStepsError("--noise does not apply to a diffusers pipeline: it draws its latents from --seed")
+    if getattr(args, "label", None) is not None:
+        raise OptimalStepsError("--label does not apply to a diffusers pipeline: give DiT classes as --prompt")
+    for flag in ("image", "mask"):
+        if getattr(args, flag, None) is not None:
+            load_image(getattr(args, flag), f"--{flag}")
+
+
+def diffusers_inputs(args: argparse.Namespace, teacher_steps: int | None = None):
+    """(pipe, model, noise, cond, metadata) of --model diffusers:PATH_OR_ID with its prompts, guidance,
+    resolution and image inputs."""
+    # imported only for diffusers: specs, so that the other commands never load the integration
+    from ..integrations.diffusers.loading import load_pipeline, pipeline_model
+
+    check_diffusers_args(args)
+    spec = args.model[len("diffusers:"):]
+    prompts = diffusers_prompts(args)
+    if not prompts:
+        raise OptimalStepsError("a diffusers model needs at least one --prompt (or --prompts-file)")
+    pipe = load_pipeline(spec, getattr(args, "height", None), getattr(args, "width", None))
+    model, noise, cond, metadata = pipeline_model(
+        pipe, spec, prompts, getattr(args, "guidance", None), getattr(args, "height", None),
+        getattr(args, "width", None), args.seed, args.samples, negative_prompt=getattr(args, "negative_prompt", None),
+        num_frames=getattr(args, "num_frames", None), teacher_steps=teacher_steps, **diffusers_call_options(args, pipe))
+    if getattr(args, "image", None) is not None:
+        metadata["diffusers"]["image"] = str(args.image)
+    if getattr(args, "mask", None) is not None:
+        metadata["diffusers"]["mask"] = str(args.mask)
+    return pipe, model, noise, cond, metadata
+
+
+def diffusers_search_inputs(args: argparse.Namespace):
+    """(model, noise, cond, metadata) of --model diffusers:PATH_OR_ID (see `diffusers_inputs`)."""
+    return diffusers_inputs(args, getattr(args, "teacher_steps", None))[1:]

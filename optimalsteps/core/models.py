@@ -42,6 +42,13 @@ def model_time_dtype(model: Any, x: torch.Tensor) -> torch.dtype:
     return getattr(model, "time_dtype", None) or x.dtype
 
 
+def end_of_step(model: Any) -> Any:
+    """The model that evaluates the state a step has just reached (Heun's corrector): its `end_of_step` where it
+    switches networks at a time a step can end on (Wan 2.2's boundary, which the step landing there runs on
+    the high-noise expert and the next step on the low-noise one), else the model itself."""
+    return getattr(model, "end_of_step", model)
+
+
 def default_teacher_grid(process: NoiseProcess, teacher_steps: int) -> Schedule:
     """The default teacher grid: uniform native time for flow / vp, Karras rho = 7 (80 -> 0.002, then 0) for ve."""
     if process.kind == "ve":

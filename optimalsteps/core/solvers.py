@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from .checks import as_noise, check_schedule_arg
 from .errors import OptimalStepsError, unknown
-from .models import check_cond, index_cond, model_process, predict_x0
+from .models import check_cond, end_of_step, index_cond, model_process, predict_x0
 from .processes import NoiseProcess
 from .schedules import as_schedule
 
@@ -274,12 +274,12 @@ def solver_step(solver: str | Solver, model: Any, x: torch.Tensor, t, t_next, x0
     if solver.corrector:
         inner = t_next > process.t_clean
         if bool(inner.all()):
-            x0_pred = predict_x0(model, x_next, t_next, cond)
+            x0_pred = predict_x0(end_of_step(model), x_next, t_next, cond)
             nfe += 1
             x_next = combine(heun_coefficients(process, t, t_next), (x, x0, x_next, x0_pred), x)
         elif bool(inner.any()):
             idx = inner.nonzero().squeeze(1)
-            x0_pred = predict_x0(model, x_next[idx], t_next[idx], index_cond(cond, idx))
+            x0_pred = predict_x0(end_of_step(model), x_next[idx], t_next[idx], index_cond(cond, idx))
             nfe += 1
             corrected = combine(heun_coefficients(process, t[idx], t_next[idx]),
                                 (x[idx], x0[idx], x_next[idx], x0_pred), x_next[idx])

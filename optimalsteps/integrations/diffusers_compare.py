@@ -25,7 +25,7 @@ from ..core.io import check_writable, write_bytes, write_text
 from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory
 from ..evaluation.metrics import frechet_distance, mse, psnr
-from .diffusers import pipeline_inputs, pipeline_teacher, sample_pipeline
+from .diffusers import pipeline_inputs, sample_pipeline
 
 IMAGE_RANGE = 2.0  # decoded images live in [-1, 1]
 
@@ -231,7 +231,9 @@ def compare_pipeline(pipe: Any, prompts: Any, schedules: Mapping[str, Schedule],
         raise OptimalStepsError("compare_pipeline needs at least one schedule")
     get_solver(teacher_solver)
     metrics = metrics if metrics is not None else default_image_metrics()
-    inputs = pipeline_inputs(pipe, prompts, guidance_scale, height, width)
+    # the call options (image=, strength=, ...) make the model and its teacher the call's, as in sample_pipeline
+    inputs = pipeline_inputs(pipe, prompts, guidance_scale, height, width,
+                             **{k: v for k, v in sample_options.items() if k != "progress"})
     h, w = inputs.height, inputs.width
 
     def run(schedule: Schedule, solver: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,7 +241,7 @@ def compare_pipeline(pipe: Any, prompts: Any, schedules: Mapping[str, Schedule],
                                   generator=torch.Generator().manual_seed(int(seed)), solver=solver, **sample_options)
         return latents, decode_latents(pipe, latents, h, w)
 
-    teacher = pipeline_teacher(pipe, teacher_steps, h, w)
+    teacher = inputs.model.teacher_grid(teacher_steps)
     teacher_latents, teacher_images = run(teacher, teacher_solver)
     texts = _prompt_texts(prompts, teacher_images.shape[0])
     skipped = dict(metrics.skipped)

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from . import distributed as dd
 from .checkpoint import Checkpointer
 from ..core.errors import OptimalStepsError
+from ..core.models import end_of_step
 from ..core.processes import NoiseProcess
 from ..core.solvers import corrected_start, heun_coefficients, unic_correction, update_coefficients
 from .memory import allocate
@@ -138,11 +139,13 @@ class DPContext:
         if self.callback is not None:
             self.callback("layer", k, self.steps)
 
-    def predict(self, flat_states: torch.Tensor, t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Clean estimates of flattened states [R, D] of samples `rows` at times t [R]."""
+    def predict(self, flat_states: torch.Tensor, t: torch.Tensor, rows: torch.Tensor,
+                model: Any = None) -> torch.Tensor:
+        """Clean estimates of flattened states [R, D] of samples `rows` at times t [R] (by `model`, default ctx's)."""
         x = flat_states.reshape((flat_states.shape[0],) + self.sample_shape)
         self.nfe += flat_states.shape[0]
-        return predict_chunked(self.model, x, t, self.cond, self.max_batch, rows).reshape(flat_states.shape[0], -1)
+        out = predict_chunked(model or self.model, x, t, self.cond, self.max_batch, rows)
+        return out.reshape(flat_states.shape[0], -1)
 
 
 def _rows(store: torch.Tensor, grid: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None):
@@ -293,7 +296,8 @@ def _heun_correct(ctx: DPContext, x: torch.Tensor, x0: torch.Tensor, t_src: torc
     pred = predicted[:, jj]
     flat = pred.reshape(batch * len(jj), -1)
     rows = torch.arange(batch, device=flat.device).repeat_interleave(len(jj))
-    x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows).reshape(batch, len(jj), -1)
+    x0_pred = ctx.predict(flat, ctx.times[tgt[jj]].repeat(batch), rows, end_of_step(ctx.model))
+    x0_pred = x0_pred.reshape(batch, len(jj), -1)
     t = t_src[:, jj]
     t_next = ctx.times[tgt[jj]][None].expand_as(t)
     a_x, a_x0, a_pred, a_x0p = (c.to(pred.dtype)[..., None] for c in heun_coefficients(ctx.process, t, t_next))

@@ -49,6 +49,8 @@ class DPOptions:
       refused rather than silently changed.
     - `coarse_to_fine` (True or a `CoarseToFine`): the DP on a coarse sub-grid, then on bands around its
       choices (far fewer model calls, docs/refine.md).
+    - `through` (step k, grid index j): the schedule's k-th time must be teacher grid point j, a time every
+      schedule has to hit (Wan 2.2's expert boundary); plain DP only.
     """
 
     cost: str = "xt"
@@ -60,6 +62,7 @@ class DPOptions:
     view: CostView = field(default_factory=CostView)
     objective: Optional[str] = None  # None: "log" for the validated search, "mse" for the plain DP
     width: Optional[int] = None  # histories kept per cell; None: 4 validated, 1 plain DP
+    through: Optional[tuple[int, int]] = None  # (step k, teacher grid index j) the schedule must pass
 
     def __post_init__(self):
         if self.cost not in COSTS:
@@ -73,6 +76,11 @@ class DPOptions:
         if self.width is not None and (isinstance(self.width, bool) or int(self.width) != self.width
                                        or self.width < 1):
             raise OptimalStepsError(f"width must be a whole number >= 1, got {self.width}")
+        if self.through is not None and (len(self.through) != 2 or not all(
+                not isinstance(v, bool) and int(v) == v and v >= 1 for v in self.through)):
+            raise OptimalStepsError(f"through must be (step, grid index), both >= 1, got {self.through!r}")
+        if self.through is not None and (self.reference_compat or self.coarse_to_fine):
+            raise OptimalStepsError("through is for the exact plain DP, not with reference_compat or coarse to fine")
         if self.reference_compat:
             refused = [text for text, given in (("cost x0", self.cost == "x0"),
                                                 ("aggregate joint", self.aggregate == "joint"),
@@ -159,6 +167,7 @@ FLAT_OPTIONS = {
     "cost": ("dp", "cost"), "aggregate": ("dp", "aggregate"), "candidates": ("dp", "candidates"),
     "free_start": ("dp", "free_start"), "reference_compat": ("dp", "reference_compat"),
     "coarse_to_fine": ("dp", "coarse_to_fine"), "objective": ("dp", "objective"), "width": ("dp", "width"),
+    "through": ("dp", "through"),
     "cost_channels": ("view", "channels"), "cost_frames": ("view", "frames"), "cost_dtype": ("view", "dtype"),
     "storage": ("storage", "place"), "storage_dtype": ("storage", "dtype"), "storage_dir": ("storage", "dir"),
     "target_chunk": ("storage", "target_chunk"), "memory_limit": ("storage", "memory_limit"),

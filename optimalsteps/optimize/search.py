@@ -106,7 +106,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
                     cost_dtype=inputs.dp.view.dtype, progress=progress, sample_shape=tuple(noise.shape[1:]), part=part,
                     chunk=inputs.storage.target_chunk, storage=inputs.storage.place, storage_dir=inputs.storage.dir,
                     checkpointer=checkpointer, callback=callback, free_start=inputs.dp.free_start,
-                    device=noise.device, start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])))
+                    device=noise.device, cells=_through_cells(inputs, noise.device),
+                    start=initial_state(inputs.process, local_noise, float(inputs.teacher.times[0])))
     traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
     if checkpointer is not None:
         checkpointer.close()
@@ -131,7 +132,7 @@ def _plain_dp_only(inputs: _Inputs, ranks: int) -> list[str]:
              "storage": storage.place != "memory", "storage_dtype": storage.dtype is not None,
              "target_chunk": storage.target_chunk is not None, "checkpoint_dir": inputs.checkpointing.dir is not None,
              "cost_channels": dp.view.channels is not None, "cost_frames": dp.view.frames is not None,
-             "ranks": ranks > 1}
+             "through": dp.through is not None, "ranks": ranks > 1}
     return [name for name, is_given in given.items() if is_given]
 
 
@@ -154,6 +155,11 @@ def _check_inputs(model: Any, noise: torch.Tensor, steps: int, teacher_steps: in
         teacher = check_teacher_grid(teacher_grid, process)
     if steps >= teacher.steps:
         raise OptimalStepsError(f"steps ({steps}) must be fewer than the teacher's steps ({teacher.steps})")
+    if dp.through is not None and not (dp.through[0] < steps and dp.through[1] < teacher.steps
+                                       and dp.through[0] <= dp.through[1]
+                                       and steps - dp.through[0] <= teacher.steps - dp.through[1]):
+        raise OptimalStepsError(f"through {tuple(dp.through)}: step {dp.through[0]} of {steps} cannot be grid point "
+                                f"{dp.through[1]} of {teacher.steps}")
     if dp.reference_compat and solver_def.name != "euler":
         raise OptimalStepsError("--reference-compat reproduces the released code, which supports only the euler solver")
     return _Inputs(process, solver_def, steps, teacher, teacher.steps, dp, storage, checkpointing)
@@ -172,8 +178,21 @@ def _checkpointer(model: Any, noise: torch.Tensor, cond: dict | None, inputs: _I
                             ranks=part.world, storage_dtype=_dtype_name(storage.dtype or torch.float32),
                             cost_dtype=_dtype_name(dp.view.dtype), cost_channels=_int_list(dp.view.channels),
                             cost_frames=_int_list(dp.view.frames),
-                            coarse_to_fine=repr(dp.coarse_to_fine) if dp.coarse_to_fine else None)
+                            coarse_to_fine=repr(dp.coarse_to_fine) if dp.coarse_to_fine else None,
+                            through=_int_list(dp.through))
     return Checkpointer(inputs.checkpointing.dir, settings, part.rank, inputs.checkpointing.resume)
+
+
+def _through_cells(inputs: _Inputs, device: torch.device) -> torch.Tensor | None:
+    """The DP cells [M+1, N+1] of the schedules that are at grid point j after k steps (`dp.through`)."""
+    if inputs.dp.through is None:
+        return None
+    k, j = (int(v) for v in inputs.dp.through)
+    cells = torch.zeros((inputs.steps + 1, inputs.teacher_steps + 1), dtype=torch.bool, device=device)
+    cells[:k, :j] = True
+    cells[k, j] = True
+    cells[k + 1:, j + 1:] = True
+    return cells
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

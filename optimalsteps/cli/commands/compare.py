@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -10,11 +12,14 @@ import torch
 from ...core.errors import OptimalStepsError
 from ...core.checks import check_distinct_paths, check_output_dir, check_steps_bound
 from ...core.models import index_cond
+from ...core.schedules import Schedule
 from ...core.solvers import SOLVERS
 from ...evaluation.compare import DEFAULT_SCHEDULES, compare, report_paths, write_report
 from ..args import (add_diffusers_args, add_model_args, add_noise_args, int_list, name_list, parse_options,
                     positive_int)
-from ..inputs import cond_from_args, search_inputs
+from ..inputs import cond_from_args, diffusers_call_options, diffusers_inputs, diffusers_prompts, search_inputs
+
+IMAGE_REPORT = ("results.json", "results.md", "grid.png")  # what --images writes to OUT/images
 
 
 def add(sub: Any) -> None:
@@ -35,6 +40,10 @@ def add(sub: Any) -> None:
     p.add_argument("--max-batch", type=positive_int, default=4096, help="largest batch of one model call")
     p.add_argument("--out", required=True, help="directory for results.json/.csv/.md and plots")
     p.add_argument("--force", action="store_true", help="overwrite existing result files")
+    p.add_argument("--images", action="store_true",
+                   help="diffusers: also decode with the pipeline's VAE and score the images against the teacher's "
+                        "(PSNR; LPIPS, CLIP score, FID where their packages and weights are at hand) in OUT/images, "
+                        "with grid.png (teacher row first)")
     p.set_defaults(func=run)
 
 
@@ -54,7 +63,15 @@ def run(args: argparse.Namespace) -> None:
     check_distinct_paths({"--out": args.out, "--noise": args.noise})
     check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
     options = schedule_options(args.option)
-    model, noise, cond, metadata = search_inputs(args)
+    pipe = None
+    if args.images:
+        if not args.model.startswith("diffusers:"):
+            raise OptimalStepsError("--images applies only to --model diffusers:...")
+        check_output_dir(Path(args.out) / "images", list(IMAGE_REPORT), args.force, "--out/images")
+    if args.model.startswith("diffusers:"):
+        pipe, model, noise, cond, metadata = diffusers_inputs(args, args.teacher_steps)
+    else:
+        model, noise, cond, metadata = search_inputs(args)
     eval_cond = None
     if cond and getattr(model, "num_classes", None) is not None and not args.model.startswith("diffusers:"):
         eval_cond = cond_from_args(args, model, args.eval_samples)
@@ -73,3 +90,28 @@ def run(args: argparse.Namespace) -> None:
             best = min(block, key=lambda r: r["mse"])
             print(f"{solver:>8} {steps:>3} steps: lowest MSE vs teacher {best['schedule']} ({best['mse']:.4g})")
     print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
+    if args.images:
+        compare_images(pipe, model, args, result)
+
+
+def compare_images(pipe: Any, model: Any, args: argparse.Namespace, result: Any) -> None:
+    """The compared schedules again on the pipeline's latents from the evaluation seed, decoded and scored in
+    image space against the teacher's images (integrations/diffusers_compare.py)."""
+    from ...integrations.diffusers.common import device_of
+    from ...integrations.diffusers_compare import compare_pipeline, default_image_metrics, write_comparison
+
+    schedules = {f"{row['schedule']} {row['solver']} {row['steps']}":
+                 Schedule(row["times"], model.process, solver=row["solver"]) for row in result.rows}
+    prompts = diffusers_prompts(args)
+    images = compare_pipeline(pipe, prompts, schedules, args.teacher_steps, guidance_scale=args.guidance,
+                              height=args.height, width=args.width, seed=result.reference["eval_seed"],
+                              metrics=default_image_metrics(device_of(pipe)), negative_prompt=args.negative_prompt,
+                              num_frames=args.num_frames,
+                              images_per_prompt=max(1, math.ceil(args.samples / len(prompts))),
+                              **diffusers_call_options(args, pipe))
+    paths = write_comparison(images, Path(args.out) / "images", overwrite=args.force)
+    for row in images.rows:
+        print(f"{row['schedule']:>24}: PSNR to the teacher's images {row['psnr']:.4g} dB")
+    if images.skipped:
+        print(images.skipped)
+    print(f"wrote {', '.join(p.name for p in paths)} to {Path(args.out) / 'images'}")

@@ -111,16 +111,36 @@ def run(args: argparse.Namespace) -> None:
     estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage)
     if main_rank:
         print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
-    result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
-                        dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing,
-                        progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget,
-                        method=args.method)
+    options = dict(dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing, progress=True,
+                   seed=args.seed, method=args.method)
+    experts = None
+    if getattr(model, "expert_split", None) is not None:  # Wan 2.2: one step exactly on the experts' boundary
+        experts = search_two_experts(model, noise, args, cond, teacher_grid, refine, options)
+        result = experts.result
+    else:
+        result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
+                            refine=refine, refine_budget=args.refine_budget, **options)
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
     result.schedule.save(args.out, overwrite=args.force)
     report(result, args.solver)
+    if experts is not None:
+        print(f"experts: steps 1-{experts.split_step} on transformer (down to the boundary {experts.boundary:g}), "
+              f"steps {experts.split_step + 1}-{result.schedule.steps} on transformer_2")
     print(f"wrote {args.out}")
+
+
+def search_two_experts(model: Any, noise: torch.Tensor, args: argparse.Namespace, cond: Any, teacher_grid: Any,
+                       refine: Any, options: dict) -> Any:
+    """The two-expert search of a Wan 2.2 pipeline (integrations/diffusers/experts.py)."""
+    from ...integrations.diffusers.experts import search_experts
+
+    if refine:
+        raise OptimalStepsError("--refine moves the times off the teacher grid, the experts' boundary with them: "
+                                "not with a two-expert pipeline")
+    teacher = teacher_grid if teacher_grid is not None else model.teacher_grid(args.teacher_steps)
+    return search_experts(model, noise, args.steps, teacher, cond, args.solver, **options)
 
 
 def report(result: Any, solver: str) -> None:

@@ -1,41 +1,40 @@
-"""Wan 2.2's two experts: the high-noise transformer runs at flow sigma >= the boundary (boundary_ratio), the
-low-noise `transformer_2` below it. A searched schedule puts a step exactly on the boundary, so each expert
-sees only its own noise levels, and comes back as the two halves a two-stage sampler runs.
+"""Wan 2.2's two experts: the high-noise transformer runs at flow sigma above the boundary (boundary_ratio), the
+low-noise `transformer_2` at and below it. A searched schedule puts a step exactly on the boundary, so each
+expert sees only its own noise levels, and comes back as the two halves a two-stage sampler runs.
 
-The search runs in two stages with the project's search:
-- stage 1, the high-noise expert from the pipeline's latents down to the boundary;
-- stage 2, the low-noise expert from the state stage 1's schedule reaches at the boundary down to 0 (the
-  state the second stage of a two-stage sampler receives), against a teacher run from that state.
-Each stage's segment [lo, hi] of flow time is searched as a flow process over s in [0, 1] with
-t = lo + (hi - lo) s, the model's velocity scaled by (hi - lo): an Euler step in s is the Euler step in t,
-so the schedules found are exact for euler.
+One search does it, for every solver: the plain DP over a teacher grid holding the boundary, constrained to
+be there after `high_steps` steps (`DPOptions.through`). The model routes each evaluation to its expert: the
+step that lands on the boundary is the high expert's last (Heun's corrector there included, through the
+model's `end_of_step`), the step that leaves it the low expert's first. The solver runs the schedule as one
+loop, as diffusers' Wan 2.2 pipeline does: a multistep solver's first low step uses the high expert's last
+estimate as its history, exactly as in the search.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Optional
+import copy
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Optional
 
 import torch
 
 from ...core.errors import OptimalStepsError
-from ...core.models import model_time_dtype
-from ...core.processes import FLOW
 from ...core.schedules import Schedule
-from ...core.solvers import sample
-from ...optimize.options import from_flat
+from ...optimize.options import DPOptions, from_flat
+from ...optimize.result import SearchResult
+from ...optimize.search import search
 
 
 @dataclass
 class ExpertSchedule:
     """A schedule with a step exactly on the experts' boundary, and its two halves."""
 
-    schedule: Schedule  # the whole schedule, boundary included
+    schedule: Schedule  # the whole schedule, boundary included (the search's result.schedule)
     boundary: float  # flow sigma of the boundary (boundary_ratio)
     experts: list[int]  # per step: 1 (`transformer`) or 2 (`transformer_2`)
-    high_sigmas: list[float]  # the first stage's sigmas, 1 ... boundary
+    high_sigmas: list[float]  # the first stage's sigmas, start ... boundary
     low_sigmas: list[float]  # the second stage's sigmas, boundary ... 0
-    stages: tuple[Any, Any]  # the two SearchResults (stage 1 in the rescaled time s)
+    result: SearchResult  # the one constrained search
 
     @property
     def split_step(self) -> int:
@@ -43,33 +42,15 @@ class ExpertSchedule:
         return len(self.high_sigmas) - 1
 
 
-class _Segment:
-    """A flow model on times [lo, hi] seen as a flow model over s in [0, 1], t = lo + (hi - lo) s."""
+@dataclass
+class ExpertSplit:
+    """What a two-expert pipeline's wrapped model carries (`model.expert_split`) for the search."""
 
-    process = FLOW
-    prediction = "velocity"
+    boundary: float  # flow sigma where the second expert takes over
+    default_schedule: Callable[[int], Schedule]  # the pipeline's own M-step schedule
 
-    def __init__(self, model: Any, lo: float, hi: float):
-        self.model, self.lo, self.hi = model, lo, hi
-        self.sample_shape = getattr(model, "sample_shape", None)
-
-    @property
-    def time_dtype(self) -> Optional[torch.dtype]:
-        return getattr(self.model, "time_dtype", None)
-
-    def __call__(self, x: torch.Tensor, s: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        t = self.lo + (self.hi - self.lo) * s.double()
-        return (self.hi - self.lo) * self.model(x, t.to(model_time_dtype(self.model, x)), **cond)
-
-    def times(self, s: torch.Tensor) -> torch.Tensor:
-        t = self.lo + (self.hi - self.lo) * s
-        t[-1] = self.lo  # exactly
-        return t
-
-    def grid(self, times: torch.Tensor) -> Schedule:
-        s = (times - self.lo) / (self.hi - self.lo)
-        s[0], s[-1] = 1.0, 0.0  # exactly
-        return Schedule(s, FLOW)
+    def high_steps(self, steps: int) -> int:
+        return default_high_steps(self.default_schedule(steps), self.boundary, steps)
 
 
 def teacher_through(teacher: Schedule, boundary: float) -> tuple[Schedule, int]:
@@ -89,29 +70,46 @@ def default_high_steps(default: Schedule, boundary: float, steps: int) -> int:
     return min(max(1, round(share * steps)), steps - 1)
 
 
-def search_experts(search: Any, model: Any, noise: torch.Tensor, steps: int, high_steps: int, teacher: Schedule,
-                   boundary: float, cond: dict, solver: str, **options: Any) -> ExpertSchedule:
-    """Search `steps` steps of which `high_steps` run the high-noise expert down to `boundary` exactly."""
-    if solver != "euler":
-        raise OptimalStepsError(f"the two-expert search runs euler (its rescaled first stage is exact for euler), "
-                                f"not {solver}")
+def expert_split(schedule: Schedule, boundary: float) -> dict[str, Any]:
+    """The split of a schedule with a point exactly on the boundary, as a schedule file records it."""
+    times = schedule.times.tolist()
+    if boundary not in times[1:-1]:
+        raise OptimalStepsError(f"the schedule has no step exactly on the experts' boundary {boundary:g}")
+    split = times.index(boundary)
+    return {"boundary": boundary, "split_step": split, "experts": [1] * split + [2] * (len(times) - 1 - split),
+            "high_sigmas": times[:split + 1], "low_sigmas": times[split:]}
+
+
+def expert_schedule(result: SearchResult, boundary: float) -> ExpertSchedule:
+    """The halves of a searched two-expert schedule, recorded in its metadata too."""
+    split = expert_split(result.schedule, boundary)
+    result.schedule.metadata.update(split)
+    return ExpertSchedule(result.schedule, boundary, split["experts"], split["high_sigmas"], split["low_sigmas"],
+                          result)
+
+
+def search_experts(model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, cond: Optional[dict],
+                   solver: str = "euler", high_steps: Optional[int] = None, **options: Any) -> ExpertSchedule:
+    """Search `steps` steps of which `high_steps` (default: the pipeline's own share) run the high-noise expert
+    down to the boundary exactly: one plain DP on `teacher` with its nearest point moved onto the boundary.
+    `model` is a two-expert pipeline's wrapped model (`model.expert_split`); `options` go to the search."""
+    split = getattr(model, "expert_split", None)
+    if split is None:
+        raise OptimalStepsError("the two-expert search needs a pipeline with two experts (Wan 2.2 with transformer_2)")
+    high_steps = split.high_steps(steps) if high_steps is None else high_steps
     if not 1 <= high_steps < steps:
         raise OptimalStepsError(f"high_steps must be between 1 and {steps - 1} for {steps} steps, got {high_steps}")
-    grid, index = teacher_through(teacher, boundary)
-    if not (high_steps < index + 1 and steps - high_steps < len(grid.times) - index):
+    grid, index = teacher_through(teacher, split.boundary)
+    if not (high_steps <= index and steps - high_steps <= grid.steps - index):
         raise OptimalStepsError("the teacher grid has too few points on one side of the boundary; use more "
                                 "teacher steps")
-    upper, lower = _Segment(model, boundary, float(grid.times[0])), _Segment(model, 0.0, boundary)
-    first = search(upper, noise, high_steps, teacher_grid=upper.grid(grid.times[: index + 1]), cond=cond,
-                   solver=solver, **from_flat(options))
-    # a flow state at s = 1 is sigma(1) * noise = noise: stage 2 gets the boundary state as its noise
-    x_boundary = sample(upper, noise, first.schedule, solver=solver, cond=cond).samples
-    second = search(lower, x_boundary, steps - high_steps, teacher_grid=lower.grid(grid.times[index:]),
-                    cond=cond, solver=solver, **from_flat(options))
-    high, low = upper.times(first.schedule.times), lower.times(second.schedule.times)
-    low[0] = boundary
-    times = torch.cat([high, low[1:]])
-    schedule = Schedule(times, FLOW, solver=solver,
-                        metadata={"boundary": boundary, "split_step": high_steps, "teacher_steps": len(grid.times) - 1})
-    experts = [1] * high_steps + [2] * (steps - high_steps)
-    return ExpertSchedule(schedule, boundary, experts, high.tolist(), low.tolist(), (first, second))
+    options = from_flat(options)
+    if options.get("method", "dp") not in (None, "dp"):
+        raise OptimalStepsError("the two-expert search runs the plain DP (method='dp'): the validated search's "
+                                "candidates need not hold the boundary")
+    options["method"] = "dp"
+    options["dp"] = replace(options.get("dp") or DPOptions(), through=(high_steps, index))
+    routed = copy.copy(model)
+    routed.boundary_owner = 2  # the step at the boundary starts the second stage
+    result = search(routed, noise, steps, solver=solver, cond=cond, teacher_grid=grid, **options)
+    return expert_schedule(result, split.boundary)

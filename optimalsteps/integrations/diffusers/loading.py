@@ -96,20 +96,36 @@ def load_pipeline(spec: str, height: Optional[int] = None, width: Optional[int] 
 
 def load_diffusers_model(spec: str, prompts: Prompts, guidance: Optional[float] = None, height: Optional[int] = None,
                          width: Optional[int] = None, seed: int = 0, samples: Optional[int] = None, *,
-                         negative_prompt: Optional[str] = None, num_frames: Optional[int] = None
+                         negative_prompt: Optional[str] = None, num_frames: Optional[int] = None,
+                         teacher_steps: Optional[int] = None, **call_options: Any
                          ) -> tuple[Any, torch.Tensor, dict, dict]:
     """(model, noise, cond, metadata) for the CLI's search / compare with --model diffusers:SPEC: each prompt
     gets ceil(samples / prompts) initial latents, drawn as the pipeline draws them from `seed`. The model's
     `teacher_grid(teacher_steps)` is the pipeline's default teacher grid."""
+    pipe = load_pipeline(spec, height, width)
+    return pipeline_model(pipe, spec, prompts, guidance, height, width, seed, samples, negative_prompt=negative_prompt,
+                          num_frames=num_frames, teacher_steps=teacher_steps, **call_options)
+
+
+def pipeline_model(pipe: Any, spec: str, prompts: Prompts, guidance: Optional[float] = None,
+                   height: Optional[int] = None, width: Optional[int] = None, seed: int = 0,
+                   samples: Optional[int] = None, *, negative_prompt: Optional[str] = None,
+                   num_frames: Optional[int] = None, teacher_steps: Optional[int] = None,
+                   **call_options: Any) -> tuple[Any, torch.Tensor, dict, dict]:
+    """`load_diffusers_model` on a loaded pipeline; `call_options` as `pipe(...)` takes them (image=, strength=,
+    ...). With `teacher_steps`, the latents are drawn at the start of that teacher grid (img2img: the image
+    noised to where its strength starts), where the search and compare start."""
     texts = [prompts] if isinstance(prompts, str) else list(prompts or [])
     if not texts:
         raise OptimalStepsError("a diffusers model needs at least one --prompt (or --prompts-file)")
     per_prompt = max(1, math.ceil((samples or len(texts)) / len(texts)))
-    pipe = load_pipeline(spec, height, width)
     inputs = pipeline_inputs(pipe, texts, guidance, height, width, negative_prompt=negative_prompt,
-                             images_per_prompt=per_prompt, num_frames=num_frames)
+                             images_per_prompt=per_prompt, num_frames=num_frames, **call_options)
     model = inputs.model
     model.spec = f"diffusers:{parse_spec(spec)[0]}"
+    if teacher_steps is not None:
+        model.teacher_grid(teacher_steps)  # sets the process start to the teacher's
+    start = float(model.process.t_start)
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator), model.process, model.process.t_start)
+    noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator, start), model.process, start)
     return model, noise, inputs.cond, {"diffusers": {**inputs.metadata, "seed": int(seed)}}

@@ -21,7 +21,7 @@ from ...optimize.search import search
 from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
-from .experts import ExpertSchedule, default_high_steps, search_experts
+from .experts import ExpertSchedule, ExpertSplit, expert_split, search_experts
 from .schedules import in_process, pipeline_schedule, pipeline_teacher
 from .settings import current_settings, guidance_scale, model_id, resolution, warn_settings
 
@@ -94,6 +94,9 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
     if type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and family.flow:
         model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1)[0])
     model.set_teacher(_teacher(pipe, family, model, request.options, h, w))
+    boundary = family.expert_boundary(pipe)
+    if boundary is not None:
+        model.expert_split = ExpertSplit(boundary, lambda m: pipeline_schedule(pipe, m, h, w))
     return PipelineInputs(model, cond, request.conditioning.count * request.per_prompt, h, w, request.frames, dtype,
                           _metadata(pipe, family, request, steps), request.extras)
 
@@ -171,10 +174,8 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     start = float(teacher_schedule.times[0])
     noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator, start), inputs.model.process, start)
     recorded = {**inputs.metadata, "seed": int(seed)}
-    boundary = family_of(pipe).expert_boundary(pipe)
-    if boundary is not None:
-        return _search_experts(pipe, inputs, noise, steps, high_steps, teacher_schedule, boundary, recorded, seed,
-                               options)
+    if getattr(inputs.model, "expert_split", None) is not None:
+        return _search_experts(inputs, noise, steps, high_steps, teacher_schedule, recorded, seed, options)
     if high_steps is not None:
         raise OptimalStepsError("high_steps is for pipelines with two experts (Wan 2.2 with transformer_2)")
     result = search(inputs.model, noise, steps, teacher_grid=teacher_schedule, cond=inputs.cond, seed=seed,
@@ -184,16 +185,31 @@ def search_pipeline(pipe: Any, prompts: Prompts, steps: int, teacher_steps: int 
     return result
 
 
-def _search_experts(pipe: Any, inputs: PipelineInputs, noise: torch.Tensor, steps: int, high_steps: Optional[int],
-                    teacher: Schedule, boundary: float, recorded: dict, seed: int, options: dict) -> ExpertSchedule:
-    if high_steps is None:
-        high_steps = default_high_steps(pipeline_schedule(pipe, steps, inputs.height, inputs.width), boundary, steps)
-    model = copy.copy(inputs.model)
-    model.low_at_boundary = True  # the step at the boundary is the second stage's
-    result = search_experts(search, model, noise, steps, high_steps, teacher, boundary, inputs.cond,
-                            options.pop("solver", "euler"), seed=seed, **options)
-    result.schedule.metadata["diffusers"] = dict(recorded)
+def _search_experts(inputs: PipelineInputs, noise: torch.Tensor, steps: int, high_steps: Optional[int],
+                    teacher: Schedule, recorded: dict, seed: int, options: dict) -> ExpertSchedule:
+    result = search_experts(inputs.model, noise, steps, teacher, inputs.cond, options.pop("solver", "euler"),
+                            high_steps, seed=seed, **options)
+    for schedule in [result.schedule, result.result.teacher]:
+        schedule.metadata["diffusers"] = dict(recorded)
     return result
+
+
+def expert_model(pipe: Any, model: Any, schedule: Schedule) -> Any:
+    """The model that runs `schedule`: with a searched two-expert schedule (metadata split_step), the step at
+    the boundary is the second expert's; a two-expert schedule for another boundary is refused."""
+    if "split_step" not in schedule.metadata:
+        return model
+    split = getattr(model, "expert_split", None)
+    boundary = None if split is None else split.boundary
+    if boundary is None:
+        raise OptimalStepsError(f"the schedule was searched for two experts; {type(pipe).__name__} has one")
+    if schedule.metadata.get("boundary") != boundary:
+        raise OptimalStepsError(f"the schedule's expert boundary {schedule.metadata.get('boundary')} is not this "
+                                f"pipeline's ({boundary:g})")
+    expert_split(schedule, boundary)  # its point on the boundary is still there
+    model = copy.copy(model)
+    model.boundary_owner = 2
+    return model
 
 
 def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_scale: Optional[float] = None,
@@ -223,9 +239,7 @@ def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_sc
     if not family.flow and (config.get("clip_sample") or config.get("thresholding")):
         warnings.warn(f"{type(pipe.scheduler).__name__} clips or thresholds x0 (clip_sample / thresholding); "
                       "sample_pipeline solves the ODE without it", SettingsWarning, stacklevel=2)
-    model = inputs.model
-    if "split_step" in schedule.metadata and hasattr(model, "low_at_boundary"):
-        model.low_at_boundary = True  # a two-expert schedule: its step at the boundary is the second expert's
+    model = expert_model(pipe, inputs.model, schedule)
     start = float(schedule.times[0])
     noise = sampler_noise(pipe, draw_latents(pipe, inputs, generator, start), process, start)
     return sample(model, noise, schedule, solver=solver, cond=inputs.cond, progress=progress).samples

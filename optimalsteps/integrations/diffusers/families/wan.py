@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Optional
 
 import torch
@@ -21,19 +22,32 @@ class WanModel(PipelineModel):
         super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
         self.net_2, self.guidance_2, self.boundary = net_2, guidance_2, boundary
         self.expand_timesteps = expand_timesteps
-        # a searched two-expert schedule's step AT the boundary is the second stage's first (see experts.py);
-        # the pipeline's own rule gives that time to the first expert
-        self.low_at_boundary = False
+        # which expert evaluates exactly at the boundary: None, the pipeline's own rule (timestep >= boundary:
+        # the first); 2 in a searched two-expert schedule, whose step at the boundary starts the second stage
+        # (experts.py), while the step landing there ends the first (`end_of_step`)
+        self.boundary_owner: Optional[int] = None
+
+    @property
+    def end_of_step(self) -> "WanModel":
+        """The model of Heun's corrector: a step landing on the boundary runs the high-noise expert to its end."""
+        if self.boundary_owner != 2:
+            return self
+        view = copy.copy(self)
+        view.boundary_owner = 1
+        return view
 
     def expert(self, t: torch.Tensor) -> torch.Tensor:
         """1 where the first (high-noise) expert runs at time t, 2 where `transformer_2` does."""
         if self.net_2 is None or self.boundary is None:
             return torch.ones_like(t, dtype=torch.long)
         timestep = self.flow_timestep(t)
-        if self.low_at_boundary:
-            edge = flow_timestep(torch.tensor(self.boundary / self.num_train_timesteps), self.num_train_timesteps)
-            return torch.where(timestep > edge.to(timestep.device), 1, 2)
-        return torch.where(timestep >= self.boundary, 1, 2)
+        if self.boundary_owner is None:
+            return torch.where(timestep >= self.boundary, 1, 2)
+        # the boundary's own timestep, truncated as the model's times are (integer timesteps)
+        edge = self.flow_timestep(torch.tensor([self.boundary / self.num_train_timesteps], dtype=torch.float64,
+                                               device=timestep.device)).to(timestep.dtype)
+        high = timestep >= edge if self.boundary_owner == 1 else timestep > edge
+        return torch.where(high, 1, 2)
 
     def _forward(self, net: Any, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         timestep = self.flow_timestep(t)
