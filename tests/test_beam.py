@@ -22,25 +22,30 @@ def _setup(process, solver, n=10, samples=5, dim=6, seed=1):
     return model, noise, teacher, run_teacher(model, noise, teacher, solver)
 
 
-def _brute_force(model, noise, teacher, run, steps, solver, objective, free_start=False):
-    """Every schedule on the grid, sampled by the library's own sampler: (best score, its indices)."""
+def _every_schedule(model, noise, teacher, run, steps, solver, objective, free_start=False):
+    """Every schedule on the grid, sampled by the library's own sampler: {indices: score}."""
     n = teacher.steps
     starts = range(n - steps + 1) if free_start else [0]
-    best = None
+    scores = {}
     for first in starts:
         for middle in itertools.combinations(range(first + 1, n), steps - 1):
-            indices = [first, *middle, n]
+            indices = (first, *middle, n)
             metadata = {"noise_scale_time": float(teacher.times[0])} if first else {}
-            out = sample(model, noise, Schedule(teacher.times[indices], model.process, metadata=metadata),
+            out = sample(model, noise, Schedule(teacher.times[list(indices)], model.process, metadata=metadata),
                          solver).samples
-            score = float(aggregate(per_sample_error(out, run.states[:, -1]), objective))
-            if best is None or score < best[0]:
-                best = (score, indices)
-    return best
+            scores[indices] = float(aggregate(per_sample_error(out, run.states[:, -1]), objective))
+    return scores
+
+
+def _brute_force(model, noise, teacher, run, steps, solver, objective, free_start=False):
+    """(best score, its indices) over every schedule on the grid (ties: the first in enumeration order)."""
+    scores = _every_schedule(model, noise, teacher, run, steps, solver, objective, free_start)
+    best = min(scores, key=scores.get)
+    return scores[best], list(best)
 
 
 @pytest.mark.parametrize("process", ["flow", "vp"])
-@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun", "unipc"])
 @pytest.mark.parametrize("objective", ["mse", "log"])
 def test_wide_beam_is_the_brute_force_optimum(process, solver, objective):
     model, noise, teacher, run = _setup(process, solver)
@@ -53,15 +58,28 @@ def test_wide_beam_is_the_brute_force_optimum(process, solver, objective):
         wide.score, rel=TOL, abs=TOL)
 
 
-def test_free_start_wide_beam_is_the_brute_force_optimum():
-    model, noise, teacher, run = _setup("flow", "dpmpp2m")
-    best_score, _ = _brute_force(model, noise, teacher, run, 3, "dpmpp2m", "log", free_start=True)
-    wide = beam_dp(model, run.states, teacher.times, 3, "dpmpp2m", "log", width=200, free_start=True)
+@pytest.mark.parametrize("solver", ["dpmpp2m", "unipc"])
+def test_free_start_wide_beam_is_the_brute_force_optimum(solver):
+    model, noise, teacher, run = _setup("flow", solver)
+    best_score, _ = _brute_force(model, noise, teacher, run, 3, solver, "log", free_start=True)
+    wide = beam_dp(model, run.states, teacher.times, 3, solver, "log", width=200, free_start=True)
     assert wide.score == pytest.approx(best_score, rel=TOL, abs=TOL)
 
 
 @pytest.mark.parametrize("process", ["flow", "vp", "ve"])
-@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun"])
+def test_unipc_beam_scores_every_schedule_as_the_sampler_does(process):
+    # the beam carries UniPC's whole state (previous estimate and time, the pending UniC correction): with
+    # a width holding every path, each complete schedule's score is the one `sample` realises on it
+    model, noise, teacher, run = _setup(process, "unipc")
+    every = _every_schedule(model, noise, teacher, run, 4, "unipc", "mse")
+    wide = beam_dp(model, run.states, teacher.times, 4, "unipc", "mse", width=84)
+    assert len(wide.finalists) == len(every) == 84
+    for indices, score in wide.finalists:
+        assert score == pytest.approx(every[tuple(indices)], rel=TOL, abs=TOL), indices
+
+
+@pytest.mark.parametrize("process", ["flow", "vp", "ve"])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun", "unipc"])
 def test_width_one_is_the_plain_dp(process, solver):
     model, noise, teacher, run = _setup(process, solver, n=16, samples=4)
     plain = plain_dp(model, noise, steps=4, teacher_steps=16, solver=solver)
@@ -73,15 +91,16 @@ def test_width_one_is_the_plain_dp(process, solver):
     assert spent == plain.nfe if solver != "heun" else spent <= plain.nfe
 
 
-def test_narrow_beams_never_beat_the_exhaustive_one():
-    model, noise, teacher, run = _setup("flow", "dpmpp2m", n=14, seed=3)
-    scores = [beam_dp(model, run.states, teacher.times, 4, "dpmpp2m", "log", width=w).score for w in (1, 2, 8, 286)]
+@pytest.mark.parametrize("solver", ["dpmpp2m", "unipc"])
+def test_narrow_beams_never_beat_the_exhaustive_one(solver):
+    model, noise, teacher, run = _setup("flow", solver, n=14, seed=3)
+    scores = [beam_dp(model, run.states, teacher.times, 4, solver, "log", width=w).score for w in (1, 2, 8, 286)]
     # C(13, 3) = 286 paths reach the busiest cell: the widest beam enumerates every schedule
     assert scores[-1] <= min(scores) + TOL
     assert scores[-1] < scores[0]  # and the single-state DP is not the optimum here
 
 
-@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun"])
+@pytest.mark.parametrize("solver", ["euler", "dpmpp2m", "heun", "unipc"])
 @pytest.mark.parametrize("width,free_start", [(1, False), (3, False), (2, True)])
 def test_model_call_count(solver, width, free_start):
     model, noise, teacher, run = _setup("ve", solver, n=12, samples=3)

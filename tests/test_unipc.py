@@ -52,7 +52,7 @@ def test_dp_against_brute_force_on_a_small_grid(process):
     noise = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     n = 10
     for steps in (1, 2, 3, 4):
-        result = search(model, noise, steps=steps, teacher_steps=n, solver="unipc")
+        result = search(model, noise, steps=steps, teacher_steps=n, solver="unipc", method="dp")
         grid = result.teacher.times
         realised = _error(sample(model, noise, result.schedule, solver="unipc").samples, result.teacher_samples)
         assert realised == pytest.approx(result.dp_cost, rel=1e-9, abs=1e-14)
@@ -187,7 +187,7 @@ def test_equals_diffusers_unipc_vp(steps):
 def test_resume_and_target_blocks_give_the_same_schedule(tmp_path):
     model = GaussianMixture.random(dim=6, components=3, seed=2, process="flow")
     noise = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
-    whole = search(model, noise, steps=4, teacher_steps=30, solver="unipc")
+    whole = search(model, noise, steps=4, teacher_steps=30, solver="unipc", method="dp")
 
     class Stop(Exception):
         pass
@@ -206,3 +206,55 @@ def test_resume_and_target_blocks_give_the_same_schedule(tmp_path):
     assert resumed.indices == blocks.indices == whole.indices
     assert resumed.dp_cost == pytest.approx(whole.dp_cost, rel=1e-6)
     assert blocks.dp_cost == pytest.approx(whole.dp_cost, rel=1e-6)
+
+
+# ------------------------------------------------------------------------------ the validated search
+
+
+@pytest.mark.parametrize("process", ["flow", "vp"])
+def test_the_validated_search_is_the_default_for_unipc(process):
+    from optimalsteps.core.models import default_teacher_grid
+    from optimalsteps.optimize.objectives import aggregate, per_sample_error
+    from optimalsteps.optimize.select import validation_noise
+    from optimalsteps.optimize.teacher import run_teacher
+
+    model = GaussianMixture.random(dim=6, components=3, seed=2, process=process)
+    noise = torch.randn(6, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    result = search(model, noise, steps=4, teacher_steps=200, solver="unipc", seed=5)
+    plain = search(model, noise, steps=4, teacher_steps=200, solver="unipc", method="dp")
+    meta = result.schedule.metadata
+    assert meta["selection_method"] == "validated" and meta["solver"] == result.schedule.solver == "unipc"
+    assert "selection_method" not in plain.schedule.metadata
+    names = [row["name"] for row in meta["selection"]]
+    assert "dp-log" in names and any(name.startswith("dp-log-w4") for name in names)  # the beam ran with unipc
+    assert result.nfe <= 2 * plain.nfe == 2 * meta["plain_dp_nfe"]
+    # the winner's validation score is what UniPC realises with it on the validation set
+    val = validation_noise(noise, meta["validation_samples"], 5)
+    reference = run_teacher(model, val, default_teacher_grid(model.process, 200), "unipc").states[:, -1]
+    out = sample(model, val, result.schedule, solver="unipc").samples
+    won = float(aggregate(per_sample_error(out, reference), "log"))
+    assert won == pytest.approx(result.dp_cost, rel=EPS64 * 1e6)
+    assert won <= min(row["score"] for row in meta["selection"] if row["eligible"]) + EPS64 * 1e6 * abs(won)
+
+
+def test_the_beam_search_for_unipc_realises_its_score():
+    from optimalsteps.optimize.objectives import aggregate, per_sample_error
+
+    model = GaussianMixture.random(dim=6, components=3, seed=3, process="ve")
+    noise = torch.randn(5, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    result = search(model, noise, steps=4, teacher_steps=16, solver="unipc", method="dp", objective="log", width=3)
+    assert result.schedule.metadata["width"] == 3 and result.schedule.solver == "unipc"
+    out = sample(model, noise, result.schedule, solver="unipc").samples
+    assert float(aggregate(per_sample_error(out, result.teacher_samples), "log")) == pytest.approx(
+        result.dp_cost, rel=EPS64 * 1e6)
+
+
+def test_compare_runs_the_validated_search_for_unipc():
+    from optimalsteps.evaluation.compare import compare
+
+    model = GaussianMixture.random(dim=3, components=2, seed=2, process="flow")
+    result = compare(model, steps=[3], solvers=["unipc"], schedules=["oss", "uniform"], samples=4,
+                     eval_samples=16, seed=0, teacher_steps=20)
+    oss = next(row for row in result.rows if row["schedule"] == "oss")
+    assert oss["solver"] == "unipc" and oss["nfe"] == 3 and math.isfinite(oss["psnr"])
+    assert oss["selection"] and "dp-log" in {c["name"] for c in oss["selection"]}

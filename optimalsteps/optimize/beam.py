@@ -10,21 +10,27 @@ the number of paths into a cell the DP enumerates every schedule and is exact fo
 Heun needs a model call at each candidate target: per cell the `candidates * width` best pairs by the
 Euler predictor's objective are corrected and scored exactly (the plain DP's re-ranking at width 1).
 
-Steps go through core/solvers.py's coefficient functions, the ones `sample` uses, so the score of a
+UniPC carries one more thing per entry: the pending UniC correction of its state (`unic_correction`'s
+base and weight). Each layer completes it with the estimate the layer evaluates anyway, steps from the
+corrected state, and stores the new entries' corrections; ranking is on the predicted state at the
+target, the state `sample`'s trajectory holds there (the corrector needs the model's next call).
+
+Steps go through core/solvers.py's step functions, the ones `sample` uses, so the score of a
 path is the score `sample` realises on the same grid.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Sequence
 
 import torch
 
 from ..core.errors import OptimalStepsError
 from ..core.models import model_process
-from ..core.solvers import get_solver, heun_coefficients, update_coefficients
+from ..core.solvers import (combine, corrected_start, get_solver, heun_coefficients, unic_correction,
+                            update_coefficients)
 from .objectives import aggregate, check_objective
 from .teacher import predict_chunked
 
@@ -47,6 +53,8 @@ class _Beam:
     x: torch.Tensor  # [E, B, D] its per-sample states
     x0_prev: Optional[torch.Tensor]  # [E, B, D] the clean estimate its last step used (multistep)
     t_prev: torch.Tensor  # [E] float64, the time of that estimate (nan: none yet)
+    # UniPC: the pending UniC correction (base [E, B, D], weight [E] float64) of x; None before the first step
+    correction: Optional[tuple[torch.Tensor, torch.Tensor]] = None
 
 
 def beam_dp(model: Any, teacher_states: torch.Tensor, times: torch.Tensor, steps: int, solver: str = "euler",
@@ -80,7 +88,7 @@ def beam_dp(model: Any, teacher_states: torch.Tensor, times: torch.Tensor, steps
     for k in range(1, steps + 1):
         tgt = list(range(k, n - steps + k + 1)) if k < steps else [n]
         beam = _layer(run, beam, tgt)
-        run.peak = max(run.peak, beam.x.shape[0] * batch * (3 if beam.x0_prev is not None else 2))
+        run.peak = max(run.peak, beam.x.shape[0] * batch * _vectors_per_entry(beam))
     errors = _final_errors(run, beam)
     scores = aggregate(errors, objective)
     order = torch.argsort(scores, stable=True)
@@ -132,12 +140,9 @@ def _coefficients(run: _Run, beam: _Beam, src: torch.Tensor, tgt: torch.Tensor) 
 
 def _step(run: _Run, beam: _Beam, x0: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
     """Predicted states [P, B, D] of the steps from entries `src` [P] to grid positions `tgt` [P]."""
-    coeffs = _coefficients(run, beam, src, tgt)
-    vectors = [beam.x[src], x0[src]] + ([beam.x0_prev[src]] if beam.x0_prev is not None else [])
-    out = torch.zeros_like(vectors[0])
-    for c, v in zip(coeffs, vectors):
-        out = out + c.to(v.dtype)[:, None, None] * v
-    return out
+    x = beam.x[src]
+    x0_prev = beam.x0_prev[src] if beam.x0_prev is not None else None
+    return combine(_coefficients(run, beam, src, tgt), (x, x0[src], x0_prev), x)
 
 
 def _correct(run: _Run, beam: _Beam, x0: torch.Tensor, src: torch.Tensor, tgt: torch.Tensor,
@@ -145,14 +150,15 @@ def _correct(run: _Run, beam: _Beam, x0: torch.Tensor, src: torch.Tensor, tgt: t
     """Heun's corrected states for predictions [P, B, D] at inner grid positions `tgt` (one model call each)."""
     x0_pred = run.predict(predicted, run.t[tgt])
     coeffs = heun_coefficients(model_process(run.model), run.t[beam.paths[src, -1]], run.t[tgt])
-    vectors = (beam.x[src], x0[src], predicted, x0_pred)
-    return sum(c.to(v.dtype)[:, None, None] * v for c, v in zip(coeffs, vectors))
+    return combine(coeffs, (beam.x[src], x0[src], predicted, x0_pred), predicted)
 
 
 def _layer(run: _Run, beam: _Beam, tgt: list[int]) -> _Beam:
     """One step: every entry to every later target; each target keeps the `width` best new entries."""
     n = run.targets.shape[1] - 1
     x0 = run.predict(beam.x, run.t[beam.paths[:, -1]])
+    if beam.correction is not None:  # UniPC: every entry steps from its corrected state
+        beam = replace(beam, x=corrected_start(beam.x, x0, beam.correction), correction=None)
     scores = _predictor_scores(run, beam, x0, tgt)  # [E, J]
     chosen_src, chosen_tgt, chosen_states = [], [], []
     for jj, j in enumerate(tgt):
@@ -175,8 +181,24 @@ def _layer(run: _Run, beam: _Beam, tgt: list[int]) -> _Beam:
     if not chosen_src:
         raise OptimalStepsError("the DP found no finite path: the model's estimates are not finite on this grid")
     src, where = torch.cat(chosen_src), torch.cat(chosen_tgt)
+    correction = None
+    if run.solver.source_corrector and max(tgt) < n:  # no step follows the clean end: nothing to correct there
+        correction = _pending_correction(run, beam, x0, src, where)
     return _Beam(torch.cat([beam.paths[src], where[:, None]], dim=1), torch.cat(chosen_states),
-                 x0[src] if beam.x0_prev is not None else None, run.t[beam.paths[src, -1]])
+                 x0[src] if beam.x0_prev is not None else None, run.t[beam.paths[src, -1]], correction)
+
+
+def _pending_correction(run: _Run, beam: _Beam, x0: torch.Tensor, src: torch.Tensor,
+                        tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """UniPC's UniC correction at grid positions `tgt` [P] of the steps from entries `src` [P] (whose states
+    are already corrected), as `solver_step` leaves it pending: completed by the next layer's estimates."""
+    return unic_correction(model_process(run.model), beam.x[src], x0[src], beam.x0_prev[src],
+                           run.t[beam.paths[src, -1]], run.t[tgt], beam.t_prev[src])
+
+
+def _vectors_per_entry(beam: _Beam) -> int:
+    """Sample vectors an entry holds: its state and clean estimate, the previous estimate, UniPC's base."""
+    return 2 + (beam.x0_prev is not None) + (beam.correction is not None)
 
 
 def _errors(states: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

@@ -63,8 +63,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     - `callback(stage, done, total)` is called after the teacher ("teacher") and after each layer ("layer").
     - `method`: "validated" (the default unless an option only the plain DP takes is given: candidates of every kind, the winner on a validation set, within twice
       the plain DP's model calls; optimize/select.py) or "dp" (the paper's plain DP, for reproduction; the
-      default when cost, aggregate, coarse to fine, free start, storage or checkpoint options are given, and
-      for unipc, whose corrector only the plain DP carries);
+      default when cost, aggregate, coarse to fine, free start, storage or checkpoint options are given);
       `dp.objective` ("mse", "log", "tail"; default "log" validated, "mse" dp) and `dp.width` (histories kept
       per cell; default 4 validated, 1 dp) choose the DP's aggregation and beam (optimize/beam.py).
       `dp.reference_compat` always runs the released code's DP.
@@ -78,11 +77,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     dp_only = _plain_dp_only(inputs, part.world)
     if method is None:
-        method = "dp" if dp_only or inputs.dp.free_start or inputs.solver.source_corrector else "validated"
+        method = "dp" if dp_only or inputs.dp.free_start else "validated"
     if _beyond_plain_dp(method, inputs.dp):
-        if inputs.solver.source_corrector:
-            raise OptimalStepsError(f"the validated search and the beam DP do not carry {inputs.solver.name}'s "
-                                    "corrector yet: use method='dp' with it")
         result = search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
                              inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
                              inputs.storage.max_batch, progress, callback, dp_only)
