@@ -1,0 +1,106 @@
+"""CogView4 (and its Control pipeline) and HiDream on tiny random pipelines built in code (no downloads): the
+search's teacher is the pipeline's own run, `pipe(..., **pipeline_kwargs(schedule, pipe))` equals
+`sample_pipeline(...)`, and the call options change both sides the same way."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
+from optimalsteps.integrations import diffusers as od  # noqa: E402
+from optimalsteps.integrations.diffusers import tiny  # noqa: E402
+
+from diffusers_helpers import gen, one_thread, rel_err  # noqa: E402, F401
+from test_diffusers import tokenizer, tokenizer_files  # noqa: E402, F401
+from test_diffusers_families import TOL, Timesteps, check_family  # noqa: E402
+
+
+# ------------------------------------------------------------------------------------- CogView4
+
+def test_cogview4_hands_its_integer_timesteps_with_the_sigmas():
+    case = tiny.cogview4()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result, guided = check_family(pipe, embeds, call)
+    recorded = result.schedule.metadata["diffusers"]
+    assert recorded["family"] == "cogview4" and recorded["dynamic_shift"] and recorded["guidance"] == "cfg"
+    # the teacher is the pipeline's own 8-step run (int(linspace(1000, 1, 8)) shifted), not a linspace grid
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    # both arrays are handed: the network sees the integer timesteps, the scheduler steps the sigmas
+    kwargs = od.pipeline_kwargs(result.schedule, pipe)
+    assert len(kwargs["sigmas"]) == len(kwargs["timesteps"]) == 3
+    assert all(isinstance(t, int) for t in kwargs["timesteps"])
+    seen = Timesteps(pipe.transformer)
+    tiny.pipeline_latents(pipe, **embeds, **{**call, "guidance_scale": 1.0}, **kwargs, generator=gen(4))
+    assert seen.seen[::2] == [float(t) for t in kwargs["timesteps"]]
+    # sigmas alone would be paired with the default linspace timesteps: another run
+    alone = tiny.pipeline_latents(pipe, **embeds, **call, sigmas=kwargs["sigmas"], num_inference_steps=3,
+                                  generator=gen(4))
+    assert rel_err(alone, guided) > 1e-3
+    plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "guidance_scale": 1.0})
+    assert rel_err(plain, guided) > 1e-3
+
+
+def tiny_glm(files) -> object:
+    torch.manual_seed(3)
+    config = transformers.GlmConfig(vocab_size=files[1], hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                    num_attention_heads=2, num_key_value_heads=2, head_dim=8, pad_token_id=1,
+                                    max_position_embeddings=64)
+    return transformers.GlmModel(config).eval()
+
+
+def test_cogview4_texts_and_max_sequence_length(tokenizer_files):
+    pipe = tiny.cogview4().pipe
+    pipe = diffusers.CogView4Pipeline(**{**pipe.components, "tokenizer": tokenizer(tokenizer_files),
+                                         "text_encoder": tiny_glm(tokenizer_files)})
+    pipe.set_progress_bar_config(disable=True)
+    prompts, call = ["a red fox", "a cat"], dict(height=32, width=32, guidance_scale=4.0, negative_prompt="blur")
+    full, _ = check_family(pipe, prompts, call, steps=2, teacher_steps=4)
+    short, ours = check_family(pipe, prompts, call, steps=2, teacher_steps=4, max_sequence_length=3)
+    cut = od.sample_pipeline(pipe, prompts, full.schedule, generator=gen(4), **call)
+    assert rel_err(ours, cut) > 1e-3  # a shorter prompt reaches the network on both sides
+    assert short.schedule.metadata["diffusers"]["max_sequence_length"] == 3
+
+
+def test_cogview4_control_latents():
+    case = tiny.cogview4_control()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "cogview4"
+    # the pipeline samples the control latents from torch's global random state: seeded the same on both sides
+    result = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=6, seed=1, **call)
+    torch.manual_seed(5)
+    ours = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **call)
+    torch.manual_seed(5)
+    theirs = tiny.pipeline_latents(pipe, **embeds, **call, **od.pipeline_kwargs(result.schedule, pipe),
+                                   generator=gen(4))
+    assert ours.shape == theirs.shape and rel_err(ours, theirs) < TOL
+    torch.manual_seed(5)
+    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4),
+                               **{**call, "control_image": -call["control_image"]})
+    assert rel_err(other, ours) > 1e-3  # the control picture reaches the network
+    without = {k: v for k, v in call.items() if k != "control_image"}
+    with pytest.raises(OptimalStepsError, match=r"^CogView4ControlPipeline needs control_image= "):
+        od.sample_pipeline(pipe, embeds, result.schedule, **without)
+    with pytest.raises(OptimalStepsError, match=r"^control_image is \(32, 32\) pixels, the call \(64, 64\)"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "height": 64, "width": 64})
+    with pytest.raises(OptimalStepsError, match="^CogView4Pipeline takes no control_image$"):
+        od.sample_pipeline(tiny.cogview4().pipe, tiny.cogview4().prompts, result.schedule, **call)
+
+
+def test_cogview4_refusals():
+    case = tiny.cogview4()
+    pipe, embeds = case.pipe, case.prompts
+    with pytest.raises(OptimalStepsError, match="^CogView4Pipeline needs height and width divisible by 16, got 40x64$"):
+        od.pipeline_inputs(pipe, embeds, height=40, width=64)
+    with pytest.raises(OptimalStepsError, match="guidance needs negative_prompt_embeds"):
+        od.pipeline_inputs(pipe, {"prompt_embeds": embeds["prompt_embeds"]}, height=64, width=64)
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
+    with pytest.raises(OptimalStepsError, match="only FlowMatchEulerDiscreteScheduler takes, not UniPC"):
+        od.pipeline_family(pipe)
