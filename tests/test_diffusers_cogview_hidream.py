@@ -104,3 +104,67 @@ def test_cogview4_refusals():
     pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction")
     with pytest.raises(OptimalStepsError, match="only FlowMatchEulerDiscreteScheduler takes, not UniPC"):
         od.pipeline_family(pipe)
+
+
+# -------------------------------------------------------------------------------------- HiDream
+
+def test_hidream_four_embeddings_batched_cfg():
+    case = tiny.hidream()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    result, guided = check_family(pipe, embeds, call)
+    recorded = result.schedule.metadata["diffusers"]
+    assert recorded["family"] == "hidream" and recorded["shift"] == 3.0 and recorded["guidance"] == "cfg"
+    # the teacher is the pipeline's own 8-step run, whose default grid is shifted twice at the low end
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    plain = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "guidance_scale": 1.0})
+    assert rel_err(plain, guided) > 1e-3
+    # each of the three embeddings reaches the network (the Llama ones are [layers, B, tokens, dim])
+    for name in ("pooled_prompt_embeds", "prompt_embeds_t5", "prompt_embeds_llama3"):
+        other = od.sample_pipeline(pipe, {**embeds, name: -embeds[name]}, result.schedule, generator=gen(4), **call)
+        assert rel_err(other, guided) > 1e-4, name
+
+
+def test_hidream_resizes_every_call_to_its_area():
+    case = tiny.hidream()
+    pipe, embeds = case.pipe, case.prompts
+    # 32 x 128 keeps its area (64 x 64 pixels): non-square latents go through the transformer's padded path
+    call = dict(height=32, width=128, guidance_scale=5.0)
+    _, wide = check_family(pipe, embeds, call, steps=2, teacher_steps=4)
+    assert wide.shape == (2, 4, 4, 16)
+    assert (od.pipeline_inputs(pipe, embeds, height=16, width=16, guidance_scale=5.0).height) == 64
+
+
+def test_hidream_unipc_runs_through_the_library_loop():
+    scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                  flow_shift=3.0)
+    case = tiny.hidream(scheduler)
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    schedule = od.pipeline_schedule(pipe, 4)
+    assert schedule.solver == "unipc"
+    theirs = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=4, generator=gen(2))
+    ours = od.sample_pipeline(pipe, embeds, schedule, generator=gen(2), solver="unipc", **call)
+    assert rel_err(ours, theirs) < TOL
+    with pytest.raises(OptimalStepsError, match="HiDreamImagePipeline takes no custom schedule"):
+        od.pipeline_kwargs(schedule, pipe)
+
+
+def test_hidream_refusals():
+    case = tiny.hidream()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    schedule = od.pipeline_teacher(pipe, 3)
+    with pytest.raises(OptimalStepsError, match=r"^HiDream embeddings are pooled_prompt_embeds, "):
+        od.sample_pipeline(pipe, {"prompt_embeds": embeds["prompt_embeds_t5"]}, schedule, **call)
+    with pytest.raises(OptimalStepsError, match=r"^prompt_embeds_llama3 must be a floating-point tensor \[layers, B"):
+        od.sample_pipeline(pipe, {**embeds, "prompt_embeds_llama3": embeds["prompt_embeds_llama3"][0]}, schedule,
+                           **call)
+    with pytest.raises(OptimalStepsError, match="^prompt_embeds_t5 has 1 prompts but pooled_prompt_embeds has 2$"):
+        od.sample_pipeline(pipe, {**embeds, "prompt_embeds_t5": embeds["prompt_embeds_t5"][:1]}, schedule, **call)
+    positives = {k: v for k, v in embeds.items() if not k.startswith("negative_")}
+    with pytest.raises(OptimalStepsError, match="needs the three negative_"):
+        od.sample_pipeline(pipe, positives, schedule, **call)
+    with pytest.raises(OptimalStepsError, match="all three negative HiDream embeddings, or none"):
+        od.sample_pipeline(pipe, {**positives, "negative_pooled_prompt_embeds": embeds["pooled_prompt_embeds"]},
+                           schedule, **call)
+    with pytest.raises(OptimalStepsError, match="^HiDreamImagePipeline takes no true_cfg_scale$"):
+        od.sample_pipeline(pipe, embeds, schedule, true_cfg_scale=2.0, **call)

@@ -434,3 +434,33 @@ def cogview4_control() -> TinyCase:
 
 
 CASES.update({"cogview4": cogview4, "cogview4-control": cogview4_control})
+
+
+def hidream_embeddings(g: torch.Generator, prompts: int) -> dict:
+    """HiDream's three embeddings and their negatives: pooled [B, 16], T5 [B, 6, 16], Llama [2 layers, B, 5, 16]."""
+    out = {}
+    for prefix in ("", "negative_"):
+        out.update({prefix + "pooled_prompt_embeds": torch.randn(prompts, 16, generator=g),
+                    prefix + "prompt_embeds_t5": torch.randn(prompts, 6, 16, generator=g),
+                    prefix + "prompt_embeds_llama3": torch.randn(2, prompts, 5, 16, generator=g)})
+    return out
+
+
+def hidream(scheduler: Any = None) -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=[0, 1]).eval()
+    pipe = diffusers.HiDreamImagePipeline(
+        scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        text_encoder_4=None, tokenizer_4=None, transformer=net)
+    pipe.default_sample_size = 8  # the call resizes to this area: 64 x 64 pixels, 8 x 8 latents
+    return TinyCase("HiDream, shift 3, CFG 5 batched, four embeddings", _quiet(pipe), hidream_embeddings(_gen(16), 2),
+                    dict(height=64, width=64, guidance_scale=5.0))
+
+
+CASES.update({"hidream": hidream})
