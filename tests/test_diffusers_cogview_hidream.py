@@ -168,3 +168,35 @@ def test_hidream_refusals():
                            schedule, **call)
     with pytest.raises(OptimalStepsError, match="^HiDreamImagePipeline takes no true_cfg_scale$"):
         od.sample_pipeline(pipe, embeds, schedule, true_cfg_scale=2.0, **call)
+
+
+def hidream_encoders(files) -> dict:
+    """Tiny text encoders of HiDream's four kinds (CLIP-L / CLIP-G with projections, T5, Llama) and the hand-written
+    letter tokenizer for each (the real ones cannot be built offline; the pipeline only calls them)."""
+    torch.manual_seed(4)
+    vocab = files[1]
+    clip = dict(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                max_position_embeddings=128, projection_dim=8, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    t5 = transformers.T5Config(vocab_size=vocab, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                               pad_token_id=1, eos_token_id=1)
+    llama = transformers.LlamaConfig(vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                     num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64,
+                                     pad_token_id=1, bos_token_id=0, eos_token_id=1, attn_implementation="eager")
+    parts = {"text_encoder": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip)),
+             "text_encoder_2": transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(**clip)),
+             "text_encoder_3": transformers.T5EncoderModel(t5), "text_encoder_4": transformers.LlamaForCausalLM(llama)}
+    parts = {name: model.eval() for name, model in parts.items()}
+    parts.update({f"tokenizer{suffix}": tokenizer(files) for suffix in ("", "_2", "_3", "_4")})
+    return parts
+
+
+def test_hidream_texts_and_max_sequence_length(tokenizer_files):
+    pipe = diffusers.HiDreamImagePipeline(**{**tiny.hidream().pipe.components, **hidream_encoders(tokenizer_files)})
+    pipe.default_sample_size = 4
+    pipe.set_progress_bar_config(disable=True)
+    prompts, call = ["a red fox", "a cat"], dict(height=32, width=32, guidance_scale=4.0, negative_prompt="blur")
+    full, _ = check_family(pipe, prompts, call, steps=2, teacher_steps=4)
+    short, ours = check_family(pipe, prompts, call, steps=2, teacher_steps=4, max_sequence_length=3)
+    cut = od.sample_pipeline(pipe, prompts, full.schedule, generator=gen(4), **call)
+    assert rel_err(ours, cut) > 1e-3  # the shorter prompts reach the network on both sides
+    assert short.schedule.metadata["diffusers"]["max_sequence_length"] == 3
