@@ -22,6 +22,16 @@ from test_diffusers import tokenizer, tokenizer_files  # noqa: E402, F401
 from test_diffusers_families import TOL, Timesteps, check_family  # noqa: E402
 
 
+def check_sequence_length(pipe):
+    """From texts, with and without max_sequence_length: both sides agree, and the cut prompts change the result."""
+    prompts, call = ["a red fox", "a cat"], dict(height=32, width=32, guidance_scale=4.0, negative_prompt="blur")
+    full, _ = check_family(pipe, prompts, call, steps=2, teacher_steps=4)
+    short, ours = check_family(pipe, prompts, call, steps=2, teacher_steps=4, max_sequence_length=3)
+    cut = od.sample_pipeline(pipe, prompts, full.schedule, generator=gen(4), **call)
+    assert rel_err(ours, cut) > 1e-3
+    assert short.schedule.metadata["diffusers"]["max_sequence_length"] == 3
+
+
 # ------------------------------------------------------------------------------------- CogView4
 
 def test_cogview4_hands_its_integer_timesteps_with_the_sigmas():
@@ -61,12 +71,7 @@ def test_cogview4_texts_and_max_sequence_length(tokenizer_files):
     pipe = diffusers.CogView4Pipeline(**{**pipe.components, "tokenizer": tokenizer(tokenizer_files),
                                          "text_encoder": tiny_glm(tokenizer_files)})
     pipe.set_progress_bar_config(disable=True)
-    prompts, call = ["a red fox", "a cat"], dict(height=32, width=32, guidance_scale=4.0, negative_prompt="blur")
-    full, _ = check_family(pipe, prompts, call, steps=2, teacher_steps=4)
-    short, ours = check_family(pipe, prompts, call, steps=2, teacher_steps=4, max_sequence_length=3)
-    cut = od.sample_pipeline(pipe, prompts, full.schedule, generator=gen(4), **call)
-    assert rel_err(ours, cut) > 1e-3  # a shorter prompt reaches the network on both sides
-    assert short.schedule.metadata["diffusers"]["max_sequence_length"] == 3
+    check_sequence_length(pipe)
 
 
 def test_cogview4_control_latents():
@@ -147,6 +152,16 @@ def test_hidream_unipc_runs_through_the_library_loop():
     assert rel_err(ours, theirs) < TOL
     with pytest.raises(OptimalStepsError, match="HiDreamImagePipeline takes no custom schedule"):
         od.pipeline_kwargs(schedule, pipe)
+    result = od.search_pipeline(pipe, embeds, steps=2, teacher_steps=6, seed=3, solver="unipc", **call)
+    assert result.schedule.steps == 2 and result.schedule.solver == "unipc"
+
+
+def test_hidream_dynamic_mu_comes_from_the_transformers_largest_sequence():
+    case = tiny.hidream(tiny.flow_scheduler())
+    result, _ = check_family(case.pipe, case.prompts, case.call, steps=2, teacher_steps=4)
+    # Flux's constants at transformer.max_seq (16 tokens), not the scheduler's base / max sequence lengths
+    mu = result.schedule.metadata["diffusers"]["mu"]
+    assert abs(mu - (0.5 + (1.15 - 0.5) * (16 - 256) / (4096 - 256))) < 1e-12
 
 
 def test_hidream_refusals():
@@ -194,9 +209,4 @@ def test_hidream_texts_and_max_sequence_length(tokenizer_files):
     pipe = diffusers.HiDreamImagePipeline(**{**tiny.hidream().pipe.components, **hidream_encoders(tokenizer_files)})
     pipe.default_sample_size = 4
     pipe.set_progress_bar_config(disable=True)
-    prompts, call = ["a red fox", "a cat"], dict(height=32, width=32, guidance_scale=4.0, negative_prompt="blur")
-    full, _ = check_family(pipe, prompts, call, steps=2, teacher_steps=4)
-    short, ours = check_family(pipe, prompts, call, steps=2, teacher_steps=4, max_sequence_length=3)
-    cut = od.sample_pipeline(pipe, prompts, full.schedule, generator=gen(4), **call)
-    assert rel_err(ours, cut) > 1e-3  # the shorter prompts reach the network on both sides
-    assert short.schedule.metadata["diffusers"]["max_sequence_length"] == 3
+    check_sequence_length(pipe)
