@@ -210,3 +210,26 @@ def test_hidream_texts_and_max_sequence_length(tokenizer_files):
     pipe.default_sample_size = 4
     pipe.set_progress_bar_config(disable=True)
     check_sequence_length(pipe)
+
+
+@pytest.mark.parametrize("build", [tiny.cogview4, tiny.cogview4_control, tiny.hidream])
+def test_images_per_prompt(build):
+    case = build()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    if build is tiny.cogview4:  # its call repeats only the negatives it encodes: one prompt's embeddings
+        embeds = {name: value[:1] for name, value in embeds.items()}
+    schedule = od.pipeline_teacher(pipe, 3, call["height"], call["width"])
+    kwargs = od.pipeline_kwargs(schedule, pipe, call["height"], call["width"])
+    torch.manual_seed(5)  # CogView4 Control's control latents
+    ours = od.sample_pipeline(pipe, embeds, schedule, generator=gen(6), images_per_prompt=2, **call)
+    torch.manual_seed(5)
+    theirs = tiny.pipeline_latents(pipe, **embeds, **call, **kwargs, generator=gen(6), num_images_per_prompt=2)
+    assert ours.shape == theirs.shape and rel_err(ours, theirs) < TOL
+    assert rel_err(ours[0], ours[1]) > 1e-3  # each image its own noise
+
+
+def test_cogview4_given_negatives_with_images_per_prompt_are_refused():
+    case = tiny.cogview4()
+    with pytest.raises(OptimalStepsError, match="^CogView4Pipeline does not repeat given negative_prompt_embeds per "
+                                                "image: with images_per_prompt=2 give one prompt at a time$"):
+        od.pipeline_inputs(case.pipe, case.prompts, images_per_prompt=2, **case.call)

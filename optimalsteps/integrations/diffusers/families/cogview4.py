@@ -118,6 +118,10 @@ class CogView4(Family):
             c.texts, negatives(options.negative_prompt, c.count), cfg, num_images_per_prompt=request.per_prompt,
             **given_embeddings(c.embeds, "prompt_embeds"), device=device_of(pipe),
             max_sequence_length=sequence_length(pipe, options))
+        if cfg and neg.shape[0] not in (1, embeds.shape[0]):
+            # its encode_prompt repeats only the negatives it encodes itself; the call then fails on the rows
+            raise OptimalStepsError(f"{type(pipe).__name__} does not repeat given negative_prompt_embeds per image: "
+                                    f"with images_per_prompt={request.per_prompt} give one prompt at a time")
         return with_negatives(cfg, prompt_embeds=(embeds, neg))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
