@@ -39,6 +39,11 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def fresh_global_seed() -> None:
+    """CogView4 Control samples its control latents from torch's global random state: the same before each run."""
+    torch.manual_seed(0)
+
+
 def measure(case: tiny.TinyCase) -> dict[str, float]:
     pipe, prompts, call = case.pipe, case.prompts, case.call
     if not case.custom_schedule:
@@ -46,14 +51,19 @@ def measure(case: tiny.TinyCase) -> dict[str, float]:
         ours = od.sample_pipeline(pipe, prompts, schedule, generator=gen(2), **call)
         theirs = pipe(**prompts, num_inference_steps=STEPS, generator=gen(2), output_type="latent", **call).frames
         return {"sample": rel_err(ours, theirs)}
+    fresh_global_seed()
     result = od.search_pipeline(pipe, prompts, steps=STEPS, teacher_steps=TEACHER_STEPS, seed=1, **call)
+    fresh_global_seed()
     teacher = tiny.pipeline_latents(pipe, **prompts, **{**call, **od.pipeline_kwargs(result.teacher, pipe)},
                                     generator=gen(1))
     errors = {"teacher": rel_err(result.teacher_samples, teacher)}
     if case.default_is_teacher:
+        fresh_global_seed()
         own = tiny.pipeline_latents(pipe, **prompts, **call, num_inference_steps=TEACHER_STEPS, generator=gen(1))
         errors["own run"] = rel_err(result.teacher_samples, own)
+    fresh_global_seed()
     ours = od.sample_pipeline(pipe, prompts, result.schedule, generator=gen(4), **call)
+    fresh_global_seed()
     theirs = tiny.pipeline_latents(pipe, **prompts, **{**call, **od.pipeline_kwargs(result.schedule, pipe)},
                                    generator=gen(4))
     return {**errors, "sample": rel_err(ours, theirs)}

@@ -19,7 +19,9 @@ import numpy as np
 import torch
 
 from ...core.errors import OptimalStepsError
-from ...core.schedules import flux_mu
+from ...core.processes import FLOW
+from ...core.schedules import Schedule, flux_mu
+from ...core.schedules import shift as shifted_uniform
 from .common import CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of
 from .prompts import Conditioning, text_conditioning
 
@@ -165,6 +167,14 @@ class Family:
             return
         mu = self.shift(pipe, height, width, steps)[1].get("mu")
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1.0 / steps, steps), mu=mu)
+
+    def flow_teacher(self, pipe: Any, steps: int, k: float) -> Schedule:
+        """The pipeline's own `steps`-step flow grid under shift k: linspace(1, 1/steps) shifted (the Flux way)."""
+        return shifted_uniform(FLOW, steps, shift=k)
+
+    def schedule_timesteps(self, pipe: Any, unshifted: torch.Tensor) -> dict[str, Any]:
+        """`timesteps` to hand beside the pre-shift sigmas, where the pipeline gives its network its own (CogView4)."""
+        return {}
 
     def schedule_extras(self, pipe: Any, info: dict, steps: int) -> dict[str, Any]:
         """Keyword arguments besides `sigmas` that pin the pipeline's shift to the one undone."""

@@ -9,9 +9,11 @@ from ...core.errors import OptimalStepsError
 from .family import Family, components_of
 from .families.auraflow import AuraFlow
 from .families.chroma import Chroma
+from .families.cogview4 import CogView4
 from .families.dit import DiT
 from .families.flux import Flux
 from .families.flux2 import Flux2
+from .families.hidream import HiDream
 from .families.hunyuanvideo15 import HunyuanVideo15
 from .families.lumina2 import Lumina2
 from .families.qwenimage import QwenImage
@@ -25,6 +27,7 @@ from .families.zimage import ZImage
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
     QwenImageEdit(), QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
+    CogView4(), HiDream(),
 )
 
 

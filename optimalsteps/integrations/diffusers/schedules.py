@@ -13,7 +13,6 @@ import torch
 from ...core.errors import OptimalStepsError
 from ...core.processes import FLOW, NoiseProcess
 from ...core.schedules import Schedule, check_steps, karras
-from ...core.schedules import shift as shifted_uniform
 from .common import SettingsWarning, call_parameters, close
 from .family import Family
 from .registry import family_of
@@ -60,7 +59,7 @@ def pipeline_teacher(pipe: Any, teacher_steps: int, height: Optional[int] = None
     teacher_steps = check_steps(teacher_steps)
     if family.flow:
         k, info = flow_shift(pipe, height, width, teacher_steps)
-        teacher = shifted_uniform(FLOW, teacher_steps, shift=k)
+        teacher = family.flow_teacher(pipe, teacher_steps, k)
         teacher.metadata.update(info)
         return teacher
     table = SigmaTable.of(pipe.scheduler)
@@ -200,7 +199,8 @@ def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, wid
     unshifted = sigmas / (sigmas + k * (1.0 - sigmas))
     # UniPC shifts the sigmas with array arithmetic: a list would fail inside its set_timesteps
     values = unshifted.numpy() if name == "UniPCMultistepScheduler" else unshifted.tolist()
-    return {"sigmas": values, **family.schedule_extras(pipe, info, schedule.steps)}
+    return {"sigmas": values, **family.schedule_extras(pipe, info, schedule.steps),
+            **family.schedule_timesteps(pipe, unshifted)}
 
 
 def _discrete_kwargs(schedule: Schedule, pipe: Any) -> dict[str, Any]:

@@ -379,3 +379,88 @@ CASES: dict[str, Callable[[], TinyCase]] = {
     "wan22": wan22,
     "qwenimage-edit": qwenimage_edit,
 }
+
+
+# ------------------------------------------------------------------------- CogView4, HiDream (helper cogview)
+
+def cogview4_transformer(in_channels: int = 4) -> Any:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.CogView4Transformer2DModel(patch_size=2, in_channels=in_channels, out_channels=4, num_layers=1,
+                                                attention_head_dim=8, num_attention_heads=2, text_embed_dim=16,
+                                                time_embed_dim=8, condition_dim=4, pos_embed_max_size=32,
+                                                sample_size=8, rope_axes_dim=(4, 4)).eval()
+
+
+def cogview4_scheduler() -> Any:
+    import diffusers
+
+    # CogView4-6B's own shift settings: mu = sqrt(seq / 256) * 0.75 + 0.25, applied linearly
+    return diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type="linear",
+                                                     base_image_seq_len=256, base_shift=0.25, max_shift=0.75)
+
+
+def cogview4() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=cogview4_transformer(),
+                                      scheduler=cogview4_scheduler())
+    g = _gen(14)
+    # the two prompts' embeddings have their own lengths, as the pipeline pads each call to multiples of 16
+    prompts = {"prompt_embeds": torch.randn(2, 16, 16, generator=g),
+               "negative_prompt_embeds": torch.randn(2, 32, 16, generator=g)}
+    return TinyCase("CogView4, linear mu, integer timesteps, CFG 5", _quiet(pipe), prompts,
+                    dict(height=64, width=64, guidance_scale=5.0))
+
+
+def cogview4_control() -> TinyCase:
+    """CogView4 Control with a tiny 4-channel VAE (scale factor 2) encoding its control picture."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1,
+                                  scaling_factor=1.5).eval()
+    pipe = diffusers.CogView4ControlPipeline(tokenizer=None, text_encoder=None, vae=vae,
+                                             transformer=cogview4_transformer(in_channels=8),
+                                             scheduler=cogview4_scheduler())
+    g = _gen(15)
+    prompts = _with_negative(g, 1, 16, 16)
+    control = torch.rand(1, 3, 32, 32, generator=g) * 2 - 1
+    return TinyCase("CogView4 Control, control picture through the VAE, linear mu, CFG 3.5", _quiet(pipe), prompts,
+                    dict(height=32, width=32, guidance_scale=3.5, control_image=control))
+
+
+CASES.update({"cogview4": cogview4, "cogview4-control": cogview4_control})
+
+
+def hidream_embeddings(g: torch.Generator, prompts: int) -> dict:
+    """HiDream's three embeddings and their negatives: pooled [B, 16], T5 [B, 6, 16], Llama [2 layers, B, 5, 16]."""
+    out = {}
+    for prefix in ("", "negative_"):
+        out.update({prefix + "pooled_prompt_embeds": torch.randn(prompts, 16, generator=g),
+                    prefix + "prompt_embeds_t5": torch.randn(prompts, 6, 16, generator=g),
+                    prefix + "prompt_embeds_llama3": torch.randn(2, prompts, 5, 16, generator=g)})
+    return out
+
+
+def hidream(scheduler: Any = None) -> TinyCase:
+    import diffusers
+
+    torch.manual_seed(0)
+    net = diffusers.HiDreamImageTransformer2DModel(
+        patch_size=2, in_channels=4, out_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=8,
+        num_attention_heads=2, caption_channels=[16, 16], text_emb_dim=16, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(4, 2, 2), max_resolution=(8, 8), llama_layers=[0, 1]).eval()
+    pipe = diffusers.HiDreamImagePipeline(
+        scheduler=scheduler or diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
+        tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
+        text_encoder_4=None, tokenizer_4=None, transformer=net)
+    pipe.default_sample_size = 8  # the call resizes to this area: 64 x 64 pixels, 8 x 8 latents
+    return TinyCase("HiDream, shift 3, CFG 5 batched, four embeddings", _quiet(pipe), hidream_embeddings(_gen(16), 2),
+                    dict(height=64, width=64, guidance_scale=5.0))
+
+
+CASES.update({"hidream": hidream})
