@@ -112,9 +112,10 @@ def test_unsupported_pipelines_name_the_supported_families():
     pipe.scheduler = diffusers.DDIMScheduler()
     with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
         od.pipeline_family(pipe)
-    inpaint = diffusers.FluxInpaintPipeline(**tiny.tiny_flux_parts())
+    inpaint = diffusers.FluxControlInpaintPipeline(**tiny.tiny_flux_parts())
     assert od.pipeline_family(inpaint) == "flux"  # recognised by its transformer, then refused for what it needs
-    with pytest.raises(OptimalStepsError, match="FluxInpaintPipeline needs mask_image, strength, which the flux"):
+    with pytest.raises(OptimalStepsError, match=r"FluxControlInpaintPipeline \(with mask_image, control_image, "
+                                                "strength\) is not reproduced yet"):
         od.pipeline_inputs(inpaint, tiny.flux().prompts, height=64, width=64)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         case = tiny.qwenimage()
