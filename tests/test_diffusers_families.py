@@ -115,7 +115,7 @@ def test_unsupported_pipelines_name_the_supported_families():
     inpaint = diffusers.FluxControlInpaintPipeline(**tiny.tiny_flux_parts())
     assert od.pipeline_family(inpaint) == "flux"  # recognised by its transformer, then refused for what it needs
     with pytest.raises(OptimalStepsError, match=r"FluxControlInpaintPipeline \(with mask_image, control_image, "
-                                                "strength\) is not reproduced yet"):
+                                                r"strength\) is not reproduced yet"):
         od.pipeline_inputs(inpaint, tiny.flux().prompts, height=64, width=64)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         case = tiny.qwenimage()
