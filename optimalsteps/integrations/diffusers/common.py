@@ -138,6 +138,11 @@ def sequence_length(pipe: Any, options: CallOptions) -> Any:
     return value
 
 
+def image_list(image: Any) -> list[Any]:
+    """A call's `image` as the list of pictures the multi-image pipelines (Flux 2, QwenImage Edit Plus) take."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
+
+
 def lora_scale(options: CallOptions) -> Optional[float]:
     return (options.attention_kwargs or {}).get("scale")
 

@@ -416,6 +416,63 @@ def flux_controlnet() -> TinyCase:
                                   control_image=_picture(_gen(22)) * 2 - 1, controlnet_conditioning_scale=0.8))
 
 
+def flux2_vae() -> Any:
+    """A Flux 2 VAE with 4 latent channels (16 after its 2 x 2 patchify) and three blocks (scale factor 4)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLFlux2(latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4,
+                                       down_block_types=("DownEncoderBlock2D",) * 3,
+                                       up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1).eval()
+    vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, 16))  # a batch norm that does something
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return vae
+
+
+def _reference_pictures() -> list:
+    """Two PIL pictures at the pipeline's smallest allowed side (64 pixels) and different aspect ratios."""
+    from PIL import Image
+
+    g = _gen(23)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+            for h, w in ((64, 96), (80, 64))]
+
+
+def flux2_reference() -> TinyCase:
+    """Flux 2 with two reference pictures through a tiny VAE: 16 noisy tokens, then 96 + 80 reference ones."""
+    import diffusers
+
+    pipe = diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=flux2_vae(), text_encoder=None, tokenizer=None,
+                                   transformer=flux2_transformer(True))
+    return TinyCase("Flux 2, two reference images through the VAE, mu(resolution, steps), distilled guidance 3",
+                    _quiet(pipe), {"prompt_embeds": torch.randn(2, 5, 16, generator=_gen(24))},
+                    dict(height=32, width=32, guidance_scale=3.0, image=_reference_pictures()))
+
+
+def flux2_klein_reference() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=flux2_vae(), text_encoder=None,
+                                        tokenizer=None, transformer=flux2_transformer(False), is_distilled=False)
+    return TinyCase("Flux 2 Klein, one reference image through the VAE, CFG 3", _quiet(pipe),
+                    _with_negative(_gen(25), 1, 5, 16),
+                    dict(height=32, width=32, guidance_scale=3.0, image=_reference_pictures()[0]))
+
+
+def qwenimage_edit_plus() -> TinyCase:
+    """QwenImage Edit Plus with two pictures (4:3, resized to 1184 x 896, and 1:1, to 1024 x 1024): 4 noisy
+    tokens, then 1036 and 1024 picture tokens; one prompt per call."""
+    import diffusers
+    from PIL import Image
+
+    edit = qwenimage_edit()
+    pipe = diffusers.QwenImageEditPlusPipeline(**edit.pipe.components)
+    square = (torch.rand(20, 20, 3, generator=_gen(26)) * 255).to(torch.uint8).numpy()
+    prompts = {k: v[:1] for k, v in edit.prompts.items()}
+    return TinyCase("QwenImage Edit Plus, two pictures through the VAE, mu, true CFG 3, text masks", _quiet(pipe),
+                    prompts, {**edit.call, "image": [edit.call["image"], Image.fromarray(square)]})
+
+
 def flux_embeds(batch: int, seed: int) -> dict:
     g = _gen(seed)
     return {"prompt_embeds": torch.randn(batch, 8, 32, generator=g),
@@ -470,5 +527,6 @@ CASES: dict[str, Callable[[], TinyCase]] = {
     "wan22": wan22,
     "qwenimage-edit": qwenimage_edit,
     "flux-inpaint": flux_inpaint, "flux-fill": flux_fill, "flux-control": flux_control,
-    "flux-controlnet": flux_controlnet,
+    "flux-controlnet": flux_controlnet, "flux2-reference": flux2_reference,
+    "flux2-klein-reference": flux2_klein_reference, "qwenimage-edit-plus": qwenimage_edit_plus,
 }

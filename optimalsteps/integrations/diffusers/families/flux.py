@@ -91,7 +91,8 @@ class FluxInpaintModel(FluxModel):
 
 class Flux(Family):
     name = "flux"
-    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline)"
+    label = ("Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline, "
+             "FluxInpaintPipeline, FluxFillPipeline, FluxControlPipeline, FluxControlNetPipeline)")
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
     model_class: ClassVar[type[FluxModel]] = FluxModel
