@@ -63,6 +63,9 @@ def test_flux2_reference_images():
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": first.resize((32, 32))})
     with pytest.raises(OptimalStepsError, match="reference image: Image must be a PIL.Image.Image"):
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": torch.zeros(1, 3, 64, 64)})
+    inpaint = diffusers.Flux2KleinInpaintPipeline(**tiny.flux2_klein_reference().pipe.components)
+    with pytest.raises(OptimalStepsError, match=r"^Flux2KleinInpaintPipeline \(inpainting\) is not reproduced yet"):
+        od.pipeline_inputs(inpaint, embeds, height=32, width=32)
     bare = tiny.flux2()
     with pytest.raises(OptimalStepsError, match="^Flux2Pipeline needs its VAE to encode reference images$"):
         od.sample_pipeline(bare.pipe, bare.prompts, result.schedule, **call)
@@ -95,5 +98,8 @@ def test_qwenimage_edit_plus_several_pictures():
         od.sample_pipeline(pipe, tiny.qwenimage().prompts, result.schedule, **call)
     with pytest.raises(OptimalStepsError, match=r"^QwenImageEditPlusPipeline needs image="):
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": None})
+    layered = diffusers.QwenImageLayeredPipeline(**pipe.components)  # its picture splits into layers: refused
+    with pytest.raises(OptimalStepsError, match="^QwenImageLayeredPipeline is not reproduced yet"):
+        od.pipeline_inputs(layered, embeds, image=first)
     with pytest.raises(OptimalStepsError, match="takes image= as PIL images, got Tensor"):
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": [first, torch.zeros(1, 3, 8, 8)]})

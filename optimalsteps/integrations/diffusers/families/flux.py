@@ -270,7 +270,7 @@ class FluxFill(FluxInpaint):
         return _masked(pipe) and (net.out_channels or net.in_channels) < net.in_channels
 
     def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
-        latents = FluxImg2Img.start(self, pipe, inputs, generator, sigma_start)
+        latents = self.noised(pipe, inputs, generator, sigma_start)[0]
         pixels = pipe.image_processor.preprocess(inputs.extras["image"], height=inputs.height,
                                                  width=inputs.width).to(torch.float32)
         mask = pipe.mask_processor.preprocess(inputs.extras["mask_image"], height=inputs.height, width=inputs.width)

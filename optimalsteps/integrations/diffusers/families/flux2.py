@@ -13,8 +13,8 @@ from typing import Any, Callable, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import (CallOptions, Guidance, PipelineModel, device_of, guidance_embedding, image_list,
-                      sequence_length)
+from ..common import (CallOptions, Guidance, PipelineModel, call_parameters, device_of, guidance_embedding,
+                      image_list, sequence_length)
 from ..family import Family, Request
 
 # the pipeline shrinks a reference picture larger than this many pixels to it
@@ -59,6 +59,9 @@ class Flux2(Family):
         return float(compute_empirical_mu(self.image_seq_len(pipe, height, width), steps))
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
+        if any(name in call_parameters(pipe) for name in ("mask_image", "strength")):  # Klein Inpaint
+            raise OptimalStepsError(f"{type(pipe).__name__} (inpainting) is not reproduced yet; of the Flux 2 "
+                                    "pipelines, Flux2Pipeline and Flux2KleinPipeline are (with reference images)")
         if options.image is None:
             return
         if getattr(pipe, "vae", None) is None:

@@ -27,8 +27,8 @@ from .qwenimage import QwenImage
 # the pipeline resizes the reference picture to this many pixels, on multiples of this many
 _AREA, _ROUND = 1024 * 1024, 32
 _CONDITION_AREA = 384 * 384  # Edit Plus: the pictures the text encoder sees
-# inputs of other Edit pipelines (inpainting, several pictures) that change what the transformer sees
-_VARIANT_INPUTS = ("mask_image", "strength")
+# inputs of other pipelines with the Edit components (inpainting, layers) that change what the transformer sees
+_VARIANT_INPUTS = ("mask_image", "strength", "layers")
 
 
 def reference_size(image: Any, area: int = _AREA) -> tuple[int, int]:
@@ -53,10 +53,7 @@ class QwenImageEdit(QwenImage):
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         cls = type(pipe).__name__
-        variant = [name for name in _VARIANT_INPUTS if name in call_parameters(pipe)]
-        if variant:
-            raise OptimalStepsError(f"{cls} is not reproduced yet; of the QwenImage Edit pipelines, "
-                                    "QwenImageEditPipeline and QwenImageEditPlusPipeline are supported")
+        refuse_variants(pipe)
         if options.image is None:
             raise OptimalStepsError(f"{cls} needs image= (the picture to edit)")
         if not isinstance(getattr(options.image, "size", None), tuple):
@@ -104,6 +101,7 @@ class QwenImageEditPlus(QwenImageEdit):
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         cls = type(pipe).__name__
+        refuse_variants(pipe)
         if options.image is None:
             raise OptimalStepsError(f"{cls} needs image= (a picture, or a list of pictures, to edit)")
         for picture in image_list(options.image):
@@ -121,8 +119,8 @@ class QwenImageEditPlus(QwenImageEdit):
 
     def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
         pictures = image_list(request.options.image)
-        request.extras["prompt_image"] = [pipe.image_processor.resize(picture, *reference_size(picture, _CONDITION_AREA))
-                                          for picture in pictures]
+        request.extras["prompt_image"] = [
+            pipe.image_processor.resize(picture, *reference_size(picture, _CONDITION_AREA)) for picture in pictures]
         cond = QwenImage.encode(self, pipe, request)
         sizes = [reference_size(picture) for picture in pictures]
         pixels = [pipe.image_processor.preprocess(picture, h, w).unsqueeze(2)  # one video frame each
@@ -135,3 +133,9 @@ class QwenImageEditPlus(QwenImageEdit):
         request.extras["image_shapes"] = [(1, h // vsf // 2, w // vsf // 2) for h, w in sizes]
         return cond
 
+
+
+def refuse_variants(pipe: Any) -> None:
+    if any(name in call_parameters(pipe) for name in _VARIANT_INPUTS):
+        raise OptimalStepsError(f"{type(pipe).__name__} is not reproduced yet; of the QwenImage Edit pipelines, "
+                                "QwenImageEditPipeline and QwenImageEditPlusPipeline are supported")
