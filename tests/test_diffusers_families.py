@@ -112,9 +112,10 @@ def test_unsupported_pipelines_name_the_supported_families():
     pipe.scheduler = diffusers.DDIMScheduler()
     with pytest.raises(OptimalStepsError, match="flow-matching scheduler"):
         od.pipeline_family(pipe)
-    inpaint = diffusers.FluxInpaintPipeline(**tiny.tiny_flux_parts())
+    inpaint = diffusers.FluxControlInpaintPipeline(**tiny.tiny_flux_parts())
     assert od.pipeline_family(inpaint) == "flux"  # recognised by its transformer, then refused for what it needs
-    with pytest.raises(OptimalStepsError, match="FluxInpaintPipeline needs mask_image, strength, which the flux"):
+    with pytest.raises(OptimalStepsError, match=r"FluxControlInpaintPipeline \(with mask_image, control_image, "
+                                                r"strength\) is not reproduced yet"):
         od.pipeline_inputs(inpaint, tiny.flux().prompts, height=64, width=64)
     with pytest.raises(OptimalStepsError, match="unknown pipeline call option"):
         case = tiny.qwenimage()
@@ -365,6 +366,6 @@ def test_qwenimage_edit_reference_picture():
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": torch.zeros(1, 3, 64, 64)})
     with pytest.raises(OptimalStepsError, match="QwenImagePipeline takes no image"):
         od.sample_pipeline(tiny.qwenimage().pipe, embeds, result.schedule, **call)
-    plus = diffusers.QwenImageEditPlusPipeline(**pipe.components)  # several pictures: another path, refused
-    with pytest.raises(OptimalStepsError, match="QwenImageEditPlusPipeline is not reproduced yet"):
-        od.pipeline_inputs(plus, embeds, **call)
+    inpaint = diffusers.QwenImageEditInpaintPipeline(**pipe.components)  # a mask and strength: refused
+    with pytest.raises(OptimalStepsError, match="QwenImageEditInpaintPipeline is not reproduced yet"):
+        od.pipeline_inputs(inpaint, embeds, **call)

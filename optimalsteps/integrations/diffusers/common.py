@@ -97,12 +97,15 @@ class CallOptions:
     max_area: Optional[int] = None  # Flux Kontext resizes the call to this many pixels
     use_resolution_binning: Optional[bool] = None  # SANA snaps the call's size to an aspect-ratio bin
     strength: Optional[float] = None  # img2img: how much of the schedule runs from the noised image
-    control_image: Any = None  # a control pipeline's condition image (CogView4 Control)
+    mask_image: Any = None  # inpainting (Flux Fill / Inpaint): white is repainted
+    control_image: Any = None  # Flux Control / ControlNet, CogView4 Control
+    controlnet_conditioning_scale: Optional[float] = None  # the ControlNet residuals' weight
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""
         names = ("negative_prompt", "true_cfg_scale", "num_frames", "max_sequence_length", "attention_kwargs", "image",
-                 "guidance_scale_2", "max_area", "use_resolution_binning", "strength", "control_image")
+                 "guidance_scale_2", "max_area", "use_resolution_binning", "strength", "mask_image", "control_image",
+                 "controlnet_conditioning_scale")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
@@ -133,6 +136,11 @@ def sequence_length(pipe: Any, options: CallOptions) -> Any:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise OptimalStepsError(f"max_sequence_length must be a whole number >= 1, got {value!r}")
     return value
+
+
+def image_list(image: Any) -> list[Any]:
+    """A call's `image` as the list of pictures the multi-image pipelines (Flux 2, QwenImage Edit Plus) take."""
+    return list(image) if isinstance(image, (list, tuple)) else [image]
 
 
 def lora_scale(options: CallOptions) -> Optional[float]:

@@ -227,7 +227,8 @@ class Family:
 
     def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
         """The state the pipeline's loop starts from at flow sigma `sigma_start` (the drawn latents, except where
-        it mixes in an image, as img2img does)."""
+        it mixes in an image, as img2img does). Conditions the pipeline draws from the same generator (an image
+        the VAE samples, Flux Inpaint / Fill / Control) are set in `inputs.cond` here, in the pipeline's order."""
         return self.draw(pipe, inputs, generator)
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:

@@ -67,7 +67,7 @@ def _metadata(pipe: Any, family: Family, request: Request, steps: Optional[int])
         "images_per_prompt": request.per_prompt,
     })
     for name, value in options.given().items():
-        if name not in ("num_frames", "image", "control_image"):
+        if name not in ("num_frames", "image", "mask_image", "control_image"):  # not recorded: pictures
             metadata[name] = value
     if "strength" in request.extras:
         metadata["strength"] = request.extras["strength"]  # img2img: the call default's too

@@ -311,12 +311,7 @@ def flux_img2img_pixels() -> TinyCase:
     """Flux Img2Img with a pixel image through a tiny VAE (its sampled latents draw from the generator first)."""
     import diffusers
 
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
-                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
-                                  up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, shift_factor=0.1,
-                                  scaling_factor=1.5).eval()
-    pipe = diffusers.FluxImg2ImgPipeline(**{**tiny_flux_parts(), "vae": vae})
+    pipe = diffusers.FluxImg2ImgPipeline(**{**tiny_flux_parts(), "vae": flux_vae()})
     g = _gen(12)
     prompts = {"prompt_embeds": torch.randn(1, 8, 32, generator=g),
                "pooled_prompt_embeds": torch.randn(1, 16, generator=g)}
@@ -329,6 +324,159 @@ def tiny_flux_parts() -> dict:
     parts = flux().pipe.components
     return {k: parts[k] for k in ("scheduler", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
                                   "transformer")}
+
+
+# ------------------------------------------------ Flux Fill / Inpaint / Control / ControlNet (pixels through a VAE)
+
+def flux_vae() -> Any:
+    """A 4-channel AutoencoderKL with two blocks (scale factor 2) and a shift / scale, as Flux's VAE has."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+                                   norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 2,
+                                   up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, shift_factor=0.1,
+                                   scaling_factor=1.5).eval()
+
+
+def flux_transformer(in_channels: int = 16, out_channels: Any = None) -> Any:
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(patch_size=1, in_channels=in_channels, out_channels=out_channels,
+                                            num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                            num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=16,
+                                            guidance_embeds=True, axes_dims_rope=(2, 2, 4)).eval()
+
+
+def _flux_variant(cls: Any, transformer: Any, **extra: Any) -> Any:
+    return _quiet(cls(**{**tiny_flux_parts(), "vae": flux_vae(), "transformer": transformer, **extra}))
+
+
+def _picture(g: torch.Generator, size: int = 16) -> torch.Tensor:
+    return torch.rand(1, 3, size, size, generator=g)
+
+
+def _half_mask(size: int = 16) -> torch.Tensor:
+    """A [1, 1, size, size] mask repainting the right half."""
+    mask = torch.zeros(1, 1, size, size)
+    mask[..., size // 2:] = 1.0
+    return mask
+
+
+def flux_inpaint() -> TinyCase:
+    """Flux Inpaint: pixel image and mask through a tiny VAE, strength 0.7, true CFG 2."""
+    import diffusers
+
+    pipe = _flux_variant(diffusers.FluxInpaintPipeline, flux_transformer())
+    prompts = {**flux_embeds(2, 13), **{"negative_" + k: v for k, v in flux_embeds(2, 14).items()}}
+    return TinyCase("Flux Inpaint, pixel image + mask through a VAE, strength 0.7, mu, guidance 3.5, true CFG 2",
+                    pipe, prompts, dict(height=16, width=16, guidance_scale=3.5, true_cfg_scale=2.0, strength=0.7,
+                                        image=_picture(_gen(15)), mask_image=_half_mask()))
+
+
+def flux_fill() -> TinyCase:
+    """Flux Fill: 4 noisy + 4 masked-image + 2 x 2 x 4 mask channels, each packed 2 x 2 (48 in, 16 out)."""
+    import diffusers
+
+    pipe = _flux_variant(diffusers.FluxFillPipeline, flux_transformer(48, 16))
+    return TinyCase("Flux Fill, masked image + mask on the channels, mu, guidance 30", pipe, flux_embeds(2, 16),
+                    dict(height=16, width=16, guidance_scale=30.0, image=_picture(_gen(17)),
+                         mask_image=_half_mask()))
+
+
+def flux_control() -> TinyCase:
+    """Flux Control: the control image's latents on the channels (32 in, 16 out)."""
+    import diffusers
+
+    pipe = _flux_variant(diffusers.FluxControlPipeline, flux_transformer(32, 16))
+    return TinyCase("Flux Control, control image latents on the channels, mu, guidance 3.5", pipe,
+                    flux_embeds(2, 18), dict(height=16, width=16, guidance_scale=3.5,
+                                             control_image=_picture(_gen(19)) * 2 - 1))
+
+
+def flux_controlnet() -> TinyCase:
+    """Flux ControlNet (InstantX style: control image through the VAE) with random (not zero) residual
+    projections, so that its residuals reach the transformer; true CFG 2 reuses the positive residuals."""
+    import diffusers
+
+    torch.manual_seed(1)
+    controlnet = diffusers.FluxControlNetModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                               attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32,
+                                               pooled_projection_dim=16, guidance_embeds=True,
+                                               axes_dims_rope=(2, 2, 4)).eval()
+    with torch.no_grad():
+        for name, weight in controlnet.named_parameters():
+            if name.startswith("controlnet_"):  # zero-initialised, as trained ControlNets start
+                weight.normal_(0.0, 0.3)
+    pipe = _flux_variant(diffusers.FluxControlNetPipeline, flux_transformer(), controlnet=controlnet)
+    prompts = {**flux_embeds(2, 20), **{"negative_" + k: v for k, v in flux_embeds(2, 21).items()}}
+    return TinyCase("Flux ControlNet, control image through the VAE, scale 0.8, mu, guidance 3.5, true CFG 2", pipe,
+                    prompts, dict(height=16, width=16, guidance_scale=3.5, true_cfg_scale=2.0,
+                                  control_image=_picture(_gen(22)) * 2 - 1, controlnet_conditioning_scale=0.8))
+
+
+def flux2_vae() -> Any:
+    """A Flux 2 VAE with 4 latent channels (16 after its 2 x 2 patchify) and three blocks (scale factor 4)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLFlux2(latent_channels=4, block_out_channels=(8, 8, 8), norm_num_groups=4,
+                                       down_block_types=("DownEncoderBlock2D",) * 3,
+                                       up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1).eval()
+    vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, 16))  # a batch norm that does something
+    vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, 16))
+    return vae
+
+
+def _reference_pictures() -> list:
+    """Two PIL pictures at the pipeline's smallest allowed side (64 pixels) and different aspect ratios."""
+    from PIL import Image
+
+    g = _gen(23)
+    return [Image.fromarray((torch.rand(h, w, 3, generator=g) * 255).to(torch.uint8).numpy())
+            for h, w in ((64, 96), (80, 64))]
+
+
+def flux2_reference() -> TinyCase:
+    """Flux 2 with two reference pictures through a tiny VAE: 16 noisy tokens, then 96 + 80 reference ones."""
+    import diffusers
+
+    pipe = diffusers.Flux2Pipeline(scheduler=flow_scheduler(), vae=flux2_vae(), text_encoder=None, tokenizer=None,
+                                   transformer=flux2_transformer(True))
+    return TinyCase("Flux 2, two reference images through the VAE, mu(resolution, steps), distilled guidance 3",
+                    _quiet(pipe), {"prompt_embeds": torch.randn(2, 5, 16, generator=_gen(24))},
+                    dict(height=32, width=32, guidance_scale=3.0, image=_reference_pictures()))
+
+
+def flux2_klein_reference() -> TinyCase:
+    import diffusers
+
+    pipe = diffusers.Flux2KleinPipeline(scheduler=flow_scheduler(), vae=flux2_vae(), text_encoder=None,
+                                        tokenizer=None, transformer=flux2_transformer(False), is_distilled=False)
+    return TinyCase("Flux 2 Klein, one reference image through the VAE, CFG 3", _quiet(pipe),
+                    _with_negative(_gen(25), 1, 5, 16),
+                    dict(height=32, width=32, guidance_scale=3.0, image=_reference_pictures()[0]))
+
+
+def qwenimage_edit_plus() -> TinyCase:
+    """QwenImage Edit Plus with two pictures (4:3, resized to 1184 x 896, and 1:1, to 1024 x 1024): 4 noisy
+    tokens, then 1036 and 1024 picture tokens; one prompt per call."""
+    import diffusers
+    from PIL import Image
+
+    edit = qwenimage_edit()
+    pipe = diffusers.QwenImageEditPlusPipeline(**edit.pipe.components)
+    square = (torch.rand(20, 20, 3, generator=_gen(26)) * 255).to(torch.uint8).numpy()
+    prompts = {k: v[:1] for k, v in edit.prompts.items()}
+    return TinyCase("QwenImage Edit Plus, two pictures through the VAE, mu, true CFG 3, text masks", _quiet(pipe),
+                    prompts, {**edit.call, "image": [edit.call["image"], Image.fromarray(square)]})
+
+
+def flux_embeds(batch: int, seed: int) -> dict:
+    g = _gen(seed)
+    return {"prompt_embeds": torch.randn(batch, 8, 32, generator=g),
+            "pooled_prompt_embeds": torch.randn(batch, 16, generator=g)}
 
 
 def wan21() -> TinyCase:
@@ -378,6 +526,9 @@ CASES: dict[str, Callable[[], TinyCase]] = {
     "sana": sana, "hunyuanvideo15": hunyuanvideo15, "wan-i2v": wan_i2v,
     "wan22": wan22,
     "qwenimage-edit": qwenimage_edit,
+    "flux-inpaint": flux_inpaint, "flux-fill": flux_fill, "flux-control": flux_control,
+    "flux-controlnet": flux_controlnet, "flux2-reference": flux2_reference,
+    "flux2-klein-reference": flux2_klein_reference, "qwenimage-edit-plus": qwenimage_edit_plus,
 }
 
 

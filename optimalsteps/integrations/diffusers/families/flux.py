@@ -2,31 +2,59 @@
 guidance as an embedding, optional true CFG (`true_cfg_scale` > 1 with a negative prompt) as a second call.
 Flux Kontext: the reference image's packed latents follow the noisy ones in the sequence (position ids
 with first coordinate 1), the output is cut back to the noisy tokens, and the call's size is fitted to
-`max_area`."""
+`max_area`.
+The other variants (Img2Img, Inpaint, Fill, Control, ControlNet) are recognised by their call's inputs and
+components; see their classes."""
 
 from __future__ import annotations
 
 import inspect
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from ....core.errors import OptimalStepsError
 from ....core.schedules import Schedule
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      guidance_embedding, lora_scale, sequence_length)
+                      guidance_embedding, lora_scale, per_sample, rows, sequence_length)
 from ..family import Family, Request
 from ..prompts import has_negative, negatives
 
-# inputs of the Flux variants that change what the transformer sees; not reproduced yet
+# inputs of the Flux variants that change what the transformer sees: a pipeline taking them is one of the
+# variants below, or refused
 _VARIANT_INPUTS = ("mask_image", "control_image", "strength")
+_VARIANTS = "FluxImg2Img, FluxInpaint, FluxFill, FluxControl and FluxControlNet pipelines"
+
+
+@dataclass(frozen=True)
+class ControlNetCall:
+    """A Flux ControlNet as the pipeline calls it each step: on the noisy latents and the positive prompt (the
+    negative branch of true CFG reuses the positive residuals), its residuals weighted by `scale`."""
+
+    net: Any
+    scale: float
+    embedded_guidance: Optional[float]
+    blocks_repeat: bool  # XLabs ControlNets (with an input hint block) cycle their residuals over the blocks
+
+    def __call__(self, h: torch.Tensor, timestep: torch.Tensor, cond: dict, txt_ids: torch.Tensor,
+                 img_ids: torch.Tensor, attention: Optional[dict]) -> dict[str, Any]:
+        guidance = guidance_embedding(self.embedded_guidance, h.shape[0], h.device)
+        blocks, singles = self.net(hidden_states=h, controlnet_cond=cond["control_latents"], controlnet_mode=None,
+                                   conditioning_scale=self.scale, timestep=timestep, guidance=guidance,
+                                   pooled_projections=cond["control_pooled_prompt_embeds"],
+                                   encoder_hidden_states=cond["control_prompt_embeds"], txt_ids=txt_ids,
+                                   img_ids=img_ids, joint_attention_kwargs=attention, return_dict=False)
+        return {"controlnet_block_samples": blocks, "controlnet_single_block_samples": singles,
+                "controlnet_blocks_repeat": self.blocks_repeat}
 
 
 class FluxModel(PipelineModel):
     def __init__(self, net: Any, guidance: Guidance, sample_shape: tuple[int, ...], spec: str, num_train_timesteps: int,
-                 attention: Optional[dict], embedded_guidance: Optional[float], img_ids: torch.Tensor):
+                 attention: Optional[dict], embedded_guidance: Optional[float], img_ids: torch.Tensor,
+                 controlnet: Optional[ControlNetCall] = None):
         super().__init__(net, guidance, sample_shape, spec, num_train_timesteps, attention)
-        self.embedded_guidance, self.img_ids = embedded_guidance, img_ids
+        self.embedded_guidance, self.img_ids, self.controlnet = embedded_guidance, img_ids, controlnet
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         # the pipeline casts the timestep to the latents' dtype, then hands the transformer timestep / 1000
@@ -35,22 +63,45 @@ class FluxModel(PipelineModel):
         embeds, h = cond["prompt_embeds"], x.to(self.dtype)
         if "image_latents" in cond:  # Kontext: the reference image's tokens after the noisy ones
             h = torch.cat([h, cond["image_latents"].to(self.dtype)], dim=1)
+        if "channel_latents" in cond:  # Fill (masked image and mask), Control (control image): more channels
+            h = torch.cat([h, cond["channel_latents"].to(self.dtype)], dim=2)
         txt_ids = torch.zeros(embeds.shape[1], 3, dtype=self.img_ids.dtype, device=x.device)  # as encode_prompt
+        residuals = {} if self.controlnet is None else self.controlnet(x.to(self.dtype), timestep, cond, txt_ids,
+                                                                        self.img_ids, self.attention)
         out = self.net(hidden_states=h, timestep=timestep, guidance=guidance,
                        pooled_projections=cond["pooled_prompt_embeds"], encoder_hidden_states=embeds,
                        txt_ids=txt_ids, img_ids=self.img_ids, joint_attention_kwargs=self.attention,
-                       return_dict=False)[0]
+                       return_dict=False, **residuals)[0]
         return out[:, : x.shape[1]]
+
+
+class FluxInpaintModel(FluxModel):
+    """Flux Inpaint: after each step the pipeline puts the unmasked latents back on the line from the image's
+    latents to the drawn noise, s noise + (1 - s) image. On that line the flow velocity is (x - image) / s,
+    whose x0 prediction is the image itself, so the model predicts it there and the network's guided velocity
+    where the mask repaints (the mask is binary): every solver then keeps the unmasked region on the line, and
+    euler steps give the pipeline's latents (up to float rounding)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        velocity = super().__call__(x, t, **cond)
+        repaint = rows(cond["inpaint_mask"], x.shape[0]).to(velocity.dtype)
+        line = (x - rows(cond["inpaint_image"], x.shape[0])) / per_sample(t, x)
+        return repaint * velocity + (1 - repaint) * line.to(velocity.dtype)
 
 
 class Flux(Family):
     name = "flux"
-    label = "Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline)"
+    label = ("Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline, "
+             "FluxInpaintPipeline, FluxFillPipeline, FluxControlPipeline, FluxControlNetPipeline)")
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
+    model_class: ClassVar[type[FluxModel]] = FluxModel
 
     def variant(self, pipe: Any) -> Family:
-        return FluxImg2Img() if _img2img(pipe) else self
+        for variant in (FluxControlNet, FluxFill, FluxInpaint, FluxControl, FluxImg2Img):
+            if variant.fits(pipe):
+                return variant()
+        return self
 
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"
@@ -60,8 +111,8 @@ class Flux(Family):
             raise OptimalStepsError(f"image inputs of {type(pipe).__name__} are not supported (Flux Kontext's are)")
         variant = [name for name in _VARIANT_INPUTS if name in _required(pipe)]
         if variant:
-            raise OptimalStepsError(f"{type(pipe).__name__} needs {', '.join(variant)}, which the flux family does "
-                                    "not reproduce yet")
+            raise OptimalStepsError(f"{type(pipe).__name__} (with {', '.join(variant)}) is not reproduced yet; of the "
+                                    f"Flux variants, the {_VARIANTS} are")
 
     def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
         if "max_area" not in call_parameters(pipe):
@@ -94,14 +145,19 @@ class Flux(Family):
         if "image_latents" in cond:
             img_ids = torch.cat([img_ids, request.extras["image_ids"]], dim=0)
         embedded = request.scale if pipe.transformer.config.guidance_embeds else None
-        return self.flow_model(FluxModel, pipe, request, cond, Guidance(_true_cfg(request.options)), shape,
-                               embedded, img_ids)
+        return self.flow_model(self.model_class, pipe, request, cond, Guidance(_true_cfg(request.options)), shape,
+                               embedded, img_ids, self.controlnet(pipe, request))
+
+    def controlnet(self, pipe: Any, request: Request) -> Optional[ControlNetCall]:
+        return None
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        channels = latent_channels(pipe)
         if not _kontext(pipe):
-            return super().draw(pipe, inputs, generator)
-        return pipe.prepare_latents(None, inputs.batch, pipe.transformer.config.in_channels // 4, inputs.height,
-                                    inputs.width, inputs.dtype, device_of(pipe), generator)[0]
+            return pipe.prepare_latents(inputs.batch, channels, inputs.height, inputs.width, inputs.dtype,
+                                        device_of(pipe), generator)[0]
+        return pipe.prepare_latents(None, inputs.batch, channels, inputs.height, inputs.width, inputs.dtype,
+                                    device_of(pipe), generator)[0]
 
 
 class FluxImg2Img(Flux):
@@ -114,6 +170,10 @@ class FluxImg2Img(Flux):
     at the call's strength: its shifted grid from the index the pipeline's get_timesteps starts at."""
 
     label = "Flux.1 Img2Img (FluxImg2ImgPipeline: image and strength)"
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        return _img2img(pipe)
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         if options.image is None:
@@ -141,9 +201,14 @@ class FluxImg2Img(Flux):
         return self.start(pipe, inputs, generator, 1.0)
 
     def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        return self.noised(pipe, inputs, generator, sigma_start)[0]
+
+    def noised(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the packed start latents s noise + (1 - s) image, the packed image latents), drawn as the pipeline
+        draws them: the image's VAE latents first, then the noise."""
         from diffusers.utils.torch_utils import randn_tensor
 
-        device, dtype, channels = device_of(pipe), inputs.dtype, pipe.transformer.config.in_channels // 4
+        device, dtype, channels = device_of(pipe), inputs.dtype, latent_channels(pipe)
         h, w = 2 * (inputs.height // (pipe.vae_scale_factor * 2)), 2 * (inputs.width // (pipe.vae_scale_factor * 2))
         image = _image_latents(pipe, inputs.extras["image"], inputs.height, inputs.width, dtype, generator)
         if inputs.batch % image.shape[0]:
@@ -151,7 +216,143 @@ class FluxImg2Img(Flux):
         image = image.repeat(inputs.batch // image.shape[0], 1, 1, 1)
         noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device, dtype=dtype)
         sigma = torch.tensor(sigma_start, dtype=torch.float32).to(dtype)  # the scheduler's float32 sigma, cast
-        return pipe._pack_latents(sigma * noise + (1.0 - sigma) * image, inputs.batch, channels, h, w)
+        return tuple(pipe._pack_latents(z, inputs.batch, channels, h, w)
+                     for z in (sigma * noise + (1.0 - sigma) * image, image))
+
+
+class FluxInpaint(FluxImg2Img):
+    """FluxInpaintPipeline: img2img (image, strength) whose steps repaint only where `mask_image` is white;
+    after each step the pipeline puts the rest back on the line s noise + (1 - s) image (FluxInpaintModel keeps
+    it there as a velocity, so a schedule runs with any solver). Image and mask are pixels (the pipeline masks the
+    pixel image), so it needs its VAE; the image's sampled latents are drawn with the noise, per seed."""
+
+    label = "Flux.1 Inpaint (FluxInpaintPipeline: image, mask_image, strength)"
+    model_class = FluxInpaintModel
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        net = pipe.transformer.config
+        return _masked(pipe) and (net.out_channels or net.in_channels) == net.in_channels
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        cls = type(pipe).__name__
+        if options.image is None or options.mask_image is None:
+            raise OptimalStepsError(f"{cls} needs image= and mask_image= (white is repainted)")
+        if getattr(pipe, "vae", None) is None:
+            raise OptimalStepsError(f"{cls} needs its VAE: it masks the image in pixels")
+        if _is_latents(pipe, options.image):
+            raise OptimalStepsError(f"{cls} takes image= as pixels, not latents: it masks the image in pixels")
+        call_strength(pipe, options)
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        cond = super().encode(pipe, request)
+        request.extras["mask_image"] = request.options.mask_image
+        return cond
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        latents, image = self.noised(pipe, inputs, generator, sigma_start)
+        inputs.cond["inpaint_image"] = image  # drawn with the seed: the VAE samples it
+        inputs.cond["inpaint_mask"] = _latent_mask(pipe, inputs, latents.dtype)
+        return latents
+
+
+class FluxFill(FluxInpaint):
+    """FluxFillPipeline: the transformer sees the masked image's latents and the mask (packed per latent pixel)
+    after the noisy channels; `strength` (default 1) as img2img. The masked image's latents are sampled by the
+    VAE after the noise is drawn, so they too are drawn per seed."""
+
+    label = "Flux.1 Fill (FluxFillPipeline: image, mask_image on the channels)"
+    model_class = FluxModel
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        net = pipe.transformer.config
+        return _masked(pipe) and (net.out_channels or net.in_channels) < net.in_channels
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        latents = self.noised(pipe, inputs, generator, sigma_start)[0]
+        pixels = pipe.image_processor.preprocess(inputs.extras["image"], height=inputs.height,
+                                                 width=inputs.width).to(torch.float32)
+        mask = pipe.mask_processor.preprocess(inputs.extras["mask_image"], height=inputs.height, width=inputs.width)
+        masked = (pixels * (1 - mask)).to(device=device_of(pipe), dtype=inputs.dtype)
+        with torch.no_grad():
+            mask, masked = pipe.prepare_mask_latents(mask, masked, inputs.batch, latent_channels(pipe), 1,
+                                                     inputs.height, inputs.width, inputs.dtype, device_of(pipe),
+                                                     generator)
+        inputs.cond["channel_latents"] = torch.cat([masked, mask], dim=-1)
+        return latents
+
+
+class FluxControl(Flux):
+    """FluxControlPipeline: the control image's VAE latents (sampled before the noise is drawn) follow the noisy
+    channels."""
+
+    label = "Flux.1 Control (FluxControlPipeline: control_image on the channels)"
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        params = call_parameters(pipe)
+        return "control_image" in params and not {"mask_image", "strength"} & set(params) and not _controlnet(pipe)
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        _check_control(pipe, options)
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        request.extras.update(control_image=request.options.control_image, per_prompt=request.per_prompt)
+        return super().encode(pipe, request)
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        inputs.cond["channel_latents"] = _control_latents(pipe, inputs, generator)
+        return super().start(pipe, inputs, generator, sigma_start)
+
+
+class FluxControlNet(FluxControl):
+    """FluxControlNetPipeline with one FluxControlNetModel: called each step on the noisy latents, the positive
+    prompt and the control image (its VAE latents, sampled before the noise; XLabs ControlNets take the pixels),
+    its residuals weighted by `controlnet_conditioning_scale` enter the transformer's blocks. The call's
+    control_guidance_start / end (which switch it per step index, not per noise level) stay at 0 and 1."""
+
+    label = "Flux.1 ControlNet (FluxControlNetPipeline: control_image, controlnet_conditioning_scale)"
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        return _controlnet(pipe) and not {"mask_image", "strength"} & set(call_parameters(pipe))
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        if type(pipe.controlnet).__name__ != "FluxControlNetModel":
+            raise OptimalStepsError(f"{type(pipe).__name__} with a {type(pipe.controlnet).__name__} is not reproduced "
+                                    "yet; one FluxControlNetModel is")
+        _check_control(pipe, options)
+        scale = options.controlnet_conditioning_scale
+        if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+            raise OptimalStepsError(f"controlnet_conditioning_scale must be a number, got {scale!r}")
+
+    def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
+        image = options.control_image
+        if isinstance(image, torch.Tensor) and tuple(image.shape[-2:]) != (height, width):
+            # the pipeline would generate at the tensor's size instead of the call's
+            raise OptimalStepsError(f"a control_image tensor must have the call's size {height}x{width}, got "
+                                    f"{tuple(image.shape[-2:])}")
+        return height, width
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        cond = super().encode(pipe, request)
+        # shared by both branches of true CFG: the pipeline runs the ControlNet on the positive prompt only
+        cond.update(control_prompt_embeds=cond["prompt_embeds"],
+                    control_pooled_prompt_embeds=cond["pooled_prompt_embeds"])
+        return cond
+
+    def controlnet(self, pipe: Any, request: Request) -> Optional[ControlNetCall]:
+        net = pipe.controlnet
+        scale = request.options.controlnet_conditioning_scale
+        scale = float(call_default(pipe, "controlnet_conditioning_scale") if scale is None else scale)
+        return ControlNetCall(net, scale, request.scale if net.config.guidance_embeds else None,
+                              net.input_hint_block is not None)
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        inputs.cond["control_latents"] = _control_latents(pipe, inputs, generator, pipe.controlnet.input_hint_block
+                                                          is None)
+        return Flux.start(self, pipe, inputs, generator, sigma_start)
 
 
 def call_strength(pipe: Any, options: CallOptions) -> float:
@@ -182,7 +383,62 @@ def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tup
     vsf = pipe.vae_scale_factor
     h, w = request.height // (vsf * 2), request.width // (vsf * 2)
     img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
-    return (h * w, pipe.transformer.config.in_channels), img_ids
+    return (h * w, 4 * latent_channels(pipe)), img_ids
+
+
+def latent_channels(pipe: Any) -> int:
+    """Channels of the unpacked noisy latents: what the transformer predicts (Fill and Control take more in)."""
+    net = pipe.transformer.config
+    return (net.out_channels or net.in_channels) // 4
+
+
+def _is_latents(pipe: Any, image: Any) -> bool:
+    return isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels
+
+
+def _masked(pipe: Any) -> bool:
+    """An inpainting pipeline (mask and strength) with no control input or Kontext reference."""
+    params = set(call_parameters(pipe))
+    return {"mask_image", "strength"} <= params and not {"control_image", "image_reference"} & params \
+        and not _controlnet(pipe)
+
+
+def _controlnet(pipe: Any) -> bool:
+    return "controlnet" in getattr(pipe, "components", {})
+
+
+def _check_control(pipe: Any, options: CallOptions) -> None:
+    cls = type(pipe).__name__
+    if options.control_image is None:
+        raise OptimalStepsError(f"{cls} needs control_image=")
+    if getattr(pipe, "vae", None) is None:
+        raise OptimalStepsError(f"{cls} needs its VAE to encode the control image")
+
+
+def _latent_mask(pipe: Any, inputs: Any, dtype: torch.dtype) -> torch.Tensor:
+    """FluxInpaint's packed mask: binarised, resized (nearest) to the latents, one value per latent channel."""
+    vsf, channels = pipe.vae_scale_factor, latent_channels(pipe)
+    h, w = 2 * (inputs.height // (vsf * 2)), 2 * (inputs.width // (vsf * 2))
+    mask = pipe.mask_processor.preprocess(inputs.extras["mask_image"], height=inputs.height, width=inputs.width)
+    mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(device=device_of(pipe), dtype=dtype)
+    if inputs.batch % mask.shape[0]:
+        raise OptimalStepsError(f"cannot share {mask.shape[0]} masks among {inputs.batch} prompts x images")
+    mask = mask.repeat(inputs.batch // mask.shape[0], channels, 1, 1)
+    return pipe._pack_latents(mask, inputs.batch, channels, h, w)
+
+
+def _control_latents(pipe: Any, inputs: Any, generator: Any, encode: bool = True) -> torch.Tensor:
+    """The control image as the Control / ControlNet pipelines prepare it: repeated to the batch, then (unless
+    `encode` is False) sampled by the VAE from `generator`, normalised and packed."""
+    image = pipe.prepare_image(image=inputs.extras["control_image"], width=inputs.width, height=inputs.height,
+                               batch_size=inputs.batch, num_images_per_prompt=inputs.extras["per_prompt"],
+                               device=device_of(pipe), dtype=pipe.vae.dtype)
+    if not encode:
+        return image
+    with torch.no_grad():
+        latents = pipe.vae.encode(image).latent_dist.sample(generator=generator)
+    latents = (latents - pipe.vae.config.shift_factor) * pipe.vae.config.scaling_factor
+    return pipe._pack_latents(latents, inputs.batch, latent_channels(pipe), *latents.shape[2:])
 
 
 def _img2img(pipe: Any) -> bool:

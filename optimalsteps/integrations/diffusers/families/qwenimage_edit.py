@@ -3,47 +3,57 @@
 std) and packed; its tokens follow the noisy ones in the sequence (a second entry in `img_shapes`) and the
 output is cut back to the noisy tokens. The prompt is encoded together with the resized picture (the
 vision-language text encoder); precomputed `prompt_embeds` skip that. Without height / width the call
-generates at the picture's resized size."""
+generates at the picture's resized size.
+
+QwenImage Edit Plus (a pipeline whose prepare_latents takes `images`): one prompt with one or more pictures.
+Each is encoded by the VAE at about 1024 x 1024 pixels and its tokens follow the noisy ones, in order (one
+`img_shapes` entry each); the text encoder sees them at about 384 x 384. Without height / width the call
+generates at the last picture's resized size."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Optional
 
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import CallOptions, call_parameters, device_of
-from ..family import Request, class_names
+from ..common import CallOptions, call_parameters, device_of, image_list
+from ..family import Family, Request
+from ..prompts import Conditioning
 from .qwenimage import QwenImage
 
 # the pipeline resizes the reference picture to this many pixels, on multiples of this many
 _AREA, _ROUND = 1024 * 1024, 32
-# inputs of other Edit pipelines (inpainting, several pictures) that change what the transformer sees
-_VARIANT_INPUTS = ("mask_image", "strength")
+_CONDITION_AREA = 384 * 384  # Edit Plus: the pictures the text encoder sees
+# inputs of other pipelines with the Edit components (inpainting, layers) that change what the transformer sees
+_VARIANT_INPUTS = ("mask_image", "strength", "layers")
 
 
-def reference_size(image: Any) -> tuple[int, int]:
-    """(height, width) the pipeline resizes a PIL picture to: _AREA pixels at its aspect ratio."""
+def reference_size(image: Any, area: int = _AREA) -> tuple[int, int]:
+    """(height, width) the pipeline resizes a PIL picture to: `area` pixels at its aspect ratio."""
     w, h = image.size
     ratio = w / h
-    width = math.sqrt(_AREA * ratio)
+    width = math.sqrt(area * ratio)
     return round(width / ratio / _ROUND) * _ROUND, round(width / _ROUND) * _ROUND
 
 
 class QwenImageEdit(QwenImage):
     name = "qwenimage-edit"
-    label = "QwenImage Edit (QwenImageTransformer2DModel with a processor: QwenImageEditPipeline)"
+    label = ("QwenImage Edit (QwenImageTransformer2DModel with a processor: QwenImageEditPipeline, "
+             "QwenImageEditPlusPipeline)")
 
     def matches(self, components: dict[str, set[str]]) -> bool:
         return super().matches(components) and "processor" in components
 
+    def variant(self, pipe: Any) -> Family:
+        several = tuple(inspect.signature(pipe.prepare_latents).parameters)[:1] == ("images",)
+        return QwenImageEditPlus() if several else self
+
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         cls = type(pipe).__name__
-        variant = [name for name in _VARIANT_INPUTS if name in call_parameters(pipe)]
-        if "QwenImageEditPlusPipeline" in class_names(pipe) or variant:
-            raise OptimalStepsError(f"{cls} is not reproduced yet; of the QwenImage Edit pipelines, "
-                                    "QwenImageEditPipeline is supported")
+        refuse_variants(pipe)
         if options.image is None:
             raise OptimalStepsError(f"{cls} needs image= (the picture to edit)")
         if not isinstance(getattr(options.image, "size", None), tuple):
@@ -53,10 +63,14 @@ class QwenImageEdit(QwenImage):
                        options: CallOptions) -> tuple[Optional[int], Optional[int]]:
         if options.image is None or (height is not None and width is not None):
             return height, width
-        ref_h, ref_w = reference_size(options.image)
+        ref_h, ref_w = reference_size(self.size_picture(options.image))
         multiple = self.vae_scale_factor(pipe) * 2
         return (ref_h // multiple * multiple if height is None else height,
                 ref_w // multiple * multiple if width is None else width)
+
+    def size_picture(self, image: Any) -> Any:
+        """The picture whose resized size the call generates at without height / width."""
+        return image
 
     def prompt_inputs(self, request: Request) -> dict[str, Any]:
         return {"image": request.extras["prompt_image"]}
@@ -79,3 +93,49 @@ class QwenImageEdit(QwenImage):
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         return pipe.prepare_latents(None, inputs.batch, self.net(pipe).config.in_channels // 4, inputs.height,
                                     inputs.width, inputs.dtype, device_of(pipe), generator)[0]
+
+
+class QwenImageEditPlus(QwenImageEdit):
+    """QwenImage Edit Plus: several pictures, each VAE-encoded at about 1024 x 1024 pixels, their tokens after the
+    noisy ones in order; the pipeline takes one prompt per call."""
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        cls = type(pipe).__name__
+        refuse_variants(pipe)
+        if options.image is None:
+            raise OptimalStepsError(f"{cls} needs image= (a picture, or a list of pictures, to edit)")
+        for picture in image_list(options.image):
+            if not isinstance(getattr(picture, "size", None), tuple):
+                raise OptimalStepsError(f"{cls} takes image= as PIL images, got {type(picture).__name__}")
+
+    def conditioning(self, pipe: Any, prompts: Any, options: CallOptions) -> Conditioning:
+        conditioning = super().conditioning(pipe, prompts, options)
+        if conditioning.count != 1:
+            raise OptimalStepsError(f"{type(pipe).__name__} takes one prompt per call, got {conditioning.count}")
+        return conditioning
+
+    def size_picture(self, image: Any) -> Any:
+        return image_list(image)[-1]
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        pictures = image_list(request.options.image)
+        request.extras["prompt_image"] = [
+            pipe.image_processor.resize(picture, *reference_size(picture, _CONDITION_AREA)) for picture in pictures]
+        cond = QwenImage.encode(self, pipe, request)
+        sizes = [reference_size(picture) for picture in pictures]
+        pixels = [pipe.image_processor.preprocess(picture, h, w).unsqueeze(2)  # one video frame each
+                  for picture, (h, w) in zip(pictures, sizes)]
+        # the VAE encodes to its mode, so the generator handed to prepare_latents draws only unused noise
+        _, cond["image_latents"] = pipe.prepare_latents(
+            pixels, request.per_prompt, pipe.transformer.config.in_channels // 4, request.height, request.width,
+            cond["prompt_embeds"].dtype, device_of(pipe), torch.Generator(device="cpu").manual_seed(0))
+        vsf = self.vae_scale_factor(pipe)
+        request.extras["image_shapes"] = [(1, h // vsf // 2, w // vsf // 2) for h, w in sizes]
+        return cond
+
+
+
+def refuse_variants(pipe: Any) -> None:
+    if any(name in call_parameters(pipe) for name in _VARIANT_INPUTS):
+        raise OptimalStepsError(f"{type(pipe).__name__} is not reproduced yet; of the QwenImage Edit pipelines, "
+                                "QwenImageEditPipeline and QwenImageEditPlusPipeline are supported")
