@@ -76,6 +76,8 @@ def flow_timestep(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------- call options
 
 ATTENTION_NAMES = ("attention_kwargs", "joint_attention_kwargs", "cross_attention_kwargs")
+# call options that are pictures or videos: they condition the model but are not recorded with a schedule
+MEDIA_OPTIONS = ("image", "last_image", "video", "mask", "reference_images")
 
 
 @dataclass
@@ -97,11 +99,17 @@ class CallOptions:
     max_area: Optional[int] = None  # Flux Kontext resizes the call to this many pixels
     use_resolution_binning: Optional[bool] = None  # SANA snaps the call's size to an aspect-ratio bin
     strength: Optional[float] = None  # img2img: how much of the schedule runs from the noised image
+    last_image: Any = None  # Wan image-to-video: the last frame
+    video: Any = None  # Wan VACE: the control video
+    mask: Any = None  # Wan VACE: where the control video is regenerated
+    reference_images: Any = None  # Wan VACE: pictures the video refers to
+    conditioning_scale: Any = None  # Wan VACE: the control blocks' scale (one, or one per block)
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""
         names = ("negative_prompt", "true_cfg_scale", "num_frames", "max_sequence_length", "attention_kwargs", "image",
-                 "guidance_scale_2", "max_area", "use_resolution_binning", "strength")
+                 "guidance_scale_2", "max_area", "use_resolution_binning", "strength", "last_image", "video", "mask",
+                 "reference_images", "conditioning_scale")
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

@@ -19,11 +19,11 @@ from .families.qwenimage_edit import QwenImageEdit
 from .families.sana import Sana
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
-from .families.wan import Wan, WanI2V
+from .families.wan import Wan, WanI2V, WanVACE
 from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
-    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
+    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(), WanVACE(),
     QwenImageEdit(), QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
 )
 

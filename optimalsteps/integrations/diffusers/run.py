@@ -18,7 +18,7 @@ from ...core.schedules import Schedule, check_steps
 from ...core.solvers import get_solver, sample
 from ...optimize.options import from_flat
 from ...optimize.search import search
-from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
+from .common import (MEDIA_OPTIONS, CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
 from .experts import ExpertSchedule, default_high_steps, search_experts
@@ -67,8 +67,8 @@ def _metadata(pipe: Any, family: Family, request: Request, steps: Optional[int])
         "images_per_prompt": request.per_prompt,
     })
     for name, value in options.given().items():
-        if name not in ("num_frames", "image"):
-            metadata[name] = value
+        if name != "num_frames" and name not in MEDIA_OPTIONS:
+            metadata[name] = value.tolist() if isinstance(value, torch.Tensor) else value
     if "strength" in request.extras:
         metadata["strength"] = request.extras["strength"]  # img2img: the call default's too
     return metadata

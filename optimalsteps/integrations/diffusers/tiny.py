@@ -379,3 +379,66 @@ CASES: dict[str, Callable[[], TinyCase]] = {
     "wan22": wan22,
     "qwenimage-edit": qwenimage_edit,
 }
+
+
+# ------------------------------------------------------------ video variants: Wan TI2V and VACE, HunyuanVideo
+# 1.5 image-to-video, LTX-2
+
+
+def tiny_wan_vae() -> Any:
+    """A Wan VAE with 4 latent channels, 2x down in time and space, and per-channel latent statistics."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                      temperal_downsample=[True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                      latents_std=[1.5, 0.8, 1.0, 2.0], scale_factor_temporal=2,
+                                      scale_factor_spatial=2).eval()
+
+
+def wan_ti2v() -> TinyCase:
+    """Wan 2.2 TI2V (expand_timesteps): the first frame's latents replace the noisy ones, at timestep 0."""
+    import diffusers
+
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(),
+                                             transformer=wan_transformer(0), image_encoder=None, image_processor=None,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
+                                             expand_timesteps=True)
+    g = _gen(14)
+    prompts = _with_negative(g, 1, 8, 16)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    return TinyCase("Wan 2.2 TI2V, clean first-frame tokens at timestep 0, shift 5, CFG 5", _quiet(pipe), prompts,
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+
+
+def wan_flf2v() -> TinyCase:
+    """Wan image-to-video from a first and a last frame."""
+    case = wan_i2v()
+    g = _gen(15)
+    case.call["last_image"] = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    case.name = "Wan first and last frame to video, both through the VAE, shift 5, CFG 5"
+    return case
+
+
+def wan_vace() -> TinyCase:
+    """Wan VACE with a control video, its mask and a reference picture through a tiny Wan VAE, two VACE blocks."""
+    import diffusers
+    from PIL import Image
+
+    torch.manual_seed(0)
+    net = diffusers.WanVACETransformer3DModel(  # control in: 2 x 4 latent channels + 2 x 2 mask channels
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=16, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=12).eval()
+    pipe = diffusers.WanVACEPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=net,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(16)
+
+    def picture() -> Any:
+        return Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+    video = [picture() for _ in range(5)]
+    mask = [Image.fromarray(((torch.arange(16)[None, :].expand(16, 16) >= 8) * 255).to(torch.uint8).numpy())] * 5
+    return TinyCase("Wan VACE, control video + mask + reference picture, conditioning scale 0.7, shift 5, CFG 5",
+                    _quiet(pipe), _with_negative(g, 1, 8, 16),
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, video=video, mask=mask,
+                         reference_images=[picture()], conditioning_scale=0.7), custom_schedule=False)

@@ -1,0 +1,102 @@
+"""The video variants (Wan TI2V, first-and-last-frame and VACE; HunyuanVideo 1.5 image-to-video; LTX-2) on tiny
+random pipelines built in code (no downloads).
+
+Pipelines without a schedule argument (Wan): `sample_pipeline(pipeline_schedule(pipe, M))` equals
+`pipe(num_inference_steps=M)`, and a search on the pipeline's own N-step grid has the pipeline's N-step run as its
+teacher. Pipelines with one: `pipe(..., **pipeline_kwargs(schedule, pipe))` equals `sample_pipeline`. The call
+options (images, video, mask, conditioning scale) change both sides the same way.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+diffusers = pytest.importorskip("diffusers")
+
+from optimalsteps.core.errors import OptimalStepsError  # noqa: E402
+from optimalsteps.integrations import diffusers as od  # noqa: E402
+from optimalsteps.integrations.diffusers import tiny  # noqa: E402
+
+from diffusers_helpers import gen, one_thread, rel_err  # noqa: E402, F401
+
+TOL = torch.finfo(torch.float32).eps * 2000  # float32 rounding over a few tiny transformer calls and steps
+pytestmark = pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor:FutureWarning")
+
+
+def own_run(pipe, prompts, call, steps, seed):
+    return pipe(**prompts, **call, num_inference_steps=steps, generator=gen(seed), output_type="latent").frames
+
+
+def check_loop(pipe, prompts, call, steps=2, teacher_steps=6, seed=1):
+    """A pipeline without a schedule argument: the library's loop on the pipeline's own grids is the pipeline, and
+    the search's teacher (the pipeline's N-step grid) is the pipeline's own N-step run."""
+    h, w = call["height"], call["width"]
+    ours = od.sample_pipeline(pipe, prompts, od.pipeline_schedule(pipe, 4, h, w), generator=gen(seed + 3), **call)
+    theirs = own_run(pipe, prompts, call, 4, seed + 3)
+    assert ours.shape == theirs.shape and rel_err(ours, theirs) < TOL
+    result = od.search_pipeline(pipe, prompts, steps=steps, seed=seed,
+                                teacher_schedule=od.pipeline_schedule(pipe, teacher_steps, h, w), **call)
+    assert rel_err(result.teacher_samples, own_run(pipe, prompts, call, teacher_steps, seed)) < TOL
+    return result, ours
+
+
+# ------------------------------------------------------------------------------------------ Wan
+
+def test_wan_ti2v_keeps_the_first_frame_clean():
+    case = tiny.wan_ti2v()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "wan-i2v"
+    seen = []
+    forward = pipe.transformer.forward
+    pipe.transformer.forward = lambda *a, **k: seen.append(k["timestep"].clone()) or forward(*a, **k)
+    result, ours = check_loop(pipe, embeds, call)
+    pipe.transformer.forward = forward
+    # one timestep per token (3 frames of 4 x 4 tokens); the first frame's 16 tokens are clean: timestep 0
+    assert seen[0].shape == (1, 48) and bool((seen[0][:, :16] == 0).all()) and bool((seen[0][:, 16:] > 0).all())
+    # its first latent frame is the image's latents, in the pipeline's output and in ours
+    condition = od.pipeline_inputs(pipe, embeds, **call).cond["condition"]
+    assert rel_err(ours[:, :, :1], condition) < TOL
+    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **{**call, "image": -call["image"]})
+    again = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **call)
+    assert rel_err(other, again) > 1e-3
+    with pytest.raises(OptimalStepsError, match="last_image is ignored by Wan TI2V"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **call, last_image=call["image"])
+
+
+def test_wan_first_and_last_frame():
+    case = tiny.wan_flf2v()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    _, both = check_loop(pipe, embeds, call)
+    first = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 4, 16, 16), generator=gen(4),
+                               **{k: v for k, v in call.items() if k != "last_image"})
+    assert rel_err(first, both) > 1e-3  # the last frame reaches the network
+    with pytest.raises(OptimalStepsError, match="WanPipeline takes no last_image"):
+        od.sample_pipeline(tiny.wan21().pipe, embeds, od.pipeline_schedule(pipe, 4, 16, 16), last_image=call["image"],
+                           **{k: v for k, v in tiny.wan21().call.items()})
+
+
+def test_wan_vace_control_video_mask_references_and_scale():
+    case = tiny.wan_vace()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "wan-vace"
+    result, controlled = check_loop(pipe, embeds, call)
+    assert result.schedule.metadata["diffusers"]["conditioning_scale"] == 0.7
+    # a reference picture adds a latent frame in front of the video's three
+    assert controlled.shape[2] == 4
+    for change in ({"conditioning_scale": [0.0, 1.5]}, {"reference_images": None}, {"mask": None}):
+        changed = {**call, **change}
+        ours = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 4, 16, 16), generator=gen(4), **changed)
+        assert rel_err(ours, own_run(pipe, embeds, changed, 4, 4)) < TOL
+        if ours.shape == controlled.shape:
+            assert rel_err(ours, controlled) > 1e-3
+    with pytest.raises(OptimalStepsError, match=r"conditioning_scale must be a number or 2 numbers"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "conditioning_scale": [1.0, 1.0, 1.0]})
+    with pytest.raises(OptimalStepsError, match="one video per call: give one prompt"):
+        two = {k: v.repeat(2, 1, 1) for k, v in embeds.items()}
+        od.sample_pipeline(pipe, two, result.schedule, **call)
+    with pytest.raises(OptimalStepsError, match="WanVACEPipeline takes no image"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **call, image=torch.zeros(1, 3, 16, 16))
