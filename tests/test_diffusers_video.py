@@ -22,6 +22,7 @@ from optimalsteps.integrations import diffusers as od  # noqa: E402
 from optimalsteps.integrations.diffusers import tiny  # noqa: E402
 
 from diffusers_helpers import gen, one_thread, rel_err  # noqa: E402, F401
+from test_diffusers_families import check_family  # noqa: E402
 
 TOL = torch.finfo(torch.float32).eps * 2000  # float32 rounding over a few tiny transformer calls and steps
 pytestmark = pytest.mark.filterwarnings("ignore:Passing `image` as torch tensor:FutureWarning")
@@ -100,3 +101,30 @@ def test_wan_vace_control_video_mask_references_and_scale():
         od.sample_pipeline(pipe, two, result.schedule, **call)
     with pytest.raises(OptimalStepsError, match="WanVACEPipeline takes no image"):
         od.sample_pipeline(pipe, embeds, result.schedule, **call, image=torch.zeros(1, 3, 16, 16))
+
+
+# ------------------------------------------------------------------------------- HunyuanVideo 1.5
+
+def test_hunyuanvideo15_image_to_video():
+    from PIL import Image
+
+    case = tiny.hunyuanvideo15_i2v()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "hunyuanvideo15-i2v"
+    result, ours = check_family(pipe, embeds, call)
+    # the size follows the picture (4:3 at target size 32), and the first frame's latents reach the network
+    assert (result.schedule.metadata["diffusers"]["height"], result.schedule.metadata["diffusers"]["width"]) == (28, 36)
+    flipped = {**call, "image": call["image"].transpose(Image.Transpose.FLIP_LEFT_RIGHT)}
+    other = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **flipped)
+    theirs = tiny.pipeline_latents(pipe, **embeds, **flipped, **od.pipeline_kwargs(result.schedule, pipe),
+                                   generator=gen(4))
+    assert rel_err(other, theirs) < TOL and rel_err(other, ours) > 1e-3
+    own = tiny.pipeline_latents(pipe, **embeds, **call, num_inference_steps=8, generator=gen(1))
+    assert rel_err(result.teacher_samples, own) < TOL
+    with pytest.raises(OptimalStepsError, match="generates at the size it fits to the image, 28x36, not 32x32"):
+        od.sample_pipeline(pipe, embeds, result.schedule, height=32, width=32, **call)
+    with pytest.raises(OptimalStepsError, match="needs image=..., the first frame as a PIL picture"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": torch.zeros(1, 3, 24, 32)})
+    pipe.transformer.register_to_config(use_meanflow=True)
+    with pytest.raises(OptimalStepsError, match="use_meanflow"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **call)

@@ -442,3 +442,23 @@ def wan_vace() -> TinyCase:
                     _quiet(pipe), _with_negative(g, 1, 8, 16),
                     dict(height=16, width=16, num_frames=5, guidance_scale=5.0, video=video, mask=mask,
                          reference_images=[picture()], conditioning_scale=0.7), custom_schedule=False)
+
+
+def hunyuanvideo15_i2v() -> TinyCase:
+    """HunyuanVideo 1.5 image-to-video: the text-to-video tiny parts with a tiny SigLIP image encoder (4 tokens)
+    and a 4:3 picture, which the pipeline fits to 28 x 36 (height x width; its target size is 32)."""
+    import diffusers
+    import transformers
+    from PIL import Image
+
+    base = hunyuanvideo15()
+    parts = {k: v for k, v in base.pipe.components.items()}
+    torch.manual_seed(0)
+    encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=8)).eval()
+    extractor = transformers.SiglipImageProcessor(size={"height": 16, "width": 16})
+    pipe = diffusers.HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=encoder, feature_extractor=extractor)
+    pixels = (torch.rand(24, 32, 3, generator=_gen(17)) * 255).to(torch.uint8).numpy()
+    return TinyCase("HunyuanVideo 1.5 image-to-video, first frame through the VAE and SigLIP, shift 5, guider CFG 6",
+                    _quiet(pipe), base.prompts, dict(num_frames=5, image=Image.fromarray(pixels)))
