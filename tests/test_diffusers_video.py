@@ -9,6 +9,7 @@ options (images, video, mask, conditioning scale) change both sides the same way
 
 from __future__ import annotations
 
+import functools
 import os
 
 import pytest
@@ -128,3 +129,56 @@ def test_hunyuanvideo15_image_to_video():
     pipe.transformer.register_to_config(use_meanflow=True)
     with pytest.raises(OptimalStepsError, match="use_meanflow"):
         od.sample_pipeline(pipe, embeds, result.schedule, **call)
+
+
+# ------------------------------------------------------------------------------------------ LTX-2
+
+def ltx2_run(pipe, embeds, call, seed, **schedule):
+    out = pipe(**embeds, **call, **schedule, generator=gen(seed), output_type="latent")
+    return out.frames, out.audio
+
+
+# the changed guidance differs from the searched one
+@pytest.mark.filterwarnings("ignore::optimalsteps.integrations.diffusers.common.SettingsWarning")
+def test_ltx2_video_and_audio_latents_as_one_state():
+    from optimalsteps.integrations.diffusers.families.ltx2 import split_latents
+
+    case = tiny.ltx2()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "ltx2"
+    result = od.search_pipeline(pipe, embeds, steps=3, teacher_steps=8, seed=1, **call)
+    model = od.pipeline_inputs(pipe, embeds, **call).model
+    recorded = result.schedule.metadata["diffusers"]
+    assert recorded["num_frames"] == 9 and recorded["mu"] == pytest.approx(0.95 + 1.1 / 60 * (12 - 4))
+    # the teacher is the pipeline's own 8-step run (linspace under mu of 3 x 2 x 2 video tokens), audio included
+    for teacher in (od.pipeline_kwargs(result.teacher, pipe), {"num_inference_steps": 8}):
+        video, audio = ltx2_run(pipe, embeds, call, 1, **teacher)
+        ours = split_latents(pipe, result.teacher_samples, model)
+        assert rel_err(ours[0], video) < TOL and rel_err(ours[1], audio) < TOL
+    default = None
+    for change in ({}, {"stg_scale": 0.0, "modality_scale": 1.0}, {"guidance_rescale": 0.0, "audio_guidance_scale": 2.0},
+                   {"guidance_scale": 1.0, "audio_guidance_scale": 1.0}, {"frame_rate": 12.0}):
+        changed = {**call, **change}
+        video, audio = ltx2_run(pipe, embeds, changed, 4, **od.pipeline_kwargs(result.schedule, pipe))
+        state = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **changed)
+        ours = split_latents(pipe, state, od.pipeline_inputs(pipe, embeds, **changed).model)
+        assert rel_err(ours[0], video) < TOL and rel_err(ours[1], audio) < TOL
+        if default is None:
+            default = ours
+        elif ours[1].shape == default[1].shape:
+            assert rel_err(ours[0], default[0]) > 1e-3  # each option reaches the network or the guidance
+    with pytest.raises(OptimalStepsError, match="num_frames must be 1 more than a multiple of 4"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "num_frames": 10})
+    with pytest.raises(OptimalStepsError, match="stg_scale must be a number"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **call, stg_scale="high")
+
+    class OwnCall(diffusers.LTX2Pipeline):  # as LTX-2's image-to-video pipelines: the same parts, another call
+        @functools.wraps(diffusers.LTX2Pipeline.__call__)
+        def __call__(self, *args, **kwargs):
+            return super().__call__(*args, **kwargs)
+
+    other = OwnCall(**pipe.components)
+    with pytest.raises(OptimalStepsError, match="OwnCall changes LTX2Pipeline's call"):
+        od.sample_pipeline(other, embeds, result.schedule, **call)
+    with pytest.raises(OptimalStepsError, match="FluxPipeline takes no stg_scale"):
+        od.sample_pipeline(tiny.flux().pipe, tiny.flux().prompts, result.schedule, height=64, width=64, stg_scale=1.0)

@@ -14,6 +14,7 @@ from .families.flux import Flux
 from .families.flux2 import Flux2
 from .families.hunyuanvideo15 import HunyuanVideo15, HunyuanVideo15I2V
 from .families.lumina2 import Lumina2
+from .families.ltx2 import LTX2
 from .families.qwenimage import QwenImage
 from .families.qwenimage_edit import QwenImageEdit
 from .families.sana import Sana
@@ -25,7 +26,7 @@ from .families.zimage import ZImage
 FAMILIES: tuple[Family, ...] = (
     Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(), WanVACE(),
     QwenImageEdit(), QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
-    HunyuanVideo15I2V(),
+    HunyuanVideo15I2V(), LTX2(),
 )
 
 

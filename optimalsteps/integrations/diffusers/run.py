@@ -92,18 +92,18 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
     h, w = request.height, request.width
     model.integer_timesteps = family.flow and type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
     if type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and family.flow:
-        model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1)[0])
-    model.set_teacher(_teacher(pipe, family, model, request.options, h, w))
+        model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1, request.frames)[0])
+    model.set_teacher(_teacher(pipe, family, model, request.options, h, w, request.frames))
     return PipelineInputs(model, cond, request.conditioning.count * request.per_prompt, h, w, request.frames, dtype,
                           _metadata(pipe, family, request, steps), request.extras)
 
 
-def _teacher(pipe: Any, family: Family, model: Any, options: CallOptions, height: int,
-             width: int) -> Callable[[int], Schedule]:
+def _teacher(pipe: Any, family: Family, model: Any, options: CallOptions, height: int, width: int,
+             frames: Optional[int]) -> Callable[[int], Schedule]:
     """The model's teacher grid: the pipeline's own, as the call runs it (img2img: from its strength's start,
     which becomes the start of the model's process, since a search starts at the process start)."""
     def grid(teacher_steps: int) -> Schedule:
-        teacher = family.teacher(pipe, pipeline_teacher(pipe, teacher_steps, height, width), options)
+        teacher = family.teacher(pipe, pipeline_teacher(pipe, teacher_steps, height, width, frames), options)
         if float(teacher.times[0]) != model.process.t_start:
             model.process = dataclasses.replace(model.process, t_start=float(teacher.times[0]))
         return teacher

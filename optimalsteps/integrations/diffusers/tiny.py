@@ -462,3 +462,60 @@ def hunyuanvideo15_i2v() -> TinyCase:
     pixels = (torch.rand(24, 32, 3, generator=_gen(17)) * 255).to(torch.uint8).numpy()
     return TinyCase("HunyuanVideo 1.5 image-to-video, first frame through the VAE and SigLIP, shift 5, guider CFG 6",
                     _quiet(pipe), base.prompts, dict(num_frames=5, image=Image.fromarray(pixels)))
+
+
+def ltx2() -> TinyCase:
+    """LTX-2 with tiny video and audio VAEs (for their compression ratios and latent statistics), text connectors and
+    a one-block transformer: 3 latent frames of 2 x 2 and 9 audio latent frames of 8 channels x 16 mel bins. The
+    call's STG perturbs block 0 (the default, 28, is past the tiny transformer's one block)."""
+    import diffusers
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8, 8), decoder_block_out_channels=(8,), layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False), down_block_types=("LTX2VideoDownBlock3D",) * 2, upsample_residual=(True,),
+        upsample_factor=(2,)).eval()
+    audio_vae = diffusers.AutoencoderKLLTX2Audio(base_channels=4, ch_mult=(1,), num_res_blocks=1, latent_channels=8).eval()
+    g = _gen(18)
+    vae.latents_mean, vae.latents_std = torch.randn(8, generator=g) * 0.1, torch.rand(8, generator=g) + 0.5
+    # the audio statistics are per packed feature (8 channels x 16 mel bins)
+    audio_vae.latents_mean, audio_vae.latents_std = torch.randn(128, generator=g) * 0.1, torch.rand(128, generator=g) + 0.5
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32).eval()
+    net = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=1, caption_channels=16).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                          base_image_seq_len=4, max_image_seq_len=64)
+    pipe = diffusers.LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
+                                  connectors=connectors, transformer=net, vocoder=None)
+    prompts = {"prompt_embeds": torch.randn(1, 6, 32, generator=g),
+               "prompt_attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1]]),  # left padding, as Gemma's
+               "negative_prompt_embeds": torch.randn(1, 6, 32, generator=g),
+               "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    return TinyCase("LTX-2, video + audio latents, mu(frames), CFG 3 / 7, STG, modality guidance, rescale 0.7",
+                    _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=9, spatio_temporal_guidance_blocks=[0]),
+                    notes={"latents": ltx2_state})
+
+
+def ltx2_state(pipe: Any, **call: Any) -> torch.Tensor:
+    """An LTX-2 call's final latents as the library's state: video and audio latents packed, normalised, flattened
+    and concatenated (the inverse of `families.ltx2.split_latents`)."""
+    out = pipe(**call, output_type="latent")
+    net, vae, audio_vae = pipe.transformer.config, pipe.vae, pipe.audio_vae
+    video = pipe._normalize_latents(out.frames, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+    video = pipe._pack_latents(video, net.patch_size, net.patch_size_t)
+    audio = pipe._normalize_audio_latents(pipe._pack_audio_latents(out.audio), audio_vae.latents_mean,
+                                          audio_vae.latents_std)
+    return torch.cat([video.flatten(1), audio.flatten(1)], dim=1)
+
+
+CASES.update({"wan-ti2v": wan_ti2v, "wan-flf2v": wan_flf2v, "wan-vace": wan_vace,
+              "hunyuanvideo15-i2v": hunyuanvideo15_i2v, "ltx2": ltx2})
