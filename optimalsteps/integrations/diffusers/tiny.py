@@ -342,21 +342,8 @@ def wan21() -> TinyCase:
 
 def wan_i2v() -> TinyCase:
     """Wan image-to-video (2.2 style: no CLIP image encoder) with a tiny Wan VAE for the first frame."""
-    import diffusers
-
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
-                                     latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0],
-                                     scale_factor_temporal=2, scale_factor_spatial=2).eval()
-    net = wan_transformer(0, in_channels=10)  # 4 latent + 2 frame-mask + 4 condition channels in
-    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=net,
-                                             image_encoder=None, image_processor=None,
-                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
-    g = _gen(13)
-    prompts = _with_negative(g, 1, 8, 16)
-    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    return TinyCase("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", _quiet(pipe), prompts,
-                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+    # 4 latent + 2 frame-mask + 4 condition channels in
+    return wan_image_case("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", 13, in_channels=10)
 
 
 def wan22() -> TinyCase:
@@ -396,19 +383,25 @@ def tiny_wan_vae() -> Any:
                                       scale_factor_spatial=2).eval()
 
 
-def wan_ti2v() -> TinyCase:
-    """Wan 2.2 TI2V (expand_timesteps): the first frame's latents replace the noisy ones, at timestep 0."""
+def wan_image_case(name: str, seed: int, in_channels: int, **config: Any) -> TinyCase:
+    """A WanImageToVideoPipeline with the tiny Wan VAE, no CLIP image encoder and a random first frame."""
     import diffusers
 
     pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(),
-                                             transformer=wan_transformer(0), image_encoder=None, image_processor=None,
-                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0),
-                                             expand_timesteps=True)
-    g = _gen(14)
+                                             transformer=wan_transformer(0, in_channels=in_channels),
+                                             image_encoder=None, image_processor=None,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), **config)
+    g = _gen(seed)
     prompts = _with_negative(g, 1, 8, 16)
     image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    return TinyCase("Wan 2.2 TI2V, clean first-frame tokens at timestep 0, shift 5, CFG 5", _quiet(pipe), prompts,
+    return TinyCase(name, _quiet(pipe), prompts,
                     dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+
+
+def wan_ti2v() -> TinyCase:
+    """Wan 2.2 TI2V (expand_timesteps): the first frame's latents replace the noisy ones, at timestep 0."""
+    return wan_image_case("Wan 2.2 TI2V, clean first-frame tokens at timestep 0, shift 5, CFG 5", 14, in_channels=4,
+                          expand_timesteps=True)
 
 
 def wan_flf2v() -> TinyCase:
