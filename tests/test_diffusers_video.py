@@ -182,3 +182,34 @@ def test_ltx2_video_and_audio_latents_as_one_state():
         od.sample_pipeline(other, embeds, result.schedule, **call)
     with pytest.raises(OptimalStepsError, match="FluxPipeline takes no stg_scale"):
         od.sample_pipeline(tiny.flux().pipe, tiny.flux().prompts, result.schedule, height=64, width=64, stg_scale=1.0)
+
+
+def test_video_families_from_their_model_index():
+    from optimalsteps.integrations.diffusers.registry import family_from_index
+
+    def index(name, transformer, **parts):
+        return {"_class_name": name, "transformer": ["diffusers", transformer], "vae": ["diffusers", "AutoencoderKL"],
+                **{k: ["transformers", v] for k, v in parts.items()}}
+
+    assert family_from_index(index("WanVACEPipeline", "WanVACETransformer3DModel")).name == "wan-vace"
+    assert family_from_index(index("LTX2Pipeline", "LTX2VideoTransformer3DModel")).name == "ltx2"
+    hunyuan = "HunyuanVideo15Transformer3DModel"
+    assert family_from_index(index("HunyuanVideo15Pipeline", hunyuan)).name == "hunyuanvideo15"
+    assert family_from_index(index("HunyuanVideo15ImageToVideoPipeline", hunyuan,
+                                   image_encoder="SiglipVisionModel")).name == "hunyuanvideo15-i2v"
+
+
+@pytest.mark.parametrize("build", [tiny.wan_ti2v, tiny.wan_vace])
+def test_wan_variants_with_their_default_unipc_scheduler(build):
+    """UniPC hands the network integer timesteps (per token under TI2V); the library's unipc solver follows it."""
+    from optimalsteps.core.solvers import SOLVERS
+
+    if "unipc" not in SOLVERS:
+        pytest.skip("needs the 'unipc' solver in core/solvers.py")
+    case = build()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    pipe.scheduler = diffusers.UniPCMultistepScheduler(use_flow_sigmas=True, prediction_type="flow_prediction",
+                                                       flow_shift=5.0)
+    ours = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 5, 16, 16), generator=gen(2), solver="unipc",
+                              **call)
+    assert rel_err(ours, own_run(pipe, embeds, call, 5, 2)) < TOL
