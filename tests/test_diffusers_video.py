@@ -158,7 +158,8 @@ def test_ltx2_video_and_audio_latents_as_one_state():
         assert rel_err(ours[0], video) < TOL and rel_err(ours[1], audio) < TOL
     default = None
     for change in ({}, {"stg_scale": 0.0, "modality_scale": 1.0}, {"guidance_rescale": 0.0, "audio_guidance_scale": 2.0},
-                   {"guidance_scale": 1.0, "audio_guidance_scale": 1.0}, {"frame_rate": 12.0}):
+                   {"guidance_scale": 1.0, "audio_guidance_scale": 1.0}, {"frame_rate": 12.0},
+                   {"motion_speed": 0.5, "use_cross_timestep": False}):
         changed = {**call, **change}
         video, audio = ltx2_run(pipe, embeds, changed, 4, **od.pipeline_kwargs(result.schedule, pipe))
         state = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **changed)

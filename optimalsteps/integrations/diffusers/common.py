@@ -115,6 +115,8 @@ class CallOptions:
     audio_guidance_rescale: Optional[float] = None
     spatio_temporal_guidance_blocks: Optional[list] = None
     frame_rate: Optional[float] = None
+    motion_speed: Optional[float] = None
+    use_cross_timestep: Optional[bool] = None
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""

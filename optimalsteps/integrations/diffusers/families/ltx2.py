@@ -62,6 +62,7 @@ class LTX2Layout:
     height: int
     width: int
     fps: float  # the frame rate the positions are conditioned on
+    cross_timestep: bool  # use_cross_timestep
 
     @property
     def video_size(self) -> int:
@@ -114,7 +115,8 @@ class LTX2Model(PipelineModel):
                         audio_encoder_attention_mask=cond["prompt_mask"], num_frames=layout.frames,
                         height=layout.height, width=layout.width, fps=layout.fps, audio_num_frames=layout.audio_tokens,
                         video_coords=rope, audio_coords=audio_rope, isolate_modalities=isolate,
-                        spatio_temporal_guidance_blocks=blocks, perturbation_mask=None, use_cross_timestep=True,
+                        spatio_temporal_guidance_blocks=blocks, perturbation_mask=None,
+                        use_cross_timestep=layout.cross_timestep,
                         attention_kwargs=self.attention, return_dict=False)
         return v.float(), a.float()
 
@@ -166,9 +168,10 @@ class LTX2(Family):
             value = getattr(options, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise OptimalStepsError(f"{name} must be a number, got {value!r}")
-        rate = options.frame_rate
-        if rate is not None and (isinstance(rate, bool) or not isinstance(rate, (int, float)) or rate <= 0):
-            raise OptimalStepsError(f"frame_rate must be a positive number, got {rate!r}")
+        for name in ("frame_rate", "motion_speed"):
+            value = getattr(options, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise OptimalStepsError(f"{name} must be a positive number, got {value!r}")
 
     # ---------------------------------------------------------------------- sizes
     def vae_scale_factor(self, pipe: Any) -> int:
@@ -240,8 +243,11 @@ class LTX2(Family):
         net = pipe.transformer.config
         spatial, temporal = pipe.vae_spatial_compression_ratio, pipe.vae_temporal_compression_ratio
         frames, height, width = (request.frames - 1) // temporal + 1, request.height // spatial, request.width // spatial
-        rate = float(call_default(pipe, "frame_rate") if request.options.frame_rate is None else
-                     request.options.frame_rate)
+        options = request.options
+        rate = float(call_default(pipe, "frame_rate") if options.frame_rate is None else options.frame_rate)
+        speed = float(call_default(pipe, "motion_speed") if options.motion_speed is None else options.motion_speed)
+        cross = call_default(pipe, "use_cross_timestep") if options.use_cross_timestep is None else \
+            options.use_cross_timestep
         per_second = pipe.audio_sampling_rate / pipe.audio_hop_length / float(pipe.audio_vae_temporal_compression_ratio)
         audio_vae = getattr(pipe, "audio_vae", None)
         mel_bins = audio_vae.config.mel_bins if audio_vae is not None else 64
@@ -249,7 +255,7 @@ class LTX2(Family):
         tokens = frames // net.patch_size_t * (height // net.patch_size) * (width // net.patch_size)
         return LTX2Layout(tokens, net.in_channels, round(request.frames / rate * per_second), channels, mel_bins,
                           mel_bins // pipe.audio_vae_mel_compression_ratio, frames, height, width,
-                          conditioning_frame_rate(rate, 1.0))
+                          conditioning_frame_rate(rate, speed), bool(cross))
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
         layout = self.layout(pipe, request)

@@ -213,7 +213,7 @@ class WanI2V(Wan):
         cond = super().encode(pipe, request)
         options, batch = request.options, request.conditioning.count * request.per_prompt
         image, last = options.image, options.last_image
-        if getattr(pipe, "image_encoder", None) is not None:
+        if pipe.transformer is not None and pipe.transformer.config.image_dim is not None:  # Wan 2.1's CLIP tokens
             embeds = pipe.encode_image(image if last is None else [image, last], device_of(pipe))
             cond["image_embeds"] = embeds.repeat(batch, 1, 1).to(self.net(pipe).dtype)
 
