@@ -150,8 +150,8 @@ def test_ltx2_video_and_audio_latents_as_one_state():
     result = od.search_pipeline(pipe, embeds, steps=3, teacher_steps=8, seed=1, **call)
     model = od.pipeline_inputs(pipe, embeds, **call).model
     recorded = result.schedule.metadata["diffusers"]
-    assert recorded["num_frames"] == 9 and recorded["mu"] == pytest.approx(0.95 + 1.1 / 60 * (12 - 4))
-    # the teacher is the pipeline's own 8-step run (linspace under mu of 3 x 2 x 2 video tokens), audio included
+    assert recorded["num_frames"] == 5 and recorded["mu"] == pytest.approx(0.95 + 1.1 / 60 * (48 - 4))
+    # the teacher is the pipeline's own 8-step run (linspace under mu of 3 x 4 x 4 video tokens), audio included
     for teacher in (od.pipeline_kwargs(result.teacher, pipe), {"num_inference_steps": 8}):
         video, audio = ltx2_run(pipe, embeds, call, 1, **teacher)
         ours = split_latents(pipe, result.teacher_samples, model)
@@ -169,8 +169,8 @@ def test_ltx2_video_and_audio_latents_as_one_state():
             default = ours
         elif ours[1].shape == default[1].shape:
             assert rel_err(ours[0], default[0]) > 1e-3  # each option reaches the network or the guidance
-    with pytest.raises(OptimalStepsError, match="num_frames must be 1 more than a multiple of 4"):
-        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "num_frames": 10})
+    with pytest.raises(OptimalStepsError, match="num_frames must be 1 more than a multiple of 2"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "num_frames": 6})
     with pytest.raises(OptimalStepsError, match="stg_scale must be a number"):
         od.sample_pipeline(pipe, embeds, result.schedule, **call, stg_scale="high")
 
@@ -215,3 +215,31 @@ def test_wan_variants_with_their_default_unipc_scheduler(build):
     ours = od.sample_pipeline(pipe, embeds, od.pipeline_schedule(pipe, 5, 16, 16), generator=gen(2), solver="unipc",
                               **call)
     assert rel_err(ours, own_run(pipe, embeds, call, 5, 2)) < TOL
+
+
+def test_ltx2_image_to_video_keeps_the_first_frame():
+    from PIL import Image
+
+    from optimalsteps.integrations.diffusers.families.ltx2 import split_latents
+
+    case = tiny.ltx2_i2v()
+    pipe, embeds, call = case.pipe, case.prompts, case.call
+    assert od.pipeline_family(pipe) == "ltx2-i2v"
+    result = od.search_pipeline(pipe, embeds, steps=3, teacher_steps=8, seed=1, **call)
+    model = od.pipeline_inputs(pipe, embeds, **call).model
+    video, audio = ltx2_run(pipe, embeds, call, 1, num_inference_steps=8)
+    ours = split_latents(pipe, result.teacher_samples, model)
+    assert rel_err(ours[0], video) < TOL and rel_err(ours[1], audio) < TOL
+    firsts = []
+    for image in (call["image"], call["image"].transpose(Image.Transpose.FLIP_TOP_BOTTOM)):
+        changed = {**call, "image": image}
+        video, audio = ltx2_run(pipe, embeds, changed, 4, **od.pipeline_kwargs(result.schedule, pipe))
+        ours = split_latents(pipe, od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), **changed), model)
+        assert rel_err(ours[0], video) < TOL and rel_err(ours[1], audio) < TOL
+        firsts.append(ours[0][:, :, 0])
+    # the first frame is the picture's latents, untouched by the steps: another picture, another first frame
+    assert rel_err(firsts[0], firsts[1]) > 1e-2
+    with pytest.raises(OptimalStepsError, match="needs image=..., the first frame"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{k: v for k, v in call.items() if k != "image"})
+    with pytest.raises(OptimalStepsError, match="image_crf must be a whole number >= 0"):
+        od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image_crf": -1})

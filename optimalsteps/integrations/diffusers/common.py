@@ -117,6 +117,7 @@ class CallOptions:
     frame_rate: Optional[float] = None
     motion_speed: Optional[float] = None
     use_cross_timestep: Optional[bool] = None
+    image_crf: Optional[int] = None  # LTX-2 image-to-video: the H.264 re-compression of its image (0: none)
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""

@@ -458,9 +458,10 @@ def hunyuanvideo15_i2v() -> TinyCase:
 
 
 def ltx2() -> TinyCase:
-    """LTX-2 with tiny video and audio VAEs (for their compression ratios and latent statistics), text connectors and
-    a one-block transformer: 3 latent frames of 2 x 2 and 9 audio latent frames of 8 channels x 16 mel bins. The
-    call's STG perturbs block 0 (the default, 28, is past the tiny transformer's one block)."""
+    """LTX-2 with tiny video and audio VAEs (8x down in space, 2x in time: the ratios set to what the tiny encoder
+    does), text connectors and a one-block transformer: 3 latent frames of 4 x 4 and 5 audio latent frames of 8
+    channels x 16 mel bins. The call's STG perturbs block 0 (the default, 28, is past the tiny transformer's one
+    block)."""
     import diffusers
     from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
 
@@ -469,7 +470,7 @@ def ltx2() -> TinyCase:
         latent_channels=8, block_out_channels=(8, 8), decoder_block_out_channels=(8,), layers_per_block=(1, 1, 1),
         decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True,),
         decoder_inject_noise=(False, False), down_block_types=("LTX2VideoDownBlock3D",) * 2, upsample_residual=(True,),
-        upsample_factor=(2,)).eval()
+        upsample_factor=(2,), spatial_compression_ratio=8, temporal_compression_ratio=2).eval()
     audio_vae = diffusers.AutoencoderKLLTX2Audio(base_channels=4, ch_mult=(1,), num_res_blocks=1, latent_channels=8).eval()
     g = _gen(18)
     vae.latents_mean, vae.latents_std = torch.randn(8, generator=g) * 0.1, torch.rand(8, generator=g) + 0.5
@@ -494,7 +495,7 @@ def ltx2() -> TinyCase:
                "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long)}
     return TinyCase("LTX-2, video + audio latents, mu(frames), CFG 3 / 7, STG, modality guidance, rescale 0.7",
                     _quiet(pipe), prompts,
-                    dict(height=32, width=32, num_frames=9, spatio_temporal_guidance_blocks=[0]),
+                    dict(height=32, width=32, num_frames=5, spatio_temporal_guidance_blocks=[0]),
                     notes={"latents": ltx2_state})
 
 
@@ -512,3 +513,19 @@ def ltx2_state(pipe: Any, **call: Any) -> torch.Tensor:
 
 CASES.update({"wan-ti2v": wan_ti2v, "wan-flf2v": wan_flf2v, "wan-vace": wan_vace,
               "hunyuanvideo15-i2v": hunyuanvideo15_i2v, "ltx2": ltx2})
+
+
+def ltx2_i2v() -> TinyCase:
+    """LTX-2 image-to-video on the `ltx2` parts: a 32 x 32 picture as the first frame (image_crf=0: no H.264
+    re-compression, which needs PyAV)."""
+    import diffusers
+    from PIL import Image
+
+    base = ltx2()
+    pipe = diffusers.LTX2ImageToVideoPipeline(**base.pipe.components)
+    picture = Image.fromarray((torch.rand(32, 32, 3, generator=_gen(19)) * 255).to(torch.uint8).numpy())
+    return TinyCase("LTX-2 image-to-video, clean first-frame tokens at timestep 0, video + audio, CFG, STG, modality",
+                    _quiet(pipe), base.prompts, dict(base.call, image=picture, image_crf=0), notes=base.notes)
+
+
+CASES.update({"ltx2-i2v": ltx2_i2v})

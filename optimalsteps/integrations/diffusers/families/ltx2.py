@@ -1,4 +1,4 @@
-"""LTX-2 text-to-video with audio: video latents (packed [B, S_v, C_v]) and audio latents (packed [B, S_a, C_a])
+"""LTX-2 text- and image-to-video with audio: video latents (packed [B, S_v, C_v]) and audio latents (packed [B, S_a, C_a])
 are denoised together by one transformer, each stepped by its own copy of the same FlowMatchEuler scheduler with
 the same sigmas. The model state is the two flattened and concatenated, [B, S_v C_v + S_a C_a]; `split_latents`
 gives them back as `pipe(..., output_type="latent")` returns them.
@@ -7,6 +7,9 @@ Guidance is LTX-2's own, on x0 = x - sigma v: classifier-free guidance from one 
 positive]), spatio-temporal guidance (a call with the chosen blocks perturbed), modality-isolation guidance (a call
 without cross-modal attention), then a rescale to the conditional x0's standard deviation; the audio has its own
 scales. mu follows the video's packed sequence length, so the frame count too.
+
+Image-to-video (LTX2ImageToVideoPipeline) starts with the image's latents as the first frame, gives its tokens
+timestep 0 and never steps them: their velocity is 0.
 """
 
 from __future__ import annotations
@@ -99,9 +102,11 @@ def _guided(x: torch.Tensor, sigma: torch.Tensor, outputs: dict[str, torch.Tenso
 
 class LTX2Model(PipelineModel):
     def __init__(self, net: Any, guidance: LTX2Guidance, sample_shape: tuple[int, ...], spec: str,
-                 num_train_timesteps: int, attention: Optional[dict], layout: LTX2Layout, dtype: torch.dtype):
+                 num_train_timesteps: int, attention: Optional[dict], layout: LTX2Layout, dtype: torch.dtype,
+                 clean: Optional[torch.Tensor] = None):
         super().__init__(net, None, sample_shape, spec, num_train_timesteps, attention)
         self.ltx2_guidance, self.layout, self.dtype = guidance, layout, dtype
+        self.clean = clean  # image-to-video: [1, video tokens], 1 on the image's (first frame's) tokens
 
     def _net(self, video: torch.Tensor, audio: torch.Tensor, timestep: torch.Tensor, cond: dict,
              blocks: Optional[list] = None, isolate: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,9 +114,11 @@ class LTX2Model(PipelineModel):
         rope = self.net.rope.prepare_video_coords(n, layout.frames, layout.height, layout.width, video.device,
                                                   fps=layout.fps)
         audio_rope = self.net.audio_rope.prepare_audio_coords(n, layout.audio_tokens, audio.device)
+        video_timestep = timestep if self.clean is None else timestep[:, None] * (1 - self.clean)
         v, a = self.net(hidden_states=video.to(self.dtype), audio_hidden_states=audio.to(self.dtype),
                         encoder_hidden_states=cond["prompt_embeds"], audio_encoder_hidden_states=cond["audio_embeds"],
-                        timestep=timestep, sigma=timestep, encoder_attention_mask=cond["prompt_mask"],
+                        timestep=video_timestep, audio_timestep=timestep, sigma=timestep,
+                        encoder_attention_mask=cond["prompt_mask"],
                         audio_encoder_attention_mask=cond["prompt_mask"], num_frames=layout.frames,
                         height=layout.height, width=layout.width, fps=layout.fps, audio_num_frames=layout.audio_tokens,
                         video_coords=rope, audio_coords=audio_rope, isolate_modalities=isolate,
@@ -143,13 +150,18 @@ class LTX2Model(PipelineModel):
         sigma = t.to(torch.float32).reshape(-1, 1, 1)
         v = _guided(video, sigma, {k: o[0] for k, o in outputs.items()}, guide.video)
         a = _guided(audio, sigma, {k: o[1] for k, o in outputs.items()}, guide.audio)
+        if self.clean is not None:  # the pipeline steps only the frames after the image's
+            v = torch.where(self.clean[..., None] > 0, torch.zeros_like(v), v)
         return torch.cat([v.flatten(1), a.flatten(1)], dim=1)
 
 
-def _own_call(pipe: Any) -> bool:
-    from diffusers import LTX2Pipeline
+def _call_kind(pipe: Any) -> Optional[str]:
+    """"t2v" or "i2v" for a pipeline whose __call__ is LTX2Pipeline's or LTX2ImageToVideoPipeline's, else None."""
+    import diffusers
 
-    return type(pipe).__call__ is not LTX2Pipeline.__call__
+    calls = {"t2v": "LTX2Pipeline", "i2v": "LTX2ImageToVideoPipeline"}
+    return next((kind for kind, name in calls.items()
+                 if type(pipe).__call__ is getattr(getattr(diffusers, name, None), "__call__", None)), None)
 
 
 class LTX2(Family):
@@ -159,11 +171,17 @@ class LTX2(Family):
     video = True
     packed = False
 
+    def variant(self, pipe: Any) -> Family:
+        return LTX2I2V() if _call_kind(pipe) == "i2v" else self
+
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         super().check_options(pipe, options)
-        if _own_call(pipe):
-            raise OptimalStepsError(f"{type(pipe).__name__} changes LTX2Pipeline's call (image or video conditions), "
-                                    "which the ltx2 family does not reproduce yet")
+        if _call_kind(pipe) != "t2v":
+            raise OptimalStepsError(f"{type(pipe).__name__} changes LTX2Pipeline's call (other conditions than a first "
+                                    "image), which the ltx2 family does not reproduce yet")
+        self.check_settings(options)
+
+    def check_settings(self, options: CallOptions) -> None:
         for name in _GUIDANCE[1:]:
             value = getattr(options, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
@@ -263,17 +281,69 @@ class LTX2(Family):
         shape = (layout.video_size + layout.audio_tokens * layout.audio_features,)
         model = LTX2Model(pipe.transformer, self.guidance_settings(pipe, request), shape, request.spec,
                           pipe.scheduler.config.num_train_timesteps, request.options.attention_kwargs, layout,
-                          request.extras["dtype"])
+                          request.extras["dtype"], self.clean_tokens(pipe, layout))
         return model, torch.float32
+
+    def clean_tokens(self, pipe: Any, layout: LTX2Layout) -> Optional[torch.Tensor]:
+        """[1, video tokens]: 1 on the tokens the pipeline keeps clean (image-to-video); None for none."""
+        return None
+
+    def draw_video(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return pipe.prepare_latents(inputs.batch, pipe.transformer.config.in_channels, inputs.height, inputs.width,
+                                    inputs.num_frames, 0.0, torch.float32, device_of(pipe), generator)
 
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         """The video latents, then the audio latents, from one generator, as the pipeline draws them."""
-        layout, device = inputs.model.layout, device_of(pipe)
-        video = pipe.prepare_latents(inputs.batch, pipe.transformer.config.in_channels, inputs.height, inputs.width,
-                                     inputs.num_frames, 0.0, torch.float32, device, generator)
+        layout = inputs.model.layout
+        video = self.draw_video(pipe, inputs, generator)
         audio = pipe.prepare_audio_latents(inputs.batch, layout.audio_channels, layout.audio_tokens, layout.mel_bins,
-                                           0.0, torch.float32, device, generator)
+                                           0.0, torch.float32, device_of(pipe), generator)
         return torch.cat([video.flatten(1), audio.flatten(1)], dim=1)
+
+
+class LTX2I2V(LTX2):
+    name = "ltx2-i2v"
+    label = "LTX-2 image-to-video with audio (LTX2VideoTransformer3DModel, LTX2ImageToVideoPipeline's call)"
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        if options.image is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs image=..., the first frame")
+        if getattr(pipe, "vae", None) is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs its VAE to encode the first frame")
+        crf = options.image_crf
+        if crf is not None and (not whole_number(crf) or crf < 0):
+            raise OptimalStepsError(f"image_crf must be a whole number >= 0, got {crf!r}")
+        self.check_settings(options)
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        import numpy as np
+        from PIL import Image
+        from diffusers.pipelines.ltx2.utils import apply_image_conditioning_crf, resolve_default_image_crf
+
+        cond = super().encode(pipe, request)
+        image, crf = request.options.image, request.options.image_crf
+        crf = resolve_default_image_crf(getattr(pipe, "text_encoder", None)) if crf is None else crf
+        if crf != 0:  # the H.264 re-compression the model was trained with
+            if not isinstance(image, Image.Image):
+                raise OptimalStepsError("LTX-2 re-compresses its image (image_crf) only from a PIL picture: pass one, "
+                                        "or image_crf=0")
+            image = Image.fromarray(apply_image_conditioning_crf(np.array(image.convert("RGB")), crf))
+        pixels = pipe.video_processor.preprocess(image, height=request.height, width=request.width)
+        request.extras["pixels"] = pixels.to(device=device_of(pipe), dtype=request.extras["dtype"])
+        return cond
+
+    def clean_tokens(self, pipe: Any, layout: LTX2Layout) -> Optional[torch.Tensor]:
+        net = pipe.transformer.config
+        mask = torch.zeros(1, 1, layout.frames, layout.height, layout.width, device=device_of(pipe))
+        mask[:, :, 0] = 1.0
+        return pipe._pack_latents(mask, net.patch_size, net.patch_size_t).squeeze(-1)
+
+    def draw_video(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        """The image's latents on the first frame, noise on the others (the VAE encodes in its argmax mode)."""
+        with torch.no_grad():
+            return pipe.prepare_latents(inputs.extras["pixels"], inputs.batch, pipe.transformer.config.in_channels,
+                                        inputs.height, inputs.width, inputs.num_frames, 0.0, torch.float32,
+                                        device_of(pipe), generator)[0]
 
 
 def split_latents(pipe: Any, latents: torch.Tensor, model: LTX2Model) -> tuple[torch.Tensor, torch.Tensor]:
