@@ -101,6 +101,8 @@ def _guided(x: torch.Tensor, sigma: torch.Tensor, outputs: dict[str, torch.Tenso
 
 
 class LTX2Model(PipelineModel):
+    """LTX-2's transformer on the joint state: the guided velocity of the video latents, then of the audio."""
+
     def __init__(self, net: Any, guidance: LTX2Guidance, sample_shape: tuple[int, ...], spec: str,
                  num_train_timesteps: int, attention: Optional[dict], layout: LTX2Layout, dtype: torch.dtype,
                  clean: Optional[torch.Tensor] = None):
@@ -166,7 +168,7 @@ def _call_kind(pipe: Any) -> Optional[str]:
 
 class LTX2(Family):
     name = "ltx2"
-    label = "LTX-2 text-to-video with audio (LTX2VideoTransformer3DModel)"
+    label = "LTX-2 text- and image-to-video with audio (LTX2VideoTransformer3DModel)"
     denoisers = ("LTX2VideoTransformer3DModel",)
     video = True
     packed = False
