@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -76,6 +76,8 @@ def flow_timestep(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
 # ------------------------------------------------------------------------------- call options
 
 ATTENTION_NAMES = ("attention_kwargs", "joint_attention_kwargs", "cross_attention_kwargs")
+# call options that are pictures or videos: they condition the model but are not recorded with a schedule
+MEDIA_OPTIONS = ("image", "last_image", "video", "mask", "reference_images", "mask_image", "control_image")
 
 
 @dataclass
@@ -100,12 +102,29 @@ class CallOptions:
     mask_image: Any = None  # inpainting (Flux Fill / Inpaint): white is repainted
     control_image: Any = None  # Flux Control / ControlNet, CogView4 Control
     controlnet_conditioning_scale: Optional[float] = None  # the ControlNet residuals' weight
+    last_image: Any = None  # Wan image-to-video: the last frame
+    video: Any = None  # Wan VACE: the control video
+    mask: Any = None  # Wan VACE: where the control video is regenerated
+    reference_images: Any = None  # Wan VACE: pictures the video refers to
+    conditioning_scale: Any = None  # Wan VACE: the control blocks' scale (one, or one per block)
+    # LTX-2's guidance (x0-space CFG, spatio-temporal and modality-isolation guidance, rescale; audio's own) and the
+    # frame rate its positions and audio length follow
+    stg_scale: Optional[float] = None
+    modality_scale: Optional[float] = None
+    guidance_rescale: Optional[float] = None
+    audio_guidance_scale: Optional[float] = None
+    audio_stg_scale: Optional[float] = None
+    audio_modality_scale: Optional[float] = None
+    audio_guidance_rescale: Optional[float] = None
+    spatio_temporal_guidance_blocks: Optional[list] = None
+    frame_rate: Optional[float] = None
+    motion_speed: Optional[float] = None
+    use_cross_timestep: Optional[bool] = None
+    image_crf: Optional[int] = None  # LTX-2 image-to-video: the H.264 re-compression of its image (0: none)
 
     def given(self) -> dict[str, Any]:
         """The options set to something other than 'the pipeline's default', by their call name."""
-        names = ("negative_prompt", "true_cfg_scale", "num_frames", "max_sequence_length", "attention_kwargs", "image",
-                 "guidance_scale_2", "max_area", "use_resolution_binning", "strength", "mask_image", "control_image",
-                 "controlnet_conditioning_scale")
+        names = [f.name for f in fields(self) if f.name not in ("guidance_scale", "images_per_prompt")]
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 

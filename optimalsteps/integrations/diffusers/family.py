@@ -145,12 +145,18 @@ class Family:
                        config.get("max_image_seq_len", 4096), config.get("base_shift", 0.5),
                        config.get("max_shift", 1.15))
 
-    def shift(self, pipe: Any, height: int, width: int, steps: Optional[int] = None) -> tuple[float, dict]:
+    def video_mu(self, pipe: Any, height: int, width: int, steps: Optional[int], frames: Optional[int]) -> float:
+        """mu for a call with `frames` frames (None: the call's default); only LTX-2's follows the frame count."""
+        return self.mu(pipe, height, width, steps)
+
+    def shift(self, pipe: Any, height: int, width: int, steps: Optional[int] = None,
+              frames: Optional[int] = None) -> tuple[float, dict]:
         """(k, settings): the scheduler maps sigma to k sigma / (1 + (k - 1) sigma), with k the static shift,
-        e^mu or mu ("linear"); `steps` matters only where mu follows the step count."""
+        e^mu or mu ("linear"); `steps` matters only where mu follows the step count, `frames` where it follows
+        the video's length (LTX-2)."""
         config = pipe.scheduler.config
         if config.get("use_dynamic_shifting"):
-            mu = self.mu(pipe, height, width, steps)
+            mu = self.video_mu(pipe, height, width, steps, frames)
             exponential = config.get("time_shift_type", "exponential") == "exponential"
             info = {"mu": mu, "dynamic_shift": True}
             if self.steps_set_mu:

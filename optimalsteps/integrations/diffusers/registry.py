@@ -14,20 +14,21 @@ from .families.dit import DiT
 from .families.flux import Flux
 from .families.flux2 import Flux2
 from .families.hidream import HiDream
-from .families.hunyuanvideo15 import HunyuanVideo15
+from .families.hunyuanvideo15 import HunyuanVideo15, HunyuanVideo15I2V
 from .families.lumina2 import Lumina2
+from .families.ltx2 import LTX2
 from .families.qwenimage import QwenImage
 from .families.qwenimage_edit import QwenImageEdit
 from .families.sana import Sana
 from .families.sd import SD, SDXL
 from .families.sd3 import SD3
-from .families.wan import Wan, WanI2V
+from .families.wan import Wan, WanI2V, WanVACE
 from .families.zimage import ZImage
 
 FAMILIES: tuple[Family, ...] = (
-    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(),
+    Flux(), SD3(), SD(), SDXL(), DiT(), Wan(), WanI2V(), WanVACE(),
     QwenImageEdit(), QwenImage(), Flux2(), Chroma(), ZImage(), AuraFlow(), Lumina2(), Sana(), HunyuanVideo15(),
-    CogView4(), HiDream(),
+    CogView4(), HiDream(), HunyuanVideo15I2V(), LTX2(),
 )
 
 

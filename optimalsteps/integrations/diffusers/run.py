@@ -18,7 +18,7 @@ from ...core.schedules import Schedule, check_steps
 from ...core.solvers import get_solver, sample
 from ...optimize.options import from_flat
 from ...optimize.search import search
-from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
+from .common import (MEDIA_OPTIONS, CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
 from .experts import ExpertSchedule, ExpertSplit, expert_split, search_experts
@@ -67,8 +67,8 @@ def _metadata(pipe: Any, family: Family, request: Request, steps: Optional[int])
         "images_per_prompt": request.per_prompt,
     })
     for name, value in options.given().items():
-        if name not in ("num_frames", "image", "mask_image", "control_image"):  # not recorded: pictures
-            metadata[name] = value
+        if name != "num_frames" and name not in MEDIA_OPTIONS:
+            metadata[name] = value.tolist() if isinstance(value, torch.Tensor) else value
     if "strength" in request.extras:
         metadata["strength"] = request.extras["strength"]  # img2img: the call default's too
     return metadata
@@ -92,8 +92,8 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
     h, w = request.height, request.width
     model.integer_timesteps = family.flow and type(pipe.scheduler).__name__ != "FlowMatchEulerDiscreteScheduler"
     if type(pipe.scheduler).__name__ == "UniPCMultistepScheduler" and family.flow:
-        model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1)[0])
-    model.set_teacher(_teacher(pipe, family, model, request.options, h, w))
+        model.scheduler_shift = float(family.shift(pipe, h, w, steps or 1, request.frames)[0])
+    model.set_teacher(_teacher(pipe, family, model, request.options, h, w, request.frames))
     boundary = family.expert_boundary(pipe)
     if boundary is not None:
         model.expert_split = ExpertSplit(boundary, lambda m: pipeline_schedule(pipe, m, h, w))
@@ -101,12 +101,12 @@ def pipeline_inputs(pipe: Any, prompts: Prompts, guidance_scale: Optional[float]
                           _metadata(pipe, family, request, steps), request.extras)
 
 
-def _teacher(pipe: Any, family: Family, model: Any, options: CallOptions, height: int,
-             width: int) -> Callable[[int], Schedule]:
+def _teacher(pipe: Any, family: Family, model: Any, options: CallOptions, height: int, width: int,
+             frames: Optional[int]) -> Callable[[int], Schedule]:
     """The model's teacher grid: the pipeline's own, as the call runs it (img2img: from its strength's start,
     which becomes the start of the model's process, since a search starts at the process start)."""
     def grid(teacher_steps: int) -> Schedule:
-        teacher = family.teacher(pipe, pipeline_teacher(pipe, teacher_steps, height, width), options)
+        teacher = family.teacher(pipe, pipeline_teacher(pipe, teacher_steps, height, width, frames), options)
         if float(teacher.times[0]) != model.process.t_start:
             model.process = dataclasses.replace(model.process, t_start=float(teacher.times[0]))
         return teacher

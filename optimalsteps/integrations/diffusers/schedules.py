@@ -41,24 +41,24 @@ def pipeline_process(pipe: Any) -> NoiseProcess:
 
 
 def flow_shift(pipe: Any, height: Optional[int] = None, width: Optional[int] = None,
-               steps: Optional[int] = None) -> tuple[float, dict]:
+               steps: Optional[int] = None, num_frames: Optional[int] = None) -> tuple[float, dict]:
     """(k, settings) of a flow pipeline's time shift at a resolution (and, for Flux 2, a step count): the
     scheduler maps sigma to k sigma / (1 + (k - 1) sigma), with k the static shift, e^mu or mu ("linear")."""
     family = family_of(pipe)
     if not family.flow:
         raise OptimalStepsError(f"{type(pipe).__name__} is not a flow-matching pipeline")
     height, width = resolution(pipe, family, height, width)
-    return family.shift(pipe, height, width, steps)
+    return family.shift(pipe, height, width, steps, num_frames)
 
 
 def pipeline_teacher(pipe: Any, teacher_steps: int, height: Optional[int] = None,
-                     width: Optional[int] = None) -> Schedule:
+                     width: Optional[int] = None, num_frames: Optional[int] = None) -> Schedule:
     """The default teacher grid for a pipeline: its own shifted uniform flow schedule (shift or mu at this
     resolution), or Karras rho = 7 over the discrete model's trained sigma range, then 0."""
     family = family_of(pipe)
     teacher_steps = check_steps(teacher_steps)
     if family.flow:
-        k, info = flow_shift(pipe, height, width, teacher_steps)
+        k, info = flow_shift(pipe, height, width, teacher_steps, num_frames)
         teacher = family.flow_teacher(pipe, teacher_steps, k)
         teacher.metadata.update(info)
         return teacher
@@ -132,13 +132,15 @@ def _ddim_sigmas(scheduler: Any, steps: int) -> torch.Tensor:
 # ------------------------------------------------------------------------- pipeline_kwargs
 
 def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None, width: Optional[int] = None,
-                    guidance_scale: Optional[float] = None, strength: Optional[float] = None) -> dict[str, Any]:
+                    guidance_scale: Optional[float] = None, strength: Optional[float] = None,
+                    num_frames: Optional[int] = None) -> dict[str, Any]:
     """Keyword arguments that make `pipe(...)` run exactly `schedule`.
 
     - flow schedulers (FlowMatchEulerDiscrete; UniPC with flow sigmas): `sigmas` without the terminal 0 (the
       scheduler appends it), pre-divided by the static or dynamic shift so that shifting gives the schedule
       back, plus `mu` where the pipeline takes it and `num_inference_steps` where mu follows it (Flux 2).
-      Pass the height / width you call with (default: the schedule's own), since mu follows the resolution.
+      Pass the height / width you call with (default: the schedule's own), since mu follows the resolution
+      (LTX-2's also follows `num_frames`, default: the schedule's own).
     - EulerDiscreteScheduler (SD, SDXL): `sigmas` with the terminal 0, M + 1 values.
     - schedulers that take only integer `timesteps` (DPMSolverMultistep, Heun, ...): rounded timesteps, with
       a SettingsWarning saying how far rounding moved the sigmas.
@@ -161,10 +163,11 @@ def pipeline_kwargs(schedule: Schedule, pipe: Any, height: Optional[int] = None,
     width = recorded.get("width") if width is None else width
     height, width = resolution(pipe, family, height, width)
     schedule = in_process(schedule, pipeline_process(pipe))
-    current = current_settings(pipe, family, height, width, guidance_scale, steps=schedule.steps)
+    frames = recorded.get("num_frames") if num_frames is None else num_frames
+    current = current_settings(pipe, family, height, width, guidance_scale, frames, steps=schedule.steps)
     warn_settings(schedule, current, scheduler_solver(pipe.scheduler), type(pipe.scheduler).__name__)
     if family.flow:
-        return _flow_kwargs(schedule, pipe, family, height, width)
+        return _flow_kwargs(schedule, pipe, family, height, width, frames)
     return _discrete_kwargs(schedule, pipe)
 
 
@@ -180,7 +183,8 @@ def _check_strength(pipe: Any, strength: Any, recorded: Any) -> None:
                       f"strength {recorded} starts", SettingsWarning, stacklevel=3)
 
 
-def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, width: int) -> dict[str, Any]:
+def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, width: int,
+                 frames: Optional[int]) -> dict[str, Any]:
     scheduler = pipe.scheduler
     name = type(scheduler).__name__
     if name not in _SHIFTING_FLOW_SCHEDULERS:
@@ -192,7 +196,7 @@ def _flow_kwargs(schedule: Schedule, pipe: Any, family: Family, height: int, wid
         if config.get(flag):
             raise OptimalStepsError(f"{name} with {flag}={config.get(flag)!r} changes custom sigmas; build the "
                                     "scheduler without it")
-    k, info = family.shift(pipe, height, width, schedule.steps)
+    k, info = family.shift(pipe, height, width, schedule.steps, frames)
     sigmas = schedule.to_flow_sigmas()
     # the scheduler maps s to k s / (1 + (k - 1) s); hand it the preimage of each schedule sigma, written
     # so that sigma = 1 stays exactly 1 for any k

@@ -63,7 +63,7 @@ def current_settings(pipe: Any, family: Family, height: int, width: int, guidanc
     settings: dict[str, Any] = {"pipeline": type(pipe).__name__, "model_id": model_id(pipe),
                                 "height": height, "width": width}
     if family.flow:
-        info = family.shift(pipe, height, width, steps)[1]
+        info = family.shift(pipe, height, width, steps, num_frames)[1]
         # where mu follows the step count (Flux 2) it is no setting of its own: the schedule's steps fix it
         skip = ("mu", "mu_steps") if family.steps_set_mu else ()
         settings.update({k: v for k, v in info.items() if k not in skip})

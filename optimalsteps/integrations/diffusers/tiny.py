@@ -490,21 +490,8 @@ def wan21() -> TinyCase:
 
 def wan_i2v() -> TinyCase:
     """Wan image-to-video (2.2 style: no CLIP image encoder) with a tiny Wan VAE for the first frame."""
-    import diffusers
-
-    torch.manual_seed(0)
-    vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1, temperal_downsample=[True],
-                                     latents_mean=[0.1, -0.2, 0.0, 0.3], latents_std=[1.5, 0.8, 1.0, 2.0],
-                                     scale_factor_temporal=2, scale_factor_spatial=2).eval()
-    net = wan_transformer(0, in_channels=10)  # 4 latent + 2 frame-mask + 4 condition channels in
-    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=vae, transformer=net,
-                                             image_encoder=None, image_processor=None,
-                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
-    g = _gen(13)
-    prompts = _with_negative(g, 1, 8, 16)
-    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
-    return TinyCase("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", _quiet(pipe), prompts,
-                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+    # 4 latent + 2 frame-mask + 4 condition channels in
+    return wan_image_case("Wan image-to-video, first frame through the VAE, shift 5, CFG 5", 13, in_channels=10)
 
 
 def wan22() -> TinyCase:
@@ -615,3 +602,166 @@ def hidream(scheduler: Any = None) -> TinyCase:
 
 
 CASES.update({"hidream": hidream})
+
+
+# ------------------------------------------------------------ video variants: Wan TI2V and VACE, HunyuanVideo
+# 1.5 image-to-video, LTX-2
+
+
+def tiny_wan_vae() -> Any:
+    """A Wan VAE with 4 latent channels, 2x down in time and space, and per-channel latent statistics."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                      temperal_downsample=[True], latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                      latents_std=[1.5, 0.8, 1.0, 2.0], scale_factor_temporal=2,
+                                      scale_factor_spatial=2).eval()
+
+
+def wan_image_case(name: str, seed: int, in_channels: int, **config: Any) -> TinyCase:
+    """A WanImageToVideoPipeline with the tiny Wan VAE, no CLIP image encoder and a random first frame."""
+    import diffusers
+
+    pipe = diffusers.WanImageToVideoPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(),
+                                             transformer=wan_transformer(0, in_channels=in_channels),
+                                             image_encoder=None, image_processor=None,
+                                             scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0), **config)
+    g = _gen(seed)
+    prompts = _with_negative(g, 1, 8, 16)
+    image = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    return TinyCase(name, _quiet(pipe), prompts,
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, image=image), custom_schedule=False)
+
+
+def wan_ti2v() -> TinyCase:
+    """Wan 2.2 TI2V (expand_timesteps): the first frame's latents replace the noisy ones, at timestep 0."""
+    return wan_image_case("Wan 2.2 TI2V, clean first-frame tokens at timestep 0, shift 5, CFG 5", 14, in_channels=4,
+                          expand_timesteps=True)
+
+
+def wan_flf2v() -> TinyCase:
+    """Wan image-to-video from a first and a last frame."""
+    case = wan_i2v()
+    g = _gen(15)
+    case.call["last_image"] = torch.rand(1, 3, 16, 16, generator=g) * 2 - 1
+    case.name = "Wan first and last frame to video, both through the VAE, shift 5, CFG 5"
+    return case
+
+
+def wan_vace() -> TinyCase:
+    """Wan VACE with a control video, its mask and a reference picture through a tiny Wan VAE, two VACE blocks."""
+    import diffusers
+    from PIL import Image
+
+    torch.manual_seed(0)
+    net = diffusers.WanVACETransformer3DModel(  # control in: 2 x 4 latent channels + 2 x 2 mask channels
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,
+        freq_dim=16, ffn_dim=16, num_layers=2, rope_max_seq_len=32, vace_layers=[0, 1], vace_in_channels=12).eval()
+    pipe = diffusers.WanVACEPipeline(tokenizer=None, text_encoder=None, vae=tiny_wan_vae(), transformer=net,
+                                     scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=5.0))
+    g = _gen(16)
+
+    def picture() -> Any:
+        return Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).to(torch.uint8).numpy())
+
+    video = [picture() for _ in range(5)]
+    mask = [Image.fromarray(((torch.arange(16)[None, :].expand(16, 16) >= 8) * 255).to(torch.uint8).numpy())] * 5
+    return TinyCase("Wan VACE, control video + mask + reference picture, conditioning scale 0.7, shift 5, CFG 5",
+                    _quiet(pipe), _with_negative(g, 1, 8, 16),
+                    dict(height=16, width=16, num_frames=5, guidance_scale=5.0, video=video, mask=mask,
+                         reference_images=[picture()], conditioning_scale=0.7), custom_schedule=False)
+
+
+def hunyuanvideo15_i2v() -> TinyCase:
+    """HunyuanVideo 1.5 image-to-video: the text-to-video tiny parts with a tiny SigLIP image encoder (4 tokens)
+    and a 4:3 picture, which the pipeline fits to 28 x 36 (height x width; its target size is 32)."""
+    import diffusers
+    import transformers
+    from PIL import Image
+
+    base = hunyuanvideo15()
+    parts = {k: v for k, v in base.pipe.components.items()}
+    torch.manual_seed(0)
+    encoder = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        hidden_size=8, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=16,
+        patch_size=8)).eval()
+    extractor = transformers.SiglipImageProcessor(size={"height": 16, "width": 16})
+    pipe = diffusers.HunyuanVideo15ImageToVideoPipeline(**parts, image_encoder=encoder, feature_extractor=extractor)
+    pixels = (torch.rand(24, 32, 3, generator=_gen(17)) * 255).to(torch.uint8).numpy()
+    return TinyCase("HunyuanVideo 1.5 image-to-video, first frame through the VAE and SigLIP, shift 5, guider CFG 6",
+                    _quiet(pipe), base.prompts, dict(num_frames=5, image=Image.fromarray(pixels)))
+
+
+def ltx2() -> TinyCase:
+    """LTX-2 with tiny video and audio VAEs (8x down in space, 2x in time: the ratios set to what the tiny encoder
+    does), text connectors and a one-block transformer: 3 latent frames of 4 x 4 and 5 audio latent frames of 8
+    channels x 16 mel bins. The call's STG perturbs block 0 (the default, 28, is past the tiny transformer's one
+    block)."""
+    import diffusers
+    from diffusers.pipelines.ltx2.connectors import LTX2TextConnectors
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKLLTX2Video(
+        latent_channels=8, block_out_channels=(8, 8), decoder_block_out_channels=(8,), layers_per_block=(1, 1, 1),
+        decoder_layers_per_block=(1, 1), spatio_temporal_scaling=(True, True), decoder_spatio_temporal_scaling=(True,),
+        decoder_inject_noise=(False, False), down_block_types=("LTX2VideoDownBlock3D",) * 2, upsample_residual=(True,),
+        upsample_factor=(2,), spatial_compression_ratio=8, temporal_compression_ratio=2).eval()
+    audio_vae = diffusers.AutoencoderKLLTX2Audio(base_channels=4, ch_mult=(1,), num_res_blocks=1, latent_channels=8).eval()
+    g = _gen(18)
+    vae.latents_mean, vae.latents_std = torch.randn(8, generator=g) * 0.1, torch.rand(8, generator=g) + 0.5
+    # the audio statistics are per packed feature (8 channels x 16 mel bins)
+    audio_vae.latents_mean, audio_vae.latents_std = torch.randn(128, generator=g) * 0.1, torch.rand(128, generator=g) + 0.5
+    connectors = LTX2TextConnectors(
+        caption_channels=16, text_proj_in_factor=2, video_connector_num_attention_heads=2,
+        video_connector_attention_head_dim=8, video_connector_num_layers=1, video_connector_num_learnable_registers=None,
+        audio_connector_num_attention_heads=2, audio_connector_attention_head_dim=8, audio_connector_num_layers=1,
+        audio_connector_num_learnable_registers=None, connector_rope_base_seq_len=32).eval()
+    net = diffusers.LTX2VideoTransformer3DModel(
+        in_channels=8, out_channels=8, num_attention_heads=2, attention_head_dim=8, cross_attention_dim=16,
+        audio_in_channels=128, audio_out_channels=128, audio_num_attention_heads=2, audio_attention_head_dim=8,
+        audio_cross_attention_dim=16, num_layers=1, caption_channels=16).eval()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
+                                                          base_image_seq_len=4, max_image_seq_len=64)
+    pipe = diffusers.LTX2Pipeline(scheduler=scheduler, vae=vae, audio_vae=audio_vae, text_encoder=None, tokenizer=None,
+                                  connectors=connectors, transformer=net, vocoder=None)
+    prompts = {"prompt_embeds": torch.randn(1, 6, 32, generator=g),
+               "prompt_attention_mask": torch.tensor([[0, 1, 1, 1, 1, 1]]),  # left padding, as Gemma's
+               "negative_prompt_embeds": torch.randn(1, 6, 32, generator=g),
+               "negative_prompt_attention_mask": torch.ones(1, 6, dtype=torch.long)}
+    return TinyCase("LTX-2, video + audio latents, mu(frames), CFG 3 / 7, STG, modality guidance, rescale 0.7",
+                    _quiet(pipe), prompts,
+                    dict(height=32, width=32, num_frames=5, spatio_temporal_guidance_blocks=[0]),
+                    notes={"latents": ltx2_state})
+
+
+def ltx2_state(pipe: Any, **call: Any) -> torch.Tensor:
+    """An LTX-2 call's final latents as the library's state: video and audio latents packed, normalised, flattened
+    and concatenated (the inverse of `families.ltx2.split_latents`)."""
+    out = pipe(**call, output_type="latent")
+    net, vae, audio_vae = pipe.transformer.config, pipe.vae, pipe.audio_vae
+    video = pipe._normalize_latents(out.frames, vae.latents_mean, vae.latents_std, vae.config.scaling_factor)
+    video = pipe._pack_latents(video, net.patch_size, net.patch_size_t)
+    audio = pipe._normalize_audio_latents(pipe._pack_audio_latents(out.audio), audio_vae.latents_mean,
+                                          audio_vae.latents_std)
+    return torch.cat([video.flatten(1), audio.flatten(1)], dim=1)
+
+
+CASES.update({"wan-ti2v": wan_ti2v, "wan-flf2v": wan_flf2v, "wan-vace": wan_vace,
+              "hunyuanvideo15-i2v": hunyuanvideo15_i2v, "ltx2": ltx2})
+
+
+def ltx2_i2v() -> TinyCase:
+    """LTX-2 image-to-video on the `ltx2` parts: a 32 x 32 picture as the first frame (image_crf=0: no H.264
+    re-compression, which needs PyAV)."""
+    import diffusers
+    from PIL import Image
+
+    base = ltx2()
+    pipe = diffusers.LTX2ImageToVideoPipeline(**base.pipe.components)
+    picture = Image.fromarray((torch.rand(32, 32, 3, generator=_gen(19)) * 255).to(torch.uint8).numpy())
+    return TinyCase("LTX-2 image-to-video, clean first-frame tokens at timestep 0, video + audio, CFG, STG, modality",
+                    _quiet(pipe), base.prompts, dict(base.call, image=picture, image_crf=0), notes=base.notes)
+
+
+CASES.update({"ltx2-i2v": ltx2_i2v})

@@ -1,10 +1,12 @@
-"""HunyuanVideo 1.5 text-to-video: latents [B, C, F, H, W] with zero image-condition channels and a zero mask
-appended, two text encoders' embeddings with masks, zero vision tokens; guidance comes from the pipeline's
-`guider` (ClassifierFreeGuidance over the whole run: two calls per step)."""
+"""HunyuanVideo 1.5: latents [B, C, F, H, W] with image-condition channels and a mask appended, two text
+encoders' embeddings with masks and vision tokens; guidance comes from the pipeline's `guider`
+(ClassifierFreeGuidance over the whole run: two calls per step). Text-to-video appends zeros and hands zero
+vision tokens; image-to-video appends the picture's VAE latents on the first frame with a mask of 1 there, and
+hands its SigLIP tokens."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -22,10 +24,14 @@ class HunyuanVideo15Model(PipelineModel):
         self.vision = vision  # [1, tokens, dim] zeros, as the text-to-video pipeline hands them
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-        n, shape = x.shape[0], (x.shape[0], 1) + tuple(x.shape[2:])
-        h = torch.cat([x, torch.zeros_like(x), x.new_zeros(shape)], dim=1).to(self.dtype)
+        n = x.shape[0]
+        condition, mask = cond.get("image_condition"), cond.get("image_mask")
+        if condition is None:  # text-to-video
+            condition, mask = torch.zeros_like(x), x.new_zeros((n, 1) + tuple(x.shape[2:]))
+        h = torch.cat([x, condition.to(x.dtype), mask.to(x.dtype)], dim=1).to(self.dtype)
+        vision = cond.get("image_embeds", self.vision.expand(n, -1, -1))
         timestep = self.flow_timestep(t).to(self.dtype)
-        return self.net(hidden_states=h, image_embeds=self.vision.expand(n, -1, -1), timestep=timestep,
+        return self.net(hidden_states=h, image_embeds=vision, timestep=timestep,
                         encoder_hidden_states=cond["prompt_embeds"], encoder_attention_mask=cond["prompt_embeds_mask"],
                         encoder_hidden_states_2=cond["prompt_embeds_2"],
                         encoder_attention_mask_2=cond["prompt_embeds_mask_2"], attention_kwargs=self.attention,
@@ -44,6 +50,11 @@ class HunyuanVideo15(Family):
 
     def vae_scale_factor(self, pipe: Any) -> int:
         return int(pipe.vae_scale_factor_spatial)
+
+    def latent_shape(self, pipe: Any, request: Request) -> tuple[int, int, int, int]:
+        vsf, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
+        return (pipe.num_channels_latents, (request.frames - 1) // temporal + 1, request.height // vsf,
+                request.width // vsf)
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         h, w = pipe.video_processor.calculate_default_height_width(pipe.default_aspect_ratio[1],
@@ -86,9 +97,7 @@ class HunyuanVideo15(Family):
         return cond
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
-        vsf, temporal = pipe.vae_scale_factor_spatial, pipe.vae_scale_factor_temporal
-        shape = (pipe.num_channels_latents, (request.frames - 1) // temporal + 1, request.height // vsf,
-                 request.width // vsf)
+        shape = self.latent_shape(pipe, request)
         net = pipe.transformer
         vision = torch.zeros(1, pipe.vision_num_semantic_tokens, pipe.vision_states_dim, dtype=net.dtype,
                              device=device_of(pipe))
@@ -101,3 +110,51 @@ class HunyuanVideo15(Family):
     def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
         return pipe.prepare_latents(inputs.batch, pipe.num_channels_latents, inputs.height, inputs.width,
                                     inputs.num_frames, inputs.dtype, device_of(pipe), generator)
+
+
+class HunyuanVideo15I2V(HunyuanVideo15):
+    name = "hunyuanvideo15-i2v"
+    label = "HunyuanVideo 1.5 image-to-video (HunyuanVideo15Transformer3DModel with an image encoder)"
+
+    def matches(self, components: dict[str, set[str]]) -> bool:
+        return bool(components.get(self.denoiser, set()) & set(self.denoisers)) and "image_encoder" in components
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        from PIL import Image
+
+        if not isinstance(options.image, Image.Image):
+            raise OptimalStepsError(f"{type(pipe).__name__} needs image=..., the first frame as a PIL picture")
+        if pipe.transformer.config.get("use_meanflow"):
+            raise OptimalStepsError("HunyuanVideo 1.5 with use_meanflow (the network also sees the next step's "
+                                    "timestep) is not supported")
+        if getattr(pipe, "vae", None) is None or getattr(pipe, "image_encoder", None) is None:
+            raise OptimalStepsError(f"{type(pipe).__name__} needs its VAE and image encoder for the first frame")
+
+    def default_size(self, pipe: Any) -> tuple[int, int]:
+        """The size of a square picture (the call's size follows its picture: `requested_size`)."""
+        h, w = pipe.video_processor.calculate_default_height_width(1, 1, pipe.target_size)
+        return int(h), int(w)
+
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        """The pipeline takes no size: it fits the picture's aspect ratio to its target size."""
+        if options.image is None:
+            return height, width
+        size = pipe.video_processor.calculate_default_height_width(options.image.size[1], options.image.size[0],
+                                                                   pipe.target_size)
+        if (height, width) not in ((None, None), tuple(size)):
+            raise OptimalStepsError(f"{type(pipe).__name__} generates at the size it fits to the image, "
+                                    f"{size[0]}x{size[1]}, not {height}x{width}")
+        return int(size[0]), int(size[1])
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        cond = super().encode(pipe, request)
+        batch, dtype, device = request.conditioning.count * request.per_prompt, pipe.transformer.dtype, device_of(pipe)
+        image = pipe.video_processor.resize(request.options.image, height=request.height, width=request.width,
+                                            resize_mode="crop")
+        cond["image_embeds"] = pipe.encode_image(image=image, batch_size=batch, device=device, dtype=dtype)
+        shaped = torch.empty((batch,) + self.latent_shape(pipe, request), dtype=dtype, device=device)
+        cond["image_condition"], cond["image_mask"] = pipe.prepare_cond_latents_and_mask(
+            latents=shaped, image=image, batch_size=batch, height=request.height, width=request.width, dtype=dtype,
+            device=device)
+        return cond
