@@ -75,12 +75,13 @@ def init_distributed(device: torch.device) -> bool:
 
 def refine_from_args(args: argparse.Namespace) -> Refinement | bool:
     """The refinement options of --refine (False without it)."""
-    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
-        raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
+    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None
+                            or args.refine_objective is not None):
+        raise OptimalStepsError("--refine-budget, --refine-samples and --refine-objective need --refine")
     if args.coarse_steps is not None and not args.coarse_to_fine:
         raise OptimalStepsError("--coarse-steps needs --coarse-to-fine")
     return Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method,
-                      warn=False) if args.refine else False
+                      objective=args.refine_objective or "mse", warn=False) if args.refine else False
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -153,6 +154,6 @@ def print_refinement(schedule: Any) -> None:
     if refine.get("message"):
         print(f"refinement skipped: {refine['message']}")
         return
-    print(f"refined from {refine['start']}: final error on {refine['samples']} samples "
+    print(f"refined from {refine['start']}: final error ({refine.get('objective', 'mse')}) on {refine['samples']} samples "
           f"{refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
           f"stopped: {refine['stopped']})   NFE: search {metadata['search_nfe']}, refinement {metadata['refine_nfe']}")
