@@ -19,12 +19,14 @@ from .checkpoint import Checkpointer, fingerprint, run_settings
 from .coarse import CoarseToFine, coarse_to_fine_dp
 from ..core.checks import as_noise, check_search_args
 from ..core.errors import OptimalStepsError, unknown
-from .dp import DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
+from .dp import (DPContext, choose_path, cost_view, exact_dp, median_candidates, median_path, reference_dp,
+                 reference_median, trace_path)
 from .memory import check_fits, estimate_search_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule, check_steps
 from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
+from .objectives import aggregate, per_sample_error
 from .options import Checkpointing, DPOptions, Storage, from_flat
 from .result import SearchResult
 from .select import METHODS, search_hook
@@ -110,7 +112,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
     if checkpointer is not None:
         checkpointer.close()
-    result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
+    result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed, local_noise)
     _measure_error(result, model, local_noise, local_cond, ctx.solver.name, ctx.max_batch, ctx.cost_dtype, ctx.view,
                    ctx.sample_mean, ctx.part.total)
     return result
@@ -120,8 +122,8 @@ def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
     """Whether the search is the validated choice or a beam / other-objective DP rather than the plain DP."""
     if method not in METHODS:
         raise unknown("method", method, METHODS)
-    return not dp.reference_compat and (method != "dp" or dp.objective not in (None, "mse")
-                                        or dp.width not in (None, 1))
+    plain_objective = dp.objective in (None, "mse") or dp.per_sample  # the median mode takes every objective
+    return not dp.reference_compat and (method != "dp" or not plain_objective or dp.width not in (None, 1))
 
 
 def _plain_dp_only(inputs: _Inputs, ranks: int) -> list[str]:
@@ -211,22 +213,25 @@ def _dp_stage(ctx: DPContext, dp: DPOptions):
 
 
 def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Tensor, cost_table: torch.Tensor,
-                  search_nfe: int, fast: Any, started: float, seed: int | None) -> SearchResult:
+                  search_nfe: int, fast: Any, started: float, seed: int | None,
+                  local_noise: torch.Tensor) -> SearchResult:
     """Stage 4: the traced schedule(s), the DP's cost, model calls, and the schedule's metadata."""
     steps, n, dp, part = inputs.steps, inputs.teacher_steps, inputs.dp, ctx.part
     reference, solver = dp.reference_compat, inputs.solver.name
-    per_sample_indices = None
+    per_sample_indices, chosen = None, None
     if ctx.per_sample:
         local = [trace_path(traces[b], steps, n, reference, dp.free_start) for b in range(traces.shape[0])]
         per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
         indices = (reference_median if reference else median_path)(per_sample_indices)
+        if dp.objective is not None and not reference:
+            indices, chosen = _median_by_objective(model, inputs, ctx, local_noise, per_sample_indices)
         final_cost = float(ctx.sample_mean(cost_table[:, steps if not reference else -1, n]))
     else:
         indices = trace_path(traces, steps, n, False, dp.free_start)
         final_cost = float(cost_table[steps, n])
     teacher_run, batch = ctx.teacher, part.total
     nfe = int(ctx.global_sum(torch.tensor([teacher_run.nfe * (part.stop - part.start) + search_nfe],
-                                          dtype=torch.float64)))
+                                          dtype=torch.float64))) + (chosen["nfe"] if chosen else 0)
     seconds = time.perf_counter() - started
     amplitude = amplitude_statistics(teacher_run.states, part=part)
     schedule = _indices_schedule(indices, inputs.teacher, solver, reference)
@@ -241,6 +246,8 @@ def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Ten
         "calibration": {"q05": [amplitude["q05"][i] for i in grid[:-1]],
                         "q95": [amplitude["q95"][i] for i in grid[:-1]]},
     })
+    if chosen is not None:
+        schedule.metadata.update({"objective": dp.objective, "median_choice": chosen})
     per_sample_schedules = None
     if per_sample_indices is not None:
         per_sample_schedules = [_indices_schedule(ix, inputs.teacher, solver, reference) for ix in per_sample_indices]
@@ -250,6 +257,27 @@ def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Ten
     teacher_out = teacher_run.states[:, -1].to(device=device, dtype=ctx.start.dtype)
     return SearchResult(schedule, indices, per_sample_schedules, per_sample_indices, cost_table, final_cost, nfe,
                         teacher_run.nfe * batch, seconds, inputs.teacher, teacher_out, amplitude)
+
+
+def _median_by_objective(model: Any, inputs: _Inputs, ctx: DPContext, local_noise: torch.Tensor,
+                         per_sample_indices: list[list[int]]) -> tuple[list[int], dict[str, Any]]:
+    """The median mode under an objective: of the per-position median path and the per-sample paths
+    (dp.median_candidates), the one whose per-sample final errors on the search samples of all ranks, in the
+    DP's cost view, have the lowest objective; one sampling of the search noise per candidate."""
+    solver, batch = inputs.solver.name, local_noise.shape[0]
+    target = ctx.view(ctx.teacher.states[:, -1].reshape(batch, -1).to(ctx.device))
+    candidates = median_candidates(per_sample_indices)
+    rows = []
+    for path in candidates:
+        schedule = _indices_schedule(path, inputs.teacher, solver, False)
+        out = sample(model, local_noise, schedule, solver, ctx.cond, max_batch=ctx.max_batch).samples
+        local = per_sample_error(ctx.view(out.reshape(batch, -1)), target).cpu().tolist()
+        rows.append([e for chunk in dd.all_gather_objects(local, ctx.part) for e in chunk])
+    errors = torch.tensor(rows, dtype=torch.float64)
+    best = choose_path(errors, inputs.dp.objective)
+    calls = len(candidates) * nfe_per_trajectory(solver, inputs.steps) * ctx.part.total
+    return candidates[best], {"candidates": candidates, "scores": aggregate(errors, inputs.dp.objective).tolist(),
+                              "chosen": best, "nfe": calls}
 
 
 def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: dict | None, solver: str,
