@@ -21,7 +21,7 @@ from ..core.checks import as_noise, check_search_args
 from ..core.errors import OptimalStepsError, unknown
 from .dp import (DPContext, choose_path, cost_view, exact_dp, median_candidates, median_path, reference_dp,
                  reference_median, trace_path)
-from .memory import check_fits, estimate_search_bytes
+from .memory import check_fits, estimate_beam_bytes, estimate_search_bytes, estimate_validated_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule, check_steps
@@ -29,7 +29,8 @@ from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory
 from .objectives import aggregate, per_sample_error
 from .options import Checkpointing, DPOptions, Storage, from_flat
 from .result import SearchResult
-from .select import METHODS, search_hook
+from . import beam
+from .select import DEFAULT_BUDGET, DEFAULT_WIDTH, METHODS, _grid_points, plain_dp_calls, search_hook
 from .teacher import Teacher, amplitude_statistics, run_teacher
 
 
@@ -78,9 +79,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
-    dp_only = _plain_dp_only(inputs, part.world)
-    if method is None:
-        method = "dp" if dp_only or inputs.dp.free_start or inputs.solver.source_corrector else "validated"
+    dp_only = _plain_dp_only(inputs.dp, inputs.storage, inputs.checkpointing, part.world)
+    method = _resolve_method(method, inputs.dp, dp_only, inputs.solver)
     if _beyond_plain_dp(method, inputs.dp):
         if inputs.solver.source_corrector:
             raise OptimalStepsError(f"the validated search and the beam DP do not carry {inputs.solver.name}'s "
@@ -94,7 +94,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     local_noise = noise[part.start:part.stop]
     local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
     estimate = inputs.storage.estimate or memory_estimate(noise, inputs.teacher_steps, inputs.solver.name, inputs.dp,
-                                                          inputs.storage)
+                                                          inputs.storage, steps=inputs.steps, method=method)
     check_fits(estimate, noise.device, inputs.storage.memory_limit)
     checkpointer = _checkpointer(model, noise, cond, inputs, part, seed)
     teacher_run = _teacher_stage(model, local_noise, local_cond, inputs, checkpointer, progress)
@@ -126,12 +126,18 @@ def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
     return not dp.reference_compat and (method != "dp" or not plain_objective or dp.width not in (None, 1))
 
 
-def _plain_dp_only(inputs: _Inputs, ranks: int) -> list[str]:
+def _resolve_method(method: str | None, dp: DPOptions, dp_only: list[str], solver: Solver) -> str:
+    """The method asked for, or the default: "dp" when a plain-DP-only option, a free start or unipc is given."""
+    if method is not None:
+        return method
+    return "dp" if dp_only or dp.free_start or solver.source_corrector else "validated"
+
+
+def _plain_dp_only(dp: DPOptions, storage: Storage, checkpointing: Checkpointing, ranks: int) -> list[str]:
     """The options given that only the plain DP takes (refused by the validated and beam searches)."""
-    dp, storage = inputs.dp, inputs.storage
     given = {"cost": dp.cost != "xt", "aggregate": dp.aggregate is not None, "coarse_to_fine": bool(dp.coarse_to_fine),
              "storage": storage.place != "memory", "storage_dtype": storage.dtype is not None,
-             "target_chunk": storage.target_chunk is not None, "checkpoint_dir": inputs.checkpointing.dir is not None,
+             "target_chunk": storage.target_chunk is not None, "checkpoint_dir": checkpointing.dir is not None,
              "cost_channels": dp.view.channels is not None, "cost_frames": dp.view.frames is not None,
              "ranks": ranks > 1}
     return [name for name, is_given in given.items() if is_given]
@@ -293,14 +299,66 @@ def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: 
 
 
 def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", dp: DPOptions | None = None,
-                    storage: Storage | None = None) -> dict[str, int]:
-    """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk)."""
+                    storage: Storage | None = None, *, steps: int = 1, method: str | None = None,
+                    checkpointing: Checkpointing | None = None) -> dict[str, int]:
+    """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk), for the
+    method `search` will run with these options (`estimated_method`): the plain DP (`estimate_search_bytes`),
+    the validated search (`estimate_validated_bytes`) or the beam DP of method "dp" with an objective or
+    width (`estimate_beam_bytes` and its teacher). `steps` (M) sizes the beam DPs' layers (the default 1 is
+    their largest)."""
     dp, storage = dp or DPOptions(), storage or Storage()
+    chosen = estimated_method(noise, dp, storage, solver, method, checkpointing)
+    solver_def = get_solver(solver)
+    state_dtype = torch.promote_types(noise.dtype, torch.float32)
+    batch, numel, points = noise.shape[0], noise[0].numel(), teacher_steps + 1
+    if chosen == "validated":
+        count, runs = _validated_plan(batch, teacher_steps, steps, solver_def.name,
+                                      DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
+        return estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
+                                        beam.BLOCK_ELEMENTS, runs)
+    if chosen == "beam":
+        run = estimate_beam_bytes(batch, numel, points, steps, dp.width or 1, solver_def.multistep, state_dtype,
+                                  beam.BLOCK_ELEMENTS)
+        return {"device": batch * points * numel * state_dtype.itemsize + run, "host": 0, "disk": 0}
     part = dd.shard(noise.shape[0], storage.distributed)
     return estimate_search_bytes(part.stop - part.start, noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
                                  dp.cost == "x0", storage.place, storage.dtype or torch.float32,
                                  torch.promote_types(noise.dtype, torch.float32), storage.target_chunk,
                                  dp.view.dtype, get_solver(solver).source_corrector)
+
+
+def estimated_method(noise: torch.Tensor, dp: DPOptions, storage: Storage, solver: str, method: str | None = None,
+                     checkpointing: Checkpointing | None = None) -> str:
+    """Which search `search` runs with these options: "validated", "beam" (method "dp" with an objective or
+    width, on the full grid) or "dp" (the plain or reference DP)."""
+    ranks = dd.shard(noise.shape[0], storage.distributed).world
+    dp_only = _plain_dp_only(dp, storage, checkpointing or Checkpointing(), ranks)
+    chosen = _resolve_method(method, dp, dp_only, get_solver(solver))
+    if not _beyond_plain_dp(chosen, dp):
+        return "dp"
+    return "validated" if chosen == "validated" else "beam"
+
+
+def _validated_plan(batch: int, teacher_steps: int, steps: int, solver: str, width: int,
+                    candidates: int) -> tuple[int, list[tuple[int, int]]]:
+    """(validation samples, (grid points, width) of each DP variant) of `validated_search` with these settings,
+    following its budget: the validation set it can pay for after the teacher and the main DP, and the
+    variants' sub-grid paid from what is left after that set and the main DP's validation. Fixed candidates
+    and family fits are not subtracted, so the grid is an upper bound of the one that runs."""
+    plain = plain_dp_calls(batch, teacher_steps, steps, solver, candidates)
+    left = int(DEFAULT_BUDGET * plain) - plain
+    per_validation_sample = nfe_per_trajectory(solver, teacher_steps) + nfe_per_trajectory(solver, steps)
+    count = max(1, min(max(8, min(2 * batch, 32)), left // per_validation_sample))  # select's default set
+    per_eval = count * nfe_per_trajectory(solver, steps)
+    left -= count * nfe_per_trajectory(solver, teacher_steps) + per_eval
+    variants = [("other", "mse", 1, False), ("free", "log", 1, True)] + ([("beam", "log", width, False)]
+                                                                         if width > 1 else [])
+    while variants:
+        points = _grid_points(teacher_steps, steps, solver, variants, candidates, left, batch, per_eval)
+        if points is not None:
+            return count, [(points, w) for _, _, w, _ in variants]
+        variants.pop()
+    return count, []
 
 
 def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:

@@ -21,11 +21,14 @@ from ...optimize.memory import format_bytes
 from ...optimize.objectives import OBJECTIVES
 from ...optimize.options import Checkpointing, DPOptions, Storage
 from ...optimize.refine import Refinement
-from ...optimize.search import memory_estimate
+from ...optimize.search import estimated_method, memory_estimate
 from ...optimize.select import METHODS, selection_table
 from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
                     positive_int)
 from ..inputs import search_inputs
+
+
+ESTIMATED = {"dp": "plain DP", "validated": "validated search", "beam": "beam DP"}
 
 
 def add(sub: Any) -> None:
@@ -109,13 +112,17 @@ def run(args: argparse.Namespace) -> None:
         else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
     main_rank = init_distributed(noise.device)
     storage = Storage.from_args(args)
-    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage)
+    method = args.method or ("dp" if refine else None)  # refinement starts from the plain DP
+    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage, steps=args.steps, method=method,
+                               checkpointing=checkpointing)
     if main_rank:
-        print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
+        what = ESTIMATED[estimated_method(noise, dp, storage, args.solver, method, checkpointing)]
+        print(f"peak memory estimate ({what}): "
+              + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
     result = oss_search(model, noise, args.steps, args.teacher_steps, args.solver, cond, teacher_grid=teacher_grid,
                         dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing,
                         progress=True, seed=args.seed, refine=refine, refine_budget=args.refine_budget,
-                        method=args.method)
+                        method=method)
     if not main_rank:  # under torchrun only rank 0 writes and reports
         return
     result.schedule.metadata.update(metadata)
