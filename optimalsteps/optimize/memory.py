@@ -138,7 +138,8 @@ def estimate_validated_bytes(samples: int, validation_samples: int, sample_numel
     teacher = grid_points * sample_numel * _itemsize(state_dtype)
 
     def beam(points: int, width: int) -> int:
-        return estimate_beam_bytes(samples, sample_numel, points, steps, width, multistep, state_dtype, block_elements)
+        return estimate_beam_bytes(samples, sample_numel, points, steps, width, multistep, state_dtype,
+                                   block_elements)
 
     variants = max((beam(points, width) for points, width in variant_runs), default=0)
     device = samples * teacher + max(beam(grid_points, 1), validation_samples * teacher + variants)

@@ -188,7 +188,8 @@ def _nelder_mead(objective: _Objective, process: NoiseProcess, tol: float) -> st
     x0 = _gap_logits(process, start)
     simplex = np.vstack([x0] + [x0 + SIMPLEX_STEP * row for row in np.eye(len(x0))])
     options = {"initial_simplex": simplex, "adaptive": len(x0) > 4, "xatol": 1e-4,
-               "fatol": tolerance(objective.objective, objective.best_error, tol), "maxfev": 10 ** 9, "maxiter": 10 ** 9}
+               "fatol": tolerance(objective.objective, objective.best_error, tol), "maxfev": 10 ** 9,
+               "maxiter": 10 ** 9}
     minimize(lambda z: objective(_logits_times(process, z, first, last)), x0, method="Nelder-Mead",
              options=options)
     return "converged"

@@ -161,6 +161,6 @@ def print_refinement(schedule: Any) -> None:
     if refine.get("message"):
         print(f"refinement skipped: {refine['message']}")
         return
-    print(f"refined from {refine['start']}: final error ({refine.get('objective', 'mse')}) on {refine['samples']} samples "
-          f"{refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
+    print(f"refined from {refine['start']}: final error ({refine.get('objective', 'mse')}) on {refine['samples']} "
+          f"samples {refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
           f"stopped: {refine['stopped']})   NFE: search {metadata['search_nfe']}, refinement {metadata['refine_nfe']}")
