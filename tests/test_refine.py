@@ -285,6 +285,18 @@ def test_refinement_on_the_log_objective_lowers_it_on_its_samples(method):
     assert by_mse.error_after < _error(model, noise, by_log.schedule, "dpmpp2m", target)
 
 
+def test_refinement_on_the_tail_objective_reports_its_realised_value():
+    model = _model("vp", dim=6)
+    noise = _noise(10, 6, seed=3)
+    target = model.exact_solution(noise, rtol=1e-8, atol=1e-8)
+    start = uniform(model.process, 3)
+    result = refine_schedule(model, noise, start, "euler", target, max_evaluations=15, objective="tail")
+    out = sample(model, noise, result.schedule, solver="euler").samples
+    realised = float(aggregate(per_sample_error(out, target), "tail"))  # log of the worst tenth: the worst sample
+    assert result.error_after == pytest.approx(realised, rel=1e3 * torch.finfo(torch.float64).eps)
+    assert result.error_after <= result.error_before
+
+
 def test_refinement_objective_default_is_mse_and_unknown_ones_are_named():
     model = _model("flow", dim=4)
     noise = _noise(4, 4)
