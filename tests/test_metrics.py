@@ -30,6 +30,20 @@ def test_mse_and_psnr_by_hand():
         psnr(x, ref, data_range=0.0)
 
 
+def test_mse_per_sample_is_the_searchs_per_sample_error_with_checks():
+    from optimalsteps.optimize.objectives import per_sample_error
+
+    gen = torch.Generator().manual_seed(0)
+    x, ref = torch.randn(4, 3, 2, 2, generator=gen), torch.randn(4, 3, 2, 2, generator=gen)
+    got = mse_per_sample(x, ref)
+    assert got.dtype == torch.float64 and got.device.type == "cpu" and got.shape == (4,)
+    assert torch.equal(got, per_sample_error(x, ref))
+    with pytest.raises(OptimalStepsError, match="differ in shape"):
+        mse_per_sample(x, ref[:, :2])  # per_sample_error would broadcast nothing here, the metric refuses
+    with pytest.raises(OptimalStepsError, match="metrics need samples"):
+        mse_per_sample(torch.zeros(0, 3), torch.zeros(0, 3))
+
+
 def test_sliced_wasserstein_in_one_dimension_is_w2():
     x = torch.tensor([[0.0], [1.0], [2.0]])
     y = torch.tensor([[1.0], [2.0], [3.0]])

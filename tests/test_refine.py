@@ -10,6 +10,7 @@ from optimalsteps import GaussianMixture, OptimalStepsError, Schedule, sample
 from optimalsteps import search as any_search
 from optimalsteps.cli import main
 from optimalsteps.optimize.coarse import CoarseToFine, level_strides
+from optimalsteps.optimize.objectives import aggregate, per_sample_error
 from optimalsteps.optimize.refine import Refinement, final_error, from_unit, refine_schedule, to_unit
 from optimalsteps.optimize.options import DPOptions
 from optimalsteps.optimize.search import coarse_to_fine_search
@@ -249,8 +250,78 @@ def test_cli_refine_options_need_refine(tmp_path, capsys):
     code = main(["search", "--model", "gmm:dim=4,components=2", "--steps", "3", "--teacher-steps", "20",
                  "--refine-budget", "500", "--out", str(tmp_path / "s.json")])
     assert code == 2
-    assert "--refine-budget and --refine-samples need --refine" in capsys.readouterr().err
+    assert "--refine-budget, --refine-samples and --refine-objective need --refine" in capsys.readouterr().err
     assert not (tmp_path / "s.json").exists()
+    code = main(["search", "--model", "gmm:dim=4,components=2", "--steps", "3", "--teacher-steps", "20",
+                 "--refine-objective", "log", "--out", str(tmp_path / "s.json")])
+    assert code == 2 and "--refine-objective need --refine" in capsys.readouterr().err
+
+
+def _log_objective(model, noise, schedule, solver, target):
+    out = sample(model, noise, schedule, solver=solver).samples
+    return float(aggregate(per_sample_error(out, target), "log"))
+
+
+@pytest.mark.parametrize("method", ["nelder-mead", "coordinate"])
+def test_refinement_on_the_log_objective_lowers_it_on_its_samples(method):
+    # 4 DPM-Solver++(2M) steps: here refining the mean squared error raises the log objective above the DP's,
+    # refining the log objective lowers it; each refinement wins on its own objective
+    model = _model("flow", dim=8, seed=0)
+    noise = _noise(8, 8, seed=2)
+    dp = search(model, noise, steps=4, teacher_steps=40, solver="dpmpp2m")
+    target = dp.teacher_samples
+    by_log = refine_schedule(model, noise, dp.schedule, "dpmpp2m", target, method=method, max_evaluations=60,
+                             objective="log")
+    by_mse = refine_schedule(model, noise, dp.schedule, "dpmpp2m", target, method=method, max_evaluations=60)
+    before = _log_objective(model, noise, dp.schedule, "dpmpp2m", target)
+    after = _log_objective(model, noise, by_log.schedule, "dpmpp2m", target)
+    eps = torch.finfo(torch.float64).eps
+    # the reported values are the log objective (mean log per-sample error), realised by the schedules
+    assert by_log.error_before == pytest.approx(before, rel=1e3 * eps)
+    assert by_log.error_after == pytest.approx(after, rel=1e3 * eps)
+    assert by_log.history[-1][1] == by_log.error_after
+    assert after < before
+    assert after < _log_objective(model, noise, by_mse.schedule, "dpmpp2m", target)
+    assert by_mse.error_after < _error(model, noise, by_log.schedule, "dpmpp2m", target)
+
+
+def test_refinement_on_the_tail_objective_reports_its_realised_value():
+    model = _model("vp", dim=6)
+    noise = _noise(10, 6, seed=3)
+    target = model.exact_solution(noise, rtol=1e-8, atol=1e-8)
+    start = uniform(model.process, 3)
+    result = refine_schedule(model, noise, start, "euler", target, max_evaluations=15, objective="tail")
+    out = sample(model, noise, result.schedule, solver="euler").samples
+    realised = float(aggregate(per_sample_error(out, target), "tail"))  # log of the worst tenth: the worst sample
+    assert result.error_after == pytest.approx(realised, rel=1e3 * torch.finfo(torch.float64).eps)
+    assert result.error_after <= result.error_before
+
+
+def test_refinement_objective_default_is_mse_and_unknown_ones_are_named():
+    model = _model("flow", dim=4)
+    noise = _noise(4, 4)
+    target = model.exact_solution(noise, rtol=1e-8, atol=1e-8)
+    start = uniform(model.process, 3)
+    plain = refine_schedule(model, noise, start, "euler", target, max_evaluations=12)
+    explicit = refine_schedule(model, noise, start, "euler", target, max_evaluations=12, objective="mse")
+    assert torch.equal(plain.schedule.times, explicit.schedule.times) and plain.error_after == explicit.error_after
+    assert plain.error_before == pytest.approx(_error(model, noise, start, "euler", target), rel=1e-9)
+    assert Refinement().objective == "mse"
+    with pytest.raises(OptimalStepsError, match="unknown objective 'psnr'"):
+        Refinement(objective="psnr")
+    with pytest.raises(OptimalStepsError, match="unknown objective 'psnr'"):
+        refine_schedule(model, noise, start, "euler", target, objective="psnr")
+
+
+def test_cli_refine_objective_reaches_the_refinement(tmp_path, capsys):
+    out = tmp_path / "s.json"
+    code = main(["search", "--model", "gmm:dim=4,components=2", "--samples", "3", "--steps", "3",
+                 "--teacher-steps", "20", "--solver", "dpmpp2m", "--refine", "--refine-objective", "log",
+                 "--refine-budget", "2000", "--out", str(out)])
+    assert code == 0
+    assert "final error (log) on 3 samples" in capsys.readouterr().out
+    refine = json.loads(out.read_text())["metadata"]["refine"]
+    assert refine["objective"] == "log" and refine["error_refined"] <= refine["error_start"]
 
 
 def test_compare_names_the_refined_and_fast_searches():

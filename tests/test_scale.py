@@ -67,7 +67,8 @@ def _run_ranks(world, options):
 
 @pytest.mark.parametrize("world", [2, 3])
 @pytest.mark.parametrize("options", [dict(dp=DPOptions(aggregate="joint")), dict(dp=DPOptions(aggregate="median")),
-                                     dict(solver="dpmpp2m", dp=DPOptions(aggregate="joint", cost="x0"))])
+                                     dict(solver="dpmpp2m", dp=DPOptions(aggregate="joint", cost="x0")),
+                                     dict(solver="dpmpp2m", dp=DPOptions(aggregate="median", objective="log"))])
 def test_gloo_ranks_give_the_single_process_schedule(world, options):
     model, noise = _model_noise()
     single = search(model, noise, **SEARCH, **options)

@@ -123,7 +123,7 @@ def test_dp_with_an_objective_and_width_is_the_beam_on_the_full_grid():
     ({"width": 0}, "width must be a whole number >= 1"),
     ({"method": "validated", "cost": "x0"}, "method='validated' does not take cost: use method='dp'"),
     ({"method": "validated", "free_start": True}, "does not take free_start"),
-    ({"method": "dp", "objective": "log", "aggregate": "median"}, "the DP with an objective or width does not take"),
+    ({"method": "dp", "width": 2, "aggregate": "median"}, "the DP with an objective or width does not take"),
 ])
 def test_bad_input_is_one_sentence(kwargs, message):
     with pytest.raises(OptimalStepsError, match=message):

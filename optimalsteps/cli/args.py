@@ -7,6 +7,7 @@ from typing import Any
 
 from ..core.errors import OptimalStepsError
 from ..optimize.memory import STORAGE_DTYPES, STORAGES
+from ..optimize.objectives import OBJECTIVES
 from ..optimize.refine import METHODS
 
 DEFAULT_MODEL = "gmm:dim=64,components=8,seed=0,process=flow"
@@ -145,6 +146,8 @@ def add_refine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--refine-samples", type=positive_int, default=None,
                    help="measure the final error on this many samples (extra ones get their own teacher run)")
     g.add_argument("--refine-method", default="nelder-mead", choices=METHODS)
+    g.add_argument("--refine-objective", default=None, choices=OBJECTIVES,
+                   help="what the refinement minimises on its samples (default mse; log: the mean per-sample PSNR)")
     g.add_argument("--coarse-to-fine", action="store_true",
                    help="DP on a coarse sub-grid, then on bands around its choices: far fewer model calls")
     g.add_argument("--coarse-steps", type=positive_int, default=None,

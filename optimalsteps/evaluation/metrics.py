@@ -14,6 +14,7 @@ import torch
 from scipy.linalg import sqrtm
 
 from ..core.errors import OptimalStepsError
+from ..optimize.objectives import per_sample_error
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -34,9 +35,9 @@ def _pair(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 
 def mse_per_sample(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Mean squared error of each sample against its reference (same noise): [N] float64."""
-    x, ref = _pair(x, ref)
-    return (x - ref).pow(2).mean(1)
+    """Mean squared error of each sample against its reference (same noise): [N] float64, on the CPU, after
+    checking that both are [N, ...] of one shape (the search's `per_sample_error` does the arithmetic)."""
+    return per_sample_error(*_pair(x, ref))
 
 
 def mse(x: torch.Tensor, ref: torch.Tensor) -> float:

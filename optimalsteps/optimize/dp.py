@@ -29,6 +29,7 @@ from ..core.models import end_of_step
 from ..core.processes import NoiseProcess
 from ..core.solvers import corrected_start, heun_coefficients, unic_correction, update_coefficients
 from .memory import allocate
+from .objectives import aggregate
 from .teacher import Teacher, predict_chunked, reduce_device
 
 COSTS = ("xt", "x0")
@@ -491,6 +492,22 @@ def median_path(per_sample: list[list[int]]) -> list[int]:
     if count % 2:
         return table[count // 2].tolist()
     return ((table[count // 2 - 1] + table[count // 2]) // 2).tolist()
+
+
+def median_candidates(per_sample: list[list[int]]) -> list[list[int]]:
+    """What the median mode chooses from under an objective: the per-position median path first, then every
+    distinct per-sample path (each sample's own optimum) in sample order."""
+    out = [median_path(per_sample)]
+    for path in per_sample:
+        if list(path) not in out:
+            out.append(list(path))
+    return out
+
+
+def choose_path(errors: torch.Tensor, objective: str) -> int:
+    """The position of the candidate whose per-sample errors (row of [P, B]) have the lowest objective; the
+    first on ties, so the median path wins when nothing beats it."""
+    return int(torch.argmin(aggregate(errors, objective)))
 
 
 def reference_median(per_sample: list[list[int]]) -> list[int]:

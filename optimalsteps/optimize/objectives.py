@@ -32,7 +32,7 @@ def check_objective(name: str) -> str:
 
 def per_sample_error(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """Mean squared difference per sample, float64: x [..., B, *S] against ref [B, *S] -> [..., B]."""
-    diff = x.to(torch.float64) - ref.to(ref.device, torch.float64)
+    diff = x.to(torch.float64) - ref.to(x.device, torch.float64)
     inner = ref.dim() - 1
     return diff.pow(2).flatten(start_dim=diff.dim() - inner).mean(-1) if inner else diff.pow(2)
 

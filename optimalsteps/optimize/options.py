@@ -42,7 +42,8 @@ class DPOptions:
       model's clean estimate at the candidate state to the teacher's there; the `candidates` best sources of
       each cell by xt cost are re-ranked, at one model call each; Heun's corrector likewise).
     - `aggregate`: "joint" (one DP, cost averaged over samples; the default) or "median" (a DP per sample,
-      then the per-position median of teacher indices: the paper's OSS-ave).
+      then the per-position median of teacher indices: the paper's OSS-ave; with an `objective`, the best
+      by it on the search samples of the median and the per-sample paths, docs/search.md).
     - `free_start`: the first step may start from the initial state placed at any later grid point.
     - `reference_compat`: the authors' released semantics (per-sample "at most k steps" cells, median,
       xt cost, euler); settings it cannot honour (cost x0, aggregate joint, free_start, coarse_to_fine) are
@@ -60,7 +61,7 @@ class DPOptions:
     reference_compat: bool = False
     coarse_to_fine: CoarseToFine | bool = False
     view: CostView = field(default_factory=CostView)
-    objective: Optional[str] = None  # None: "log" for the validated search, "mse" for the plain DP
+    objective: Optional[str] = None  # None: "log" validated, "mse" plain DP, the paper's median for "median"
     width: Optional[int] = None  # histories kept per cell; None: 4 validated, 1 plain DP
     through: Optional[tuple[int, int]] = None  # (step k, teacher grid index j) the schedule must pass
 

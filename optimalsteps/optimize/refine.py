@@ -3,8 +3,9 @@
 Refinement. The dynamic program keeps, per cell, the state closest to the teacher there, which is not the
 same as the best final output once a solver carries history (DPM-Solver++(2M)), and it only picks teacher
 grid points. `refine_schedule` starts from the best of several schedules on the search samples (the DP's
-and every baseline's) and moves the M - 1 interior times continuously, off the grid, to minimise the final
-error against the teacher's output on the search samples, derivative-free:
+and every baseline's) and moves the M - 1 interior times continuously, off the grid, to minimise the
+objective (optimize/objectives.py: "mse", the default, "log" or "tail") of the per-sample final errors
+against the teacher's output on the search samples, derivative-free:
 
 - `nelder-mead` (default): scipy's Nelder-Mead on the logits of the gaps between consecutive times;
 - `coordinate`: passes over the interior times, each a bounded Brent line search (scipy) between its
@@ -40,6 +41,7 @@ from ..core.models import index_cond, is_broadcast, model_process
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory, sample
+from .objectives import ERROR_FLOOR, aggregate, check_objective, per_sample_error
 
 METHODS = ("nelder-mead", "coordinate")
 EVALUATIONS_PER_TIME = 40  # objective evaluations per interior time when no budget is given
@@ -95,12 +97,25 @@ def _strictly_decreasing(times: torch.Tensor) -> bool:
 
 
 def final_error(model: Any, noise: torch.Tensor, schedule: Schedule | torch.Tensor, solver: str,
-                target: torch.Tensor, cond: dict | None = None, max_batch: int = 4096) -> tuple[float, int]:
-    """(mean squared error of the solver's output on `schedule` against `target`, model evaluations spent),
-    sampled in chunks of at most max_batch; the error is averaged over samples and elements, as the DP's cost."""
+                target: torch.Tensor, cond: dict | None = None, max_batch: int = 4096,
+                objective: str = "mse") -> tuple[float, int]:
+    """(the objective of the per-sample errors of the solver's output on `schedule` against `target`, model
+    evaluations spent), sampled in chunks of at most max_batch. "mse" is the error averaged over samples and
+    elements, as the plain DP's cost."""
     out = sample(model, noise, schedule, solver=solver, cond=cond, max_batch=max_batch)
-    total = float((out.samples.to(torch.float64) - target.to(torch.float64)).pow(2).sum())
-    return total / target[0].numel() / target.shape[0], out.nfe * noise.shape[0]
+    return float(aggregate(per_sample_error(out.samples, target), objective)), out.nfe * noise.shape[0]
+
+
+def tolerance(objective: str, value: float, tol: float) -> float:
+    """The gain below which an objective value counts as converged: `tol` relative for "mse", `tol` absolute
+    for the log objectives ("log", "tail"), where a relative change of the errors is an absolute one."""
+    return tol * abs(value) if objective == "mse" else tol
+
+
+def has_error(objective: str, value: float) -> bool:
+    """Whether an objective value leaves anything to refine (every error at zero, or at the floor, does not)."""
+    floor = 0.0 if objective == "mse" else math.log(ERROR_FLOOR)
+    return math.isfinite(value) and value > floor
 
 
 class _Stop(Exception):
@@ -118,6 +133,7 @@ class _Objective:
     target: torch.Tensor
     cond: dict | None
     max_batch: int
+    objective: str  # optimize/objectives.py
     budget: int | None  # model calls
     limit: int | None  # objective evaluations
     per_evaluation: int
@@ -136,7 +152,7 @@ class _Objective:
         if self.limit is not None and self.evaluations >= self.limit:
             raise _Stop("evaluations")
         error, nfe = final_error(self.model, self.noise, times, self.solver, self.target, self.cond,
-                                 self.max_batch)
+                                 self.max_batch, self.objective)
         self.nfe += nfe
         self.evaluations += 1
         self.bar.update(1)
@@ -166,13 +182,14 @@ def _logits_times(process: NoiseProcess, logits: np.ndarray, first: float, last:
 
 def _nelder_mead(objective: _Objective, process: NoiseProcess, tol: float) -> str:
     """Nelder-Mead from the best start; stops when the simplex has shrunk (1e-4 in the logits) and its
-    errors agree to `tol` of the start's error."""
+    objective values agree to `tolerance` of the start's."""
     start = objective.best_times
     first, last = float(start[0]), float(start[-1])
     x0 = _gap_logits(process, start)
     simplex = np.vstack([x0] + [x0 + SIMPLEX_STEP * row for row in np.eye(len(x0))])
     options = {"initial_simplex": simplex, "adaptive": len(x0) > 4, "xatol": 1e-4,
-               "fatol": tol * objective.best_error, "maxfev": 10 ** 9, "maxiter": 10 ** 9}
+               "fatol": tolerance(objective.objective, objective.best_error, tol), "maxfev": 10 ** 9,
+               "maxiter": 10 ** 9}
     minimize(lambda z: objective(_logits_times(process, z, first, last)), x0, method="Nelder-Mead",
              options=options)
     return "converged"
@@ -180,7 +197,7 @@ def _nelder_mead(objective: _Objective, process: NoiseProcess, tol: float) -> st
 
 def _coordinate(objective: _Objective, process: NoiseProcess, tol: float, line_evals: int) -> str:
     """Passes of bounded Brent line searches, one interior time at a time between its neighbours, until a
-    pass gains less than `tol` (relative)."""
+    pass gains less than `tolerance`."""
     steps = len(objective.best_times) - 1
     while True:
         before = objective.best_error
@@ -197,7 +214,7 @@ def _coordinate(objective: _Objective, process: NoiseProcess, tol: float, line_e
 
             minimize_scalar(line, bounds=(lo + margin, hi - margin), method="bounded",
                             options={"maxiter": line_evals, "xatol": 1e-4 * (hi - lo)})
-        if before - objective.best_error <= tol * before:
+        if before - objective.best_error <= tolerance(objective.objective, before, tol):
             return "converged"
 
 
@@ -261,11 +278,12 @@ def refine_schedule(model: Any, noise: torch.Tensor,
                     target: torch.Tensor, budget_nfe: int | None = None, cond: dict | None = None,
                     method: str = "nelder-mead", max_evaluations: int | None = None, tol: float = 1e-3,
                     line_evals: int = LINE_EVALS, max_batch: int = 4096, progress: bool = False,
-                    warn: bool = True) -> RefineResult:
+                    warn: bool = True, objective: str = "mse") -> RefineResult:
     """Refine the best of `start_schedules` (the first is the unrefined one) on the search `noise` [B, ...].
 
-    The objective is the mean squared error of `solver`'s output against `target` (the teacher's output on
-    the same noise). It stops when the method has converged (relative `tol`), when the next evaluation would
+    It minimises `objective` (optimize/objectives.py; "mse": the mean squared error) of the per-sample errors
+    of `solver`'s output against `target` (the teacher's output on the same noise). It stops when the method
+    has converged (`tol`: relative for "mse", absolute for the log objectives), when the next evaluation would
     exceed `budget_nfe` model calls (per sample state, scoring the starts included), or after
     `max_evaluations` objective evaluations (default without a budget: 40 per interior time).
     A model with `discrete_timesteps = True`, or a budget too small to score the starts and finish one pass,
@@ -273,6 +291,7 @@ def refine_schedule(model: Any, noise: torch.Tensor,
     started = time.perf_counter()
     process = model_process(model)
     solver = get_solver(solver).name
+    check_objective(objective)
     starts = _check_refine_inputs(process, noise, start_schedules, target, method, budget_nfe, max_evaluations,
                                   line_evals, tol)
     steps = starts[0][1].steps
@@ -293,7 +312,7 @@ def refine_schedule(model: Any, noise: torch.Tensor,
 
     if max_evaluations is None and budget_nfe is None:
         max_evaluations = len(starts) + EVALUATIONS_PER_TIME * max(1, steps - 1)
-    objective = _Objective(model, noise, solver, target, cond, max_batch,
+    objective = _Objective(model, noise, solver, target, cond, max_batch, objective,
                            None if budget_nfe is None else int(budget_nfe), max_evaluations, per_evaluation,
                            tqdm(desc=f"refine ({method})", unit="eval", disable=not progress, leave=False))
     start_errors = {}
@@ -305,7 +324,7 @@ def refine_schedule(model: Any, noise: torch.Tensor,
 
     stopped = "nothing to refine"
     try:
-        if steps > 1 and objective.best_error > 0:
+        if steps > 1 and has_error(objective.objective, objective.best_error):
             if method == "nelder-mead":
                 stopped = _nelder_mead(objective, process, tol)
             else:
@@ -346,6 +365,10 @@ class Refinement:
     tol: float = 1e-3
     baselines: bool = True  # also start from every baseline schedule, not only the DP's
     warn: bool = True  # warn when refinement is refused (the CLI prints the reason itself)
+    objective: str = "mse"  # what is minimised (optimize/objectives.py); "log": the mean per-sample PSNR
+
+    def __post_init__(self):
+        check_objective(self.objective)
 
 
 REFINE_SEED_OFFSET = 7_000_003  # extra refinement noise is drawn from seed + this, away from other noise
@@ -426,7 +449,8 @@ def refine_search_result(model: Any, noise: torch.Tensor, result: Any, solver: s
         remaining = None if budget_nfe is None else int(budget_nfe) - spent
         refined = refine_schedule(model, refine_noise, starts, solver, target, remaining, refine_cond,
                                   method=options.method, max_evaluations=options.max_evaluations, tol=options.tol,
-                                  max_batch=max_batch, progress=progress, warn=options.warn)
+                                  max_batch=max_batch, progress=progress, warn=options.warn,
+                                  objective=options.objective)
     metadata = dict(dp.metadata)
     search_nfe = int(metadata.get("search_nfe", metadata.get("nfe", result.nfe)))
     refine_nfe = refined.nfe + spent
@@ -436,7 +460,7 @@ def refine_search_result(model: Any, noise: torch.Tensor, result: Any, solver: s
                      "refine_seconds": round(seconds, 4)})
     summary = {"start": refined.start, "error_unrefined": refined.error_before, "error_start": refined.error_start,
                "error_refined": refined.error_after, "evaluations": refined.evaluations, "stopped": refined.stopped,
-               "budget": budget_nfe, "samples": count, "method": options.method}
+               "budget": budget_nfe, "samples": count, "method": options.method, "objective": options.objective}
     if refined.refused:
         summary["message"] = refined.message
         schedule = dp.with_times(dp.times)

@@ -19,15 +19,18 @@ from .checkpoint import Checkpointer, fingerprint, run_settings
 from .coarse import CoarseToFine, coarse_to_fine_dp
 from ..core.checks import as_noise, check_search_args
 from ..core.errors import OptimalStepsError, unknown
-from .dp import DPContext, cost_view, exact_dp, median_path, reference_dp, reference_median, trace_path
-from .memory import check_fits, estimate_search_bytes
+from .dp import (DPContext, choose_path, cost_view, exact_dp, median_candidates, median_path, reference_dp,
+                 reference_median, trace_path)
+from .memory import check_fits, estimate_beam_bytes, estimate_search_bytes, estimate_validated_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
 from ..core.processes import NoiseProcess
 from ..core.schedules import Schedule, check_steps
 from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
+from .objectives import aggregate, per_sample_error
 from .options import Checkpointing, DPOptions, Storage, from_flat
 from .result import SearchResult
-from .select import METHODS, search_hook
+from . import beam
+from .select import DEFAULT_BUDGET, DEFAULT_WIDTH, METHODS, _grid_points, plain_dp_calls, search_hook
 from .teacher import Teacher, amplitude_statistics, run_teacher
 
 
@@ -75,9 +78,8 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     inputs = _check_inputs(model, noise, steps, teacher_steps, solver, cond, teacher_grid, dp, storage, checkpointing)
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
-    dp_only = _plain_dp_only(inputs, part.world)
-    if method is None:
-        method = "dp" if dp_only or inputs.dp.free_start else "validated"
+    dp_only = _plain_dp_only(inputs.dp, inputs.storage, inputs.checkpointing, part.world)
+    method = _resolve_method(method, inputs.dp, dp_only, inputs.solver)
     if _beyond_plain_dp(method, inputs.dp):
         result = search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
                              inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
@@ -88,7 +90,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     local_noise = noise[part.start:part.stop]
     local_cond = index_cond(cond, torch.arange(part.start, part.stop)) if cond else cond
     estimate = inputs.storage.estimate or memory_estimate(noise, inputs.teacher_steps, inputs.solver.name, inputs.dp,
-                                                          inputs.storage)
+                                                          inputs.storage, steps=inputs.steps, method=method)
     check_fits(estimate, noise.device, inputs.storage.memory_limit)
     checkpointer = _checkpointer(model, noise, cond, inputs, part, seed)
     teacher_run = _teacher_stage(model, local_noise, local_cond, inputs, checkpointer, progress)
@@ -107,7 +109,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     traces, cost_table, search_nfe, fast = _dp_stage(ctx, inputs.dp)
     if checkpointer is not None:
         checkpointer.close()
-    result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed)
+    result = _result_stage(model, inputs, ctx, traces, cost_table, search_nfe, fast, started, seed, local_noise)
     _measure_error(result, model, local_noise, local_cond, ctx.solver.name, ctx.max_batch, ctx.cost_dtype, ctx.view,
                    ctx.sample_mean, ctx.part.total)
     return result
@@ -117,16 +119,22 @@ def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
     """Whether the search is the validated choice or a beam / other-objective DP rather than the plain DP."""
     if method not in METHODS:
         raise unknown("method", method, METHODS)
-    return not dp.reference_compat and (method != "dp" or dp.objective not in (None, "mse")
-                                        or dp.width not in (None, 1))
+    plain_objective = dp.objective in (None, "mse") or dp.per_sample  # the median mode takes every objective
+    return not dp.reference_compat and (method != "dp" or not plain_objective or dp.width not in (None, 1))
 
 
-def _plain_dp_only(inputs: _Inputs, ranks: int) -> list[str]:
+def _resolve_method(method: str | None, dp: DPOptions, dp_only: list[str], solver: Solver) -> str:
+    """The method asked for, or the default: "dp" when a plain-DP-only option or a free start is given."""
+    if method is not None:
+        return method
+    return "dp" if dp_only or dp.free_start else "validated"
+
+
+def _plain_dp_only(dp: DPOptions, storage: Storage, checkpointing: Checkpointing, ranks: int) -> list[str]:
     """The options given that only the plain DP takes (refused by the validated and beam searches)."""
-    dp, storage = inputs.dp, inputs.storage
     given = {"cost": dp.cost != "xt", "aggregate": dp.aggregate is not None, "coarse_to_fine": bool(dp.coarse_to_fine),
              "storage": storage.place != "memory", "storage_dtype": storage.dtype is not None,
-             "target_chunk": storage.target_chunk is not None, "checkpoint_dir": inputs.checkpointing.dir is not None,
+             "target_chunk": storage.target_chunk is not None, "checkpoint_dir": checkpointing.dir is not None,
              "cost_channels": dp.view.channels is not None, "cost_frames": dp.view.frames is not None,
              "through": dp.through is not None, "ranks": ranks > 1}
     return [name for name, is_given in given.items() if is_given]
@@ -226,22 +234,25 @@ def _dp_stage(ctx: DPContext, dp: DPOptions):
 
 
 def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Tensor, cost_table: torch.Tensor,
-                  search_nfe: int, fast: Any, started: float, seed: int | None) -> SearchResult:
+                  search_nfe: int, fast: Any, started: float, seed: int | None,
+                  local_noise: torch.Tensor) -> SearchResult:
     """Stage 4: the traced schedule(s), the DP's cost, model calls, and the schedule's metadata."""
     steps, n, dp, part = inputs.steps, inputs.teacher_steps, inputs.dp, ctx.part
     reference, solver = dp.reference_compat, inputs.solver.name
-    per_sample_indices = None
+    per_sample_indices, chosen = None, None
     if ctx.per_sample:
         local = [trace_path(traces[b], steps, n, reference, dp.free_start) for b in range(traces.shape[0])]
         per_sample_indices = [ix for chunk in dd.all_gather_objects(local, part) for ix in chunk]
         indices = (reference_median if reference else median_path)(per_sample_indices)
+        if dp.objective is not None and not reference:
+            indices, chosen = _median_by_objective(model, inputs, ctx, local_noise, per_sample_indices)
         final_cost = float(ctx.sample_mean(cost_table[:, steps if not reference else -1, n]))
     else:
         indices = trace_path(traces, steps, n, False, dp.free_start)
         final_cost = float(cost_table[steps, n])
     teacher_run, batch = ctx.teacher, part.total
     nfe = int(ctx.global_sum(torch.tensor([teacher_run.nfe * (part.stop - part.start) + search_nfe],
-                                          dtype=torch.float64)))
+                                          dtype=torch.float64))) + (chosen["nfe"] if chosen else 0)
     seconds = time.perf_counter() - started
     amplitude = amplitude_statistics(teacher_run.states, part=part)
     schedule = _indices_schedule(indices, inputs.teacher, solver, reference)
@@ -256,6 +267,8 @@ def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Ten
         "calibration": {"q05": [amplitude["q05"][i] for i in grid[:-1]],
                         "q95": [amplitude["q95"][i] for i in grid[:-1]]},
     })
+    if chosen is not None:
+        schedule.metadata.update({"objective": dp.objective, "median_choice": chosen})
     per_sample_schedules = None
     if per_sample_indices is not None:
         per_sample_schedules = [_indices_schedule(ix, inputs.teacher, solver, reference) for ix in per_sample_indices]
@@ -265,6 +278,27 @@ def _result_stage(model: Any, inputs: _Inputs, ctx: DPContext, traces: torch.Ten
     teacher_out = teacher_run.states[:, -1].to(device=device, dtype=ctx.start.dtype)
     return SearchResult(schedule, indices, per_sample_schedules, per_sample_indices, cost_table, final_cost, nfe,
                         teacher_run.nfe * batch, seconds, inputs.teacher, teacher_out, amplitude)
+
+
+def _median_by_objective(model: Any, inputs: _Inputs, ctx: DPContext, local_noise: torch.Tensor,
+                         per_sample_indices: list[list[int]]) -> tuple[list[int], dict[str, Any]]:
+    """The median mode under an objective: of the per-position median path and the per-sample paths
+    (dp.median_candidates), the one whose per-sample final errors on the search samples of all ranks, in the
+    DP's cost view, have the lowest objective; one sampling of the search noise per candidate."""
+    solver, batch = inputs.solver.name, local_noise.shape[0]
+    target = ctx.view(ctx.teacher.states[:, -1].reshape(batch, -1).to(ctx.device))
+    candidates = median_candidates(per_sample_indices)
+    rows = []
+    for path in candidates:
+        schedule = _indices_schedule(path, inputs.teacher, solver, False)
+        out = sample(model, local_noise, schedule, solver, ctx.cond, max_batch=ctx.max_batch).samples
+        local = per_sample_error(ctx.view(out.reshape(batch, -1)), target).cpu().tolist()
+        rows.append([e for chunk in dd.all_gather_objects(local, ctx.part) for e in chunk])
+    errors = torch.tensor(rows, dtype=torch.float64)
+    best = choose_path(errors, inputs.dp.objective)
+    calls = len(candidates) * nfe_per_trajectory(solver, inputs.steps) * ctx.part.total
+    return candidates[best], {"candidates": candidates, "scores": aggregate(errors, inputs.dp.objective).tolist(),
+                              "chosen": best, "nfe": calls}
 
 
 def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: dict | None, solver: str,
@@ -280,14 +314,66 @@ def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: 
 
 
 def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", dp: DPOptions | None = None,
-                    storage: Storage | None = None) -> dict[str, int]:
-    """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk)."""
+                    storage: Storage | None = None, *, steps: int = 1, method: str | None = None,
+                    checkpointing: Checkpointing | None = None) -> dict[str, int]:
+    """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk), for the
+    method `search` will run with these options (`estimated_method`): the plain DP (`estimate_search_bytes`),
+    the validated search (`estimate_validated_bytes`) or the beam DP of method "dp" with an objective or
+    width (`estimate_beam_bytes` and its teacher). `steps` (M) sizes the beam DPs' layers (the default 1 is
+    their largest)."""
     dp, storage = dp or DPOptions(), storage or Storage()
+    chosen = estimated_method(noise, dp, storage, solver, method, checkpointing)
+    solver_def = get_solver(solver)
+    state_dtype = torch.promote_types(noise.dtype, torch.float32)
+    batch, numel, points = noise.shape[0], noise[0].numel(), teacher_steps + 1
+    if chosen == "validated":
+        count, runs = _validated_plan(batch, teacher_steps, steps, solver_def.name,
+                                      DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
+        return estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
+                                        beam.BLOCK_ELEMENTS, runs)
+    if chosen == "beam":
+        run = estimate_beam_bytes(batch, numel, points, steps, dp.width or 1, solver_def.multistep, state_dtype,
+                                  beam.BLOCK_ELEMENTS)
+        return {"device": batch * points * numel * state_dtype.itemsize + run, "host": 0, "disk": 0}
     part = dd.shard(noise.shape[0], storage.distributed)
     return estimate_search_bytes(part.stop - part.start, noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
                                  dp.cost == "x0", storage.place, storage.dtype or torch.float32,
                                  torch.promote_types(noise.dtype, torch.float32), storage.target_chunk,
                                  dp.view.dtype, get_solver(solver).source_corrector)
+
+
+def estimated_method(noise: torch.Tensor, dp: DPOptions, storage: Storage, solver: str, method: str | None = None,
+                     checkpointing: Checkpointing | None = None) -> str:
+    """Which search `search` runs with these options: "validated", "beam" (method "dp" with an objective or
+    width, on the full grid) or "dp" (the plain or reference DP)."""
+    ranks = dd.shard(noise.shape[0], storage.distributed).world
+    dp_only = _plain_dp_only(dp, storage, checkpointing or Checkpointing(), ranks)
+    chosen = _resolve_method(method, dp, dp_only, get_solver(solver))
+    if not _beyond_plain_dp(chosen, dp):
+        return "dp"
+    return "validated" if chosen == "validated" else "beam"
+
+
+def _validated_plan(batch: int, teacher_steps: int, steps: int, solver: str, width: int,
+                    candidates: int) -> tuple[int, list[tuple[int, int]]]:
+    """(validation samples, (grid points, width) of each DP variant) of `validated_search` with these settings,
+    following its budget: the validation set it can pay for after the teacher and the main DP, and the
+    variants' sub-grid paid from what is left after that set and the main DP's validation. Fixed candidates
+    and family fits are not subtracted, so the grid is an upper bound of the one that runs."""
+    plain = plain_dp_calls(batch, teacher_steps, steps, solver, candidates)
+    left = int(DEFAULT_BUDGET * plain) - plain
+    per_validation_sample = nfe_per_trajectory(solver, teacher_steps) + nfe_per_trajectory(solver, steps)
+    count = max(1, min(max(8, min(2 * batch, 32)), left // per_validation_sample))  # select's default set
+    per_eval = count * nfe_per_trajectory(solver, steps)
+    left -= count * nfe_per_trajectory(solver, teacher_steps) + per_eval
+    variants = [("other", "mse", 1, False), ("free", "log", 1, True)] + ([("beam", "log", width, False)]
+                                                                         if width > 1 else [])
+    while variants:
+        points = _grid_points(teacher_steps, steps, solver, variants, candidates, left, batch, per_eval)
+        if points is not None:
+            return count, [(points, w) for _, _, w, _ in variants]
+        variants.pop()
+    return count, []
 
 
 def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:

@@ -21,11 +21,14 @@ from ...optimize.memory import format_bytes
 from ...optimize.objectives import OBJECTIVES
 from ...optimize.options import Checkpointing, DPOptions, Storage
 from ...optimize.refine import Refinement
-from ...optimize.search import memory_estimate
+from ...optimize.search import estimated_method, memory_estimate
 from ...optimize.select import METHODS, selection_table
 from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
                     positive_int)
 from ..inputs import search_inputs
+
+
+ESTIMATED = {"dp": "plain DP", "validated": "validated search", "beam": "beam DP"}
 
 
 def add(sub: Any) -> None:
@@ -75,12 +78,13 @@ def init_distributed(device: torch.device) -> bool:
 
 def refine_from_args(args: argparse.Namespace) -> Refinement | bool:
     """The refinement options of --refine (False without it)."""
-    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None):
-        raise OptimalStepsError("--refine-budget and --refine-samples need --refine")
+    if not args.refine and (args.refine_budget is not None or args.refine_samples is not None
+                            or args.refine_objective is not None):
+        raise OptimalStepsError("--refine-budget, --refine-samples and --refine-objective need --refine")
     if args.coarse_steps is not None and not args.coarse_to_fine:
         raise OptimalStepsError("--coarse-steps needs --coarse-to-fine")
     return Refinement(samples=args.refine_samples, seed=args.seed, method=args.refine_method,
-                      warn=False) if args.refine else False
+                      objective=args.refine_objective or "mse", warn=False) if args.refine else False
 
 
 def check_outputs(args: argparse.Namespace) -> None:
@@ -108,11 +112,15 @@ def run(args: argparse.Namespace) -> None:
         else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
     main_rank = init_distributed(noise.device)
     storage = Storage.from_args(args)
-    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage)
+    method = args.method or ("dp" if refine else None)  # refinement starts from the plain DP
+    estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage, steps=args.steps, method=method,
+                               checkpointing=checkpointing)
     if main_rank:
-        print("peak memory estimate: " + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
+        what = ESTIMATED[estimated_method(noise, dp, storage, args.solver, method, checkpointing)]
+        print(f"peak memory estimate ({what}): "
+              + ", ".join(f"{place} {format_bytes(n)}" for place, n in estimate.items() if n))
     options = dict(dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing, progress=True,
-                   seed=args.seed, method=args.method)
+                   seed=args.seed, method=method)
     experts = None
     if getattr(model, "expert_split", None) is not None:  # Wan 2.2: one step exactly on the experts' boundary
         experts = search_two_experts(model, noise, args, cond, teacher_grid, refine, options)
@@ -173,6 +181,6 @@ def print_refinement(schedule: Any) -> None:
     if refine.get("message"):
         print(f"refinement skipped: {refine['message']}")
         return
-    print(f"refined from {refine['start']}: final error on {refine['samples']} samples "
-          f"{refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
+    print(f"refined from {refine['start']}: final error ({refine.get('objective', 'mse')}) on {refine['samples']} "
+          f"samples {refine['error_unrefined']:.4g} (DP) -> {refine['error_refined']:.4g} ({refine['evaluations']} evaluations, "
           f"stopped: {refine['stopped']})   NFE: search {metadata['search_nfe']}, refinement {metadata['refine_nfe']}")
