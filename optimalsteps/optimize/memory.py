@@ -99,13 +99,13 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def estimate_beam_bytes(samples: int, sample_numel: int, points: int, steps: int, width: int, multistep: bool,
-                        state_dtype: torch.dtype, block_elements: int) -> int:
+                        state_dtype: torch.dtype, block_elements: int, source_corrector: bool = False) -> int:
     """Peak bytes of one beam DP (optimize/beam.py) on a grid of `points` teacher points, beyond the teacher
     trajectory it reads; s is the state dtype's size, a vector is B * D elements.
 
     With J = points - steps targets per inner layer and E = width * J entries (histories) per layer, each
     with k kept vectors (state, model estimate, and for multistep solvers the previous estimate: k = 3, else
-    2): the copy of the teacher at the grid (points vectors), then the larger of a layer's two phases.
+    2; UniPC's pending correction adds one, k = 4): the copy of the teacher at the grid (points vectors), then the larger of a layer's two phases.
     Scoring: the layer's k * E vectors and a block of P = min(E, max(1, block_elements // (J * B * D))) * J
     candidate states, each element taking (k + 3) * s bytes while it is stepped (the entries' gathered vectors,
     the running sum, a term) or s + 16 (+ 8 below float64) while its error is taken (the state, the teacher's
@@ -117,11 +117,13 @@ def estimate_beam_bytes(samples: int, sample_numel: int, points: int, steps: int
     vector = samples * sample_numel
     cells = max(1, points - steps)
     entries = width * cells
-    kept = 3 if multistep else 2
+    kept = (3 if multistep else 2) + (1 if source_corrector else 0)
     pairs = min(entries, max(1, block_elements // (cells * vector))) * cells * vector
     stepping = (kept + 3) * size
     scoring = size + 16 + (8 if size < 8 else 0)
-    scored = kept * entries * vector * size + pairs * max(stepping, scoring) + pairs // vector * 48
+    # UniPC: the layer's corrected states are made beside the entries' states and bases, so one more vector
+    held = kept + (1 if source_corrector else 0)
+    scored = held * entries * vector * size + pairs * max(stepping, scoring) + pairs // vector * 48
     bookkeeping = entries * (cells + 2 * (steps + 1) + 8) * 8
     layer = max(scored, 2 * kept * entries * vector * size) + bookkeeping
     return points * vector * size + layer
@@ -129,7 +131,7 @@ def estimate_beam_bytes(samples: int, sample_numel: int, points: int, steps: int
 
 def estimate_validated_bytes(samples: int, validation_samples: int, sample_numel: int, grid_points: int, steps: int,
                              multistep: bool, state_dtype: torch.dtype, block_elements: int,
-                             variant_runs: list[tuple[int, int]]) -> dict[str, int]:
+                             variant_runs: list[tuple[int, int]], source_corrector: bool = False) -> dict[str, int]:
     """Bytes the validated search (optimize/select.py) holds at its peak, all on the compute device: the
     search teacher's trajectory (B * grid_points vectors of D elements) throughout, then the larger of the
     main DP (the beam DP of width 1 on the full grid) and, once the validation teacher's trajectory (V *
@@ -139,7 +141,7 @@ def estimate_validated_bytes(samples: int, validation_samples: int, sample_numel
 
     def beam(points: int, width: int) -> int:
         return estimate_beam_bytes(samples, sample_numel, points, steps, width, multistep, state_dtype,
-                                   block_elements)
+                                   block_elements, source_corrector)
 
     variants = max((beam(points, width) for points, width in variant_runs), default=0)
     device = samples * teacher + max(beam(grid_points, 1), validation_samples * teacher + variants)

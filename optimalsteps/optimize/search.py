@@ -330,10 +330,10 @@ def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "eule
         count, runs = _validated_plan(batch, teacher_steps, steps, solver_def.name,
                                       DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
         return estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
-                                        beam.BLOCK_ELEMENTS, runs)
+                                        beam.BLOCK_ELEMENTS, runs, solver_def.source_corrector)
     if chosen == "beam":
         run = estimate_beam_bytes(batch, numel, points, steps, dp.width or 1, solver_def.multistep, state_dtype,
-                                  beam.BLOCK_ELEMENTS)
+                                  beam.BLOCK_ELEMENTS, solver_def.source_corrector)
         return {"device": batch * points * numel * state_dtype.itemsize + run, "host": 0, "disk": 0}
     part = dd.shard(noise.shape[0], storage.distributed)
     return estimate_search_bytes(part.stop - part.start, noise[0].numel(), teacher_steps + 1, get_solver(solver).multistep,
