@@ -21,7 +21,7 @@ from ...optimize.search import search
 from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
-from .experts import ExpertSchedule, ExpertSplit, expert_split, search_experts
+from .experts import ExpertSchedule, ExpertSplit, boundary_routed, expert_split, search_experts
 from .schedules import in_process, pipeline_schedule, pipeline_teacher
 from .settings import current_settings, guidance_scale, model_id, resolution, warn_settings
 
@@ -195,8 +195,9 @@ def _search_experts(inputs: PipelineInputs, noise: torch.Tensor, steps: int, hig
 
 
 def expert_model(pipe: Any, model: Any, schedule: Schedule) -> Any:
-    """The model that runs `schedule`: with a searched two-expert schedule (metadata split_step), the step at
-    the boundary is the second expert's; a two-expert schedule for another boundary is refused."""
+    """The model that runs `schedule`: with a two-expert schedule (metadata split_step: searched, or a named one
+    put onto the boundary), the step at the boundary is the second expert's; one for another boundary is
+    refused."""
     if "split_step" not in schedule.metadata:
         return model
     split = getattr(model, "expert_split", None)
@@ -207,9 +208,7 @@ def expert_model(pipe: Any, model: Any, schedule: Schedule) -> Any:
         raise OptimalStepsError(f"the schedule's expert boundary {schedule.metadata.get('boundary')} is not this "
                                 f"pipeline's ({boundary:g})")
     expert_split(schedule, boundary)  # its point on the boundary is still there
-    model = copy.copy(model)
-    model.boundary_owner = 2
-    return model
+    return boundary_routed(model)
 
 
 def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_scale: Optional[float] = None,
