@@ -195,6 +195,8 @@ def test_expert_schedules_search_oss_with_high_steps_and_move_the_baselines(case
     assert uniform.metadata["boundary_moved"]["step"] == 1 and uniform.times.tolist()[1] == BOUNDARY
     with pytest.raises(OptimalStepsError, match="not with a two-expert pipeline"):
         od.expert_schedules("oss", model.process, [3], model=model, noise=noise, cond=inputs.cond, refine=True)
+    with pytest.raises(OptimalStepsError, match="has no option"):
+        od.expert_schedules("oss", model.process, [3], model=model, noise=noise, cond=inputs.cond, refined=True)
     one = od.pipeline_inputs(tiny.wan21().pipe, case.prompts, height=32, width=32, num_frames=5).model
     with pytest.raises(OptimalStepsError, match="two experts"):
         od.expert_schedules("uniform", one.process, [3], model=one)

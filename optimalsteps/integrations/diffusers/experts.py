@@ -25,7 +25,7 @@ import torch
 from ...core.errors import OptimalStepsError
 from ...core.models import model_teacher_grid
 from ...core.schedules import Schedule
-from ...evaluation.baselines import make_schedules
+from ...evaluation.baselines import check_search_options, make_schedules
 from ...optimize.options import DPOptions, from_flat
 from ...optimize.result import SearchResult
 from ...optimize.search import search
@@ -165,11 +165,14 @@ def expert_schedules(name: str, process: Any, steps: Sequence[int], model: Any =
     if name != "oss":
         made = make_schedules(name, process, steps, model, noise, cond, solver, progress, **options)
         return {m: onto_boundary(schedule, split.boundary) for m, schedule in made.items()}
-    if options.pop("refine", False):
+    check_search_options(options)
+    if options.pop("refine", False) or options.pop("refine_budget", None) is not None:
         raise OptimalStepsError("refinement moves the times off the teacher grid, the experts' boundary with "
                                 "them: not with a two-expert pipeline")
     if noise is None:
         raise OptimalStepsError("the two-expert search needs the search noise")
-    teacher = model_teacher_grid(model, options.pop("teacher_steps", 200))
+    teacher_steps, teacher = options.pop("teacher_steps", 200), options.pop("teacher_grid", None)
+    if teacher is None:
+        teacher = model_teacher_grid(model, teacher_steps)
     return {m: search_experts(model, noise, m, teacher, cond, solver, high_steps, progress=progress,
                               **options).schedule for m in steps}
