@@ -164,6 +164,9 @@ def test_onto_boundary_keeps_a_point_already_there_and_refuses_one_step():
     assert kept.times.tolist() == times and "boundary_moved" not in kept.metadata and kept.metadata["split_step"] == 2
     with pytest.raises(OptimalStepsError, match="one step"):
         od.onto_boundary(make_schedule("uniform", "flow", 1), BOUNDARY)
+    other = od.onto_boundary(make_schedule("uniform", "flow", 3), 0.9)  # made for another pipeline's boundary
+    with pytest.raises(OptimalStepsError, match="not this pipeline's"):
+        od.onto_boundary(other, BOUNDARY)
 
 
 def test_sample_pipeline_runs_a_baseline_put_onto_the_boundary_each_expert_on_its_own_side(case):

@@ -81,9 +81,10 @@ def teacher_through(teacher: Schedule, boundary: float) -> tuple[Schedule, int]:
 def onto_boundary(schedule: Schedule, boundary: float) -> Schedule:
     """A schedule with a step exactly on the experts' boundary and its split in the metadata: as it is where it
     has one, else with its interior point nearest the boundary moved onto it, recorded as
-    metadata["boundary_moved"] = {"step": k, "from": t} (what a baseline becomes on a two-expert pipeline)."""
-    if "split_step" in schedule.metadata and schedule.metadata.get("boundary") == boundary:
-        expert_split(schedule, boundary)  # its point on the boundary is still there
+    metadata["boundary_moved"] = {"step": k, "from": t} (what a baseline becomes on a two-expert pipeline). A
+    two-expert schedule for another boundary is refused."""
+    if "split_step" in schedule.metadata:
+        check_expert_schedule(schedule, boundary)
         return schedule
     metadata = dict(schedule.metadata)
     if boundary in schedule.times.tolist()[1:-1]:
@@ -94,6 +95,14 @@ def onto_boundary(schedule: Schedule, boundary: float) -> Schedule:
     moved = Schedule(times, schedule.process, solver=schedule.solver, metadata=metadata)
     moved.metadata.update(expert_split(moved, boundary))
     return moved
+
+
+def check_expert_schedule(schedule: Schedule, boundary: float) -> None:
+    """Refuse a two-expert schedule made for another boundary, or that lost its point on this one."""
+    if schedule.metadata.get("boundary") != boundary:
+        raise OptimalStepsError(f"the schedule's expert boundary {schedule.metadata.get('boundary')} is not this "
+                                f"pipeline's ({boundary:g})")
+    expert_split(schedule, boundary)
 
 
 def boundary_routed(model: Any) -> Any:

@@ -21,7 +21,7 @@ from ...optimize.search import search
 from .common import (CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
-from .experts import ExpertSchedule, ExpertSplit, boundary_routed, expert_split, search_experts
+from .experts import ExpertSchedule, ExpertSplit, boundary_routed, check_expert_schedule, search_experts
 from .schedules import in_process, pipeline_schedule, pipeline_teacher
 from .settings import current_settings, guidance_scale, model_id, resolution, warn_settings
 
@@ -204,10 +204,7 @@ def expert_model(pipe: Any, model: Any, schedule: Schedule) -> Any:
     boundary = None if split is None else split.boundary
     if boundary is None:
         raise OptimalStepsError(f"the schedule was searched for two experts; {type(pipe).__name__} has one")
-    if schedule.metadata.get("boundary") != boundary:
-        raise OptimalStepsError(f"the schedule's expert boundary {schedule.metadata.get('boundary')} is not this "
-                                f"pipeline's ({boundary:g})")
-    expert_split(schedule, boundary)  # its point on the boundary is still there
+    check_expert_schedule(schedule, boundary)
     return boundary_routed(model)
 
 
