@@ -199,7 +199,7 @@ def check_high_steps(args: argparse.Namespace, steps: list[int]) -> None:
         return
     if not args.model or not args.model.startswith("diffusers:"):
         raise OptimalStepsError(f"--high-steps applies only to a two-expert pipeline (--model diffusers:... of "
-                                f"Wan 2.2), not to {args.model}")
+                                f"Wan 2.2), not to {args.model or 'a schedule without --model'}")
     too_few = [m for m in steps if high >= m]
     if too_few:
         raise OptimalStepsError(f"--high-steps {high} must be fewer than the step count ({too_few[0]}): the "
