@@ -5,6 +5,7 @@ encoder: each prompt's embeddings are drawn from a seed its letters give."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -90,6 +91,61 @@ def test_cli_wan22_search_places_the_boundary_and_sample_runs_it(serve, tmp_path
                  "--out", str(latents)]) == 0
     ours = od.sample_pipeline(pipe, ["a cat"], schedule, 5.0, 32, 32, generator=gen(4), solver=solver)
     assert rel_err(load_latents(latents), ours) <= TOL
+
+
+def test_cli_wan22_compare_and_schedule_put_every_schedule_on_the_boundary(serve, tmp_path, capsys, monkeypatch):
+    case = tiny.wan22()
+    pipe = serve(with_wan_text(case.pipe))
+    torch.manual_seed(0)
+    pipe.vae = diffusers.AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1], num_res_blocks=1,
+                                          temperal_downsample=[True], latents_mean=[0.0] * 4, latents_std=[1.0] * 4,
+                                          scale_factor_temporal=2, scale_factor_spatial=2).eval()
+    monkeypatch.setattr(diffusers_compare, "default_image_metrics",
+                        lambda device="cpu": diffusers_compare.ImageMetrics(skipped={"lpips": "stand-in"}))
+    model = ["--model", "diffusers:tiny", "--prompt", "a cat", "--guidance", "5", "--height", "32", "--width", "32",
+             "--samples", "1", "--teacher-steps", "12"]
+    searched = tmp_path / "searched.json"
+    assert main(["search", *model, "--steps", "3", "--high-steps", "2", "--out", str(searched)]) == 0
+    report = tmp_path / "cmp"
+    assert main(["compare", *model, "--steps", "3", "--solvers", "euler", "--schedules", "oss,uniform",
+                 "--high-steps", "2", "--eval-samples", "1", "--images", "--out", str(report)]) == 0
+    assert "two experts: every schedule gets a step on the boundary 0.875" in capsys.readouterr().out
+    rows = {row["schedule"]: row for row in json.loads((report / "results.json").read_text())}
+    # the same constrained search (results.json keeps 12 digits)
+    assert rows["oss"]["times"] == pytest.approx(Schedule.load(searched).times.tolist(), abs=1e-12)
+    assert rows["oss"]["times"][2] == 0.875 and rows["uniform"]["times"] == pytest.approx([1.0, 0.875, 1 / 3, 0.0])
+    images = json.loads((report / "images" / "results.json").read_text())["rows"]
+    assert [row["boundary_moved"] for row in images] == [None, None]  # already on it
+    for name, expected_split, extra in (("uniform", 1, []), ("oss", 2, ["--option", "teacher_steps=12"])):
+        out = tmp_path / f"{name}.json"
+        assert main(["schedule", name, *model[:-2], "--steps", "3", "--high-steps", "2", *extra,
+                     "--out", str(out)]) == 0
+        schedule = Schedule.load(out)
+        assert schedule.metadata["split_step"] == expected_split and 0.875 in schedule.times.tolist()
+        assert main(["sample", *model[:-2], "--schedule", str(out), "--seed", "1",
+                     "--out", str(tmp_path / f"{name}.npy")]) == 0
+    assert Schedule.load(tmp_path / "uniform.json").metadata["boundary_moved"] == {"step": 1, "from": pytest.approx(2 / 3)}
+    assert Schedule.load(tmp_path / "oss.json").times.tolist() == Schedule.load(searched).times.tolist()
+
+
+def test_cli_high_steps_refused_in_one_line(serve, tmp_path, capsys):
+    base = ["--prompt", "a cat", "--guidance", "5", "--height", "32", "--width", "32", "--samples", "1",
+            "--teacher-steps", "12", "--out", str(tmp_path / "s.json")]
+    cases = [(["search", "--model", "gmm:2d", "--steps", "3", "--high-steps", "1", "--out", str(tmp_path / "g.json")],
+              "--high-steps applies only to a two-expert pipeline"),
+             (["search", "--model", "diffusers:tiny", "--steps", "3", "--high-steps", "3", *base],
+              "--high-steps 3 must be fewer than the step count (3)"),
+             (["compare", "--model", "diffusers:tiny", "--steps", "2,4", "--high-steps", "2", *base[:-2],
+               "--out", str(tmp_path / "c")], "--high-steps 2 must be fewer than the step count (2)")]
+    for argv, message in cases:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    serve(with_wan_text(tiny.wan21().pipe))
+    assert main(["search", "--model", "diffusers:tiny", "--steps", "3", "--high-steps", "1", *base]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--high-steps applies only to a two-expert pipeline" in err and "has one" in err
+    assert not (tmp_path / "s.json").exists()
 
 
 def test_cli_image_reaches_image_to_video(serve, tmp_path):

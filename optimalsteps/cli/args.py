@@ -121,6 +121,12 @@ def add_diffusers_args(parser: argparse.ArgumentParser) -> None:
                        help="inpainting: the mask image (white is repainted), as the pipeline's mask_image / mask")
 
 
+def add_expert_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--high-steps", type=positive_int, default=None,
+                        help="two-expert pipelines (Wan 2.2): steps the high-noise expert runs in the searched "
+                             "schedule, down to the boundary (default: the pipeline's own share)")
+
+
 def add_scale_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("scale (docs/scale.md)")
     group.add_argument("--storage", default="memory", choices=STORAGES,

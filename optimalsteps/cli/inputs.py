@@ -190,3 +190,27 @@ def diffusers_inputs(args: argparse.Namespace, teacher_steps: int | None = None)
 def diffusers_search_inputs(args: argparse.Namespace):
     """(model, noise, cond, metadata) of --model diffusers:PATH_OR_ID (see `diffusers_inputs`)."""
     return diffusers_inputs(args, getattr(args, "teacher_steps", None))[1:]
+
+
+def check_high_steps(args: argparse.Namespace, steps: list[int]) -> None:
+    """--high-steps checked before the model loads: a diffusers pipeline's, fewer than every step count."""
+    high = getattr(args, "high_steps", None)
+    if high is None:
+        return
+    if not args.model or not args.model.startswith("diffusers:"):
+        raise OptimalStepsError(f"--high-steps applies only to a two-expert pipeline (--model diffusers:... of "
+                                f"Wan 2.2), not to {args.model or 'a schedule without --model'}")
+    too_few = [m for m in steps if high >= m]
+    if too_few:
+        raise OptimalStepsError(f"--high-steps {high} must be fewer than the step count ({too_few[0]}): the "
+                                "low-noise expert needs at least one step")
+
+
+def two_experts(args: argparse.Namespace, model: Any) -> bool:
+    """Whether the loaded model is a two-expert pipeline's (Wan 2.2); --high-steps is refused on any other."""
+    if getattr(model, "expert_split", None) is not None:
+        return True
+    if getattr(args, "high_steps", None) is not None:
+        raise OptimalStepsError(f"--high-steps applies only to a two-expert pipeline (Wan 2.2 with transformer_2); "
+                                f"{args.model} has one")
+    return False

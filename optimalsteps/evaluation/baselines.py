@@ -251,7 +251,7 @@ def make_schedules(name: str, process: ProcessLike | None, steps: Sequence[int],
     if name in LOCAL_METHODS:
         _check_options(name, local_schedules, options)
         return local_schedules(name, model, noise, steps, cond, **options)
-    _check_options(name, search, options, extra=REFINE_OPTIONS + tuple(FLAT_OPTIONS))
+    check_search_options(options)
     options = from_flat(options)
     return {m: oss_search(model, noise, m, solver=solver, cond=cond, progress=progress, **options).schedule
             for m in steps}
@@ -294,6 +294,11 @@ def _check_options(name: str, function: Callable[..., Any], options: dict, extra
 # ------------------------------------------------------------------------- the OSS search, refined
 
 REFINE_OPTIONS = ("refine", "refine_budget")
+
+
+def check_search_options(options: dict) -> None:
+    """Name the options the `oss` schedule does not take (its search's, flat or not, and the refinement's)."""
+    _check_options("oss", search, options, extra=REFINE_OPTIONS + tuple(FLAT_OPTIONS))
 
 
 def baseline_starts(model: Any, noise: torch.Tensor, steps: int, solver: str, cond: dict | None = None,

@@ -16,7 +16,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -62,14 +62,17 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
             eval_seed: int | None = None, teacher_steps: int = 200, cond: dict | None = None,
             eval_cond: dict | None = None, noise: torch.Tensor | None = None, eval_noise: torch.Tensor | None = None,
             options: dict[str, dict[str, Any]] | None = None, data_range: float | None = None, keep: int = 8,
-            max_batch: int = 4096, progress: bool = False) -> CompareResult:
+            max_batch: int = 4096, progress: bool = False,
+            make: Callable[..., dict[int, Schedule]] = make_schedules) -> CompareResult:
     """Compare named schedules (`optimalsteps.baselines.schedule_names()`) for `model`.
 
     - search noise: `noise`, else `samples` draws from `seed`; `cond` its per-sample conditions;
     - evaluation noise: `eval_noise`, else `eval_samples` draws from `eval_seed` (default seed + 1000003);
       `eval_cond` its conditions (conditions broadcast from one row are reused);
     - the teacher: `teacher_steps` steps of each solver on `model_teacher_grid` (the grid searches distil), on the
-      evaluation noise; `options` maps a schedule name to its options (e.g. {"oss": {"cost": "x0"}}).
+      evaluation noise; `options` maps a schedule name to its options (e.g. {"oss": {"cost": "x0"}});
+    - `make` builds the schedules of a name, as `make_schedules` (a model whose schedules obey a constraint,
+      such as Wan 2.2's two experts, passes its own).
     Rows carry ROW_KEYS; PSNR uses `data_range` (default: the model's `data_range`, else the spread of the
     true data samples, else of the teacher's outputs)."""
     process = model_process(model)
@@ -99,7 +102,8 @@ def compare(model: Any, steps: Sequence[int], solvers: Sequence[str] = ("euler",
         result = CompareResult([], reference, sample_shape=tuple(eval_noise.shape[1:]))
         teachers = _teacher_runs(model, eval_noise, teacher, solvers, eval_cond, max_batch, keep, targets, result,
                                  bar)
-        made = _make_all(model, process, names, solvers, steps, noise, cond, teacher_steps, max_batch, options, bar)
+        made = _make_all(model, process, names, solvers, steps, noise, cond, teacher_steps, max_batch, options, bar,
+                         make)
         for name in names:
             for solver in solvers:
                 for m in steps:
@@ -133,7 +137,8 @@ def _teacher_runs(model: Any, eval_noise: torch.Tensor, teacher: Schedule, solve
 
 
 def _make_all(model: Any, process: Any, names: list[str], solvers: list[str], steps: list[int], noise: torch.Tensor,
-              cond: dict | None, teacher_steps: int, max_batch: int, options: dict, bar: Any) -> dict:
+              cond: dict | None, teacher_steps: int, max_batch: int, options: dict, bar: Any,
+              make: Callable[..., dict[int, Schedule]]) -> dict:
     """Every compared schedule: {(name, solver or None): {steps: Schedule}}."""
     made: dict[tuple[str, str | None], dict[int, Schedule]] = {}
     for name in names:
@@ -143,9 +148,9 @@ def _make_all(model: Any, process: Any, names: list[str], solvers: list[str], st
             extra = {"teacher_steps": teacher_steps, "max_batch": max_batch, **SEARCH_VARIANTS[name]}
         for solver in (solvers if _solver_specific(name) else [None]):
             bar.set_postfix_str(f"schedule {name}" + (f" ({solver})" if solver else ""))
-            made[(name, solver)] = make_schedules("oss" if name in SEARCH_VARIANTS else name, process, steps,
-                                                  model=model, noise=noise, cond=cond, solver=solver or "euler",
-                                                  **{**extra, **options.get(name, {})})
+            made[(name, solver)] = make("oss" if name in SEARCH_VARIANTS else name, process, steps, model=model,
+                                        noise=noise, cond=cond, solver=solver or "euler",
+                                        **{**extra, **options.get(name, {})})
             bar.update(1)
     return made
 

@@ -26,6 +26,7 @@ from ..core.schedules import Schedule
 from ..core.solvers import get_solver, nfe_per_trajectory
 from ..evaluation.metrics import frechet_distance, mse, psnr
 from .diffusers import pipeline_inputs, sample_pipeline
+from .diffusers.experts import onto_boundary
 
 IMAGE_RANGE = 2.0  # decoded images live in [-1, 1]
 
@@ -226,7 +227,10 @@ def compare_pipeline(pipe: Any, prompts: Any, schedules: Mapping[str, Schedule],
     """Run each schedule (with its own solver, `schedule.solver`, else euler) and a `teacher_steps` teacher on
     the initial latents the pipeline draws from `seed`, decode all with the pipeline's VAE, and score the
     images against the teacher's. `metrics` defaults to `default_image_metrics()`; FID needs at least two
-    images. Other options go to `sample_pipeline` (negative_prompt, images_per_prompt, ...)."""
+    images. Other options go to `sample_pipeline` (negative_prompt, images_per_prompt, ...).
+    On a two-expert pipeline (Wan 2.2) every schedule runs with a step exactly on the experts' boundary: one
+    without is put onto it (`onto_boundary`: its point nearest the boundary moved there), and each row says
+    which point moved (`boundary_moved`, None when none did); the teacher runs as the pipeline runs it."""
     if not schedules:
         raise OptimalStepsError("compare_pipeline needs at least one schedule")
     get_solver(teacher_solver)
@@ -257,13 +261,18 @@ def compare_pipeline(pipe: Any, prompts: Any, schedules: Mapping[str, Schedule],
                    "nfe": nfe_per_trajectory(teacher_solver, teacher.steps),
                    "clip": _scores(metrics, teacher_images, teacher_images, texts, None)["clip"]}
     rows, grid_rows, grid_sets = [], ["teacher"], [teacher_images]
+    split = getattr(inputs.model, "expert_split", None)
     for name, schedule in schedules.items():
         solver = schedule.solver or "euler"
+        experts = {}
+        if split is not None:
+            schedule = onto_boundary(schedule, split.boundary)
+            experts = {"boundary_moved": schedule.metadata.get("boundary_moved")}
         latents, images = run(schedule, solver)
         rows.append({"schedule": name, "solver": solver, "steps": schedule.steps,
                      "nfe": nfe_per_trajectory(solver, schedule.steps),
                      "latent_mse": mse(latents, teacher_latents), "psnr": psnr(images, teacher_images, IMAGE_RANGE),
-                     **_scores(metrics, images, teacher_images, texts, teacher_features)})
+                     **_scores(metrics, images, teacher_images, texts, teacher_features), **experts})
         grid_rows.append(name)
         grid_sets.append(images)
     return PipelineComparison(rows, teacher_row, image_grid(grid_sets, grid_columns), grid_rows,
@@ -285,6 +294,11 @@ def comparison_markdown(result: PipelineComparison) -> str:
     teacher = result.teacher
     lines += ["", f"Teacher: {teacher['steps']} steps of {teacher['solver']} (NFE {teacher['nfe']}); "
               f"its CLIP score {_fmt(teacher['clip'])}. Grid rows: {', '.join(result.grid_rows)}."]
+    moved = [f"{row['schedule']} (step {row['boundary_moved']['step']}: {row['boundary_moved']['from']:.4g})"
+             for row in result.rows if row.get("boundary_moved")]
+    if moved:
+        lines += ["", "Two experts: each schedule runs with a step on their boundary; moved onto it: "
+                  + ", ".join(moved) + "."]
     if result.skipped:
         lines += ["", result.skipped]
     return "\n".join(lines) + "\n"

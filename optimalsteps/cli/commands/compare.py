@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +16,11 @@ from ...core.models import index_cond
 from ...core.schedules import Schedule
 from ...core.solvers import SOLVERS
 from ...evaluation.compare import DEFAULT_SCHEDULES, compare, report_paths, write_report
-from ..args import (add_diffusers_args, add_model_args, add_noise_args, int_list, name_list, parse_options,
-                    positive_int)
-from ..inputs import cond_from_args, diffusers_call_options, diffusers_inputs, diffusers_prompts, search_inputs
+from ...evaluation.baselines import make_schedules
+from ..args import (add_diffusers_args, add_expert_args, add_model_args, add_noise_args, int_list, name_list,
+                    parse_options, positive_int)
+from ..inputs import (check_high_steps, cond_from_args, diffusers_call_options, diffusers_inputs, diffusers_prompts,
+                      search_inputs, two_experts)
 
 IMAGE_REPORT = ("results.json", "results.md", "grid.png")  # what --images writes to OUT/images
 
@@ -27,6 +30,7 @@ def add(sub: Any) -> None:
     add_model_args(p)
     add_noise_args(p, samples_default=8)  # the search noise
     add_diffusers_args(p)
+    add_expert_args(p)
     p.add_argument("--steps", type=int_list, default=[3, 5, 8, 10], help="step counts (default 3,5,8,10)")
     p.add_argument("--solvers", type=name_list, default=["euler", "dpmpp2m"],
                    help=f"comma-separated, from {', '.join(sorted(SOLVERS))} (default euler,dpmpp2m)")
@@ -63,6 +67,7 @@ def run(args: argparse.Namespace) -> None:
     check_distinct_paths({"--out": args.out, "--noise": args.noise})
     check_steps_bound(args.teacher_steps, args.allow_huge, "--teacher-steps")
     options = schedule_options(args.option)
+    check_high_steps(args, args.steps)
     pipe = None
     if args.images:
         if not args.model.startswith("diffusers:"):
@@ -77,10 +82,13 @@ def run(args: argparse.Namespace) -> None:
         eval_cond = cond_from_args(args, model, args.eval_samples)
     elif cond and args.model.startswith("diffusers:"):  # the encoded prompts, cycled over the evaluation samples
         eval_cond = index_cond(cond, torch.arange(args.eval_samples) % noise.shape[0])
+    make = make_schedules
+    if two_experts(args, model):
+        model, make = expert_compare(model, args)
     result = compare(model, args.steps, args.solvers, args.schedules, samples=noise.shape[0],
                      eval_samples=args.eval_samples, seed=args.seed, eval_seed=args.eval_seed,
                      teacher_steps=args.teacher_steps, cond=cond, eval_cond=eval_cond, noise=noise, options=options,
-                     max_batch=args.max_batch, progress=True)
+                     max_batch=args.max_batch, progress=True, make=make)
     if metadata:
         result.reference["model_metadata"] = metadata
     paths = write_report(result, args.out, overwrite=args.force)
@@ -92,6 +100,17 @@ def run(args: argparse.Namespace) -> None:
     print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
     if args.images:
         compare_images(pipe, model, args, result)
+
+
+def expert_compare(model: Any, args: argparse.Namespace) -> tuple[Any, Any]:
+    """A two-expert pipeline's (Wan 2.2) model routed as its schedules run, and the maker that puts every compared
+    schedule onto the experts' boundary: `oss` by the two-expert search (integrations/diffusers/experts.py)."""
+    from ...integrations.diffusers.experts import boundary_routed, expert_schedules
+
+    print(f"two experts: every schedule gets a step on the boundary {model.expert_split.boundary:g} (oss: the "
+          f"constrained search{f' with {args.high_steps} high-noise steps' if args.high_steps else ''}; the others: "
+          "their nearest point moved onto it)")
+    return boundary_routed(model), partial(expert_schedules, high_steps=args.high_steps)
 
 
 def compare_images(pipe: Any, model: Any, args: argparse.Namespace, result: Any) -> None:

@@ -23,9 +23,9 @@ from ...optimize.options import Checkpointing, DPOptions, Storage
 from ...optimize.refine import Refinement
 from ...optimize.search import estimated_method, memory_estimate
 from ...optimize.select import METHODS, selection_table
-from ..args import (add_diffusers_args, add_model_args, add_noise_args, add_refine_args, add_scale_args,
-                    positive_int)
-from ..inputs import search_inputs
+from ..args import (add_diffusers_args, add_expert_args, add_model_args, add_noise_args, add_refine_args,
+                    add_scale_args, positive_int)
+from ..inputs import check_high_steps, search_inputs, two_experts
 
 
 ESTIMATED = {"dp": "plain DP", "validated": "validated search", "beam": "beam DP"}
@@ -36,6 +36,7 @@ def add(sub: Any) -> None:
     add_model_args(p)
     add_noise_args(p, samples_default=8)
     add_diffusers_args(p)
+    add_expert_args(p)
     p.add_argument("--steps", type=positive_int, required=True, help="student steps M")
     p.add_argument("--teacher-steps", type=positive_int, default=200, help="teacher steps N (default 200)")
     p.add_argument("--teacher-schedule", default=None,
@@ -107,6 +108,7 @@ def run(args: argparse.Namespace) -> None:
     refine = refine_from_args(args)
     dp, checkpointing = DPOptions.from_args(args), Checkpointing.from_args(args)
     check_outputs(args)
+    check_high_steps(args, [args.steps])
     model, noise, cond, metadata = search_inputs(args)
     teacher_grid = make_schedule(args.teacher_schedule, model.process, args.teacher_steps) if args.teacher_schedule \
         else None  # None: the model's own grid (a diffusers pipeline's shifted / trained-range one) or the default
@@ -122,7 +124,7 @@ def run(args: argparse.Namespace) -> None:
     options = dict(dp=dp, storage=replace(storage, estimate=estimate), checkpointing=checkpointing, progress=True,
                    seed=args.seed, method=method)
     experts = None
-    if getattr(model, "expert_split", None) is not None:  # Wan 2.2: one step exactly on the experts' boundary
+    if two_experts(args, model):  # Wan 2.2: one step exactly on the experts' boundary
         experts = search_two_experts(model, noise, args, cond, teacher_grid, refine, options)
         result = experts.result
     else:
@@ -148,7 +150,7 @@ def search_two_experts(model: Any, noise: torch.Tensor, args: argparse.Namespace
         raise OptimalStepsError("--refine moves the times off the teacher grid, the experts' boundary with them: "
                                 "not with a two-expert pipeline")
     teacher = teacher_grid if teacher_grid is not None else model.teacher_grid(args.teacher_steps)
-    return search_experts(model, noise, args.steps, teacher, cond, args.solver, **options)
+    return search_experts(model, noise, args.steps, teacher, cond, args.solver, args.high_steps, **options)
 
 
 def report(result: Any, solver: str) -> None:

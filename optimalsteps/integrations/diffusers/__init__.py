@@ -15,6 +15,7 @@ pipeline's Euler scheduler on the same schedule:
 An edge module: the core never imports it, and `diffusers` is imported only where a function needs it.
 """
 
+from .experts import ExpertSchedule, expert_schedules, onto_boundary  # noqa: F401
 from .common import CallOptions, Guidance, PipelineInputs, PipelineModel, SettingsWarning  # noqa: F401
 from .family import Family  # noqa: F401
 from .loading import load_diffusers_model, load_pipeline, parse_spec  # noqa: F401
@@ -26,4 +27,5 @@ from .tables import SigmaTable  # noqa: F401
 
 __all__ = ["search_pipeline", "sample_pipeline", "pipeline_kwargs", "pipeline_schedule", "pipeline_teacher",
            "pipeline_family", "load_pipeline", "load_diffusers_model", "SettingsWarning", "pipeline_inputs",
-           "draw_latents", "sampler_noise", "flow_shift", "pipeline_process", "scheduler_solver", "CallOptions"]
+           "draw_latents", "sampler_noise", "flow_shift", "pipeline_process", "scheduler_solver", "CallOptions",
+           "ExpertSchedule", "expert_schedules", "onto_boundary"]

@@ -21,7 +21,7 @@ from ...optimize.search import search
 from .common import (MEDIA_OPTIONS, CallOptions, PipelineInputs, Prompts, SettingsWarning, check_call_options, require_diffusers)
 from .family import Family, Request, whole_number
 from .registry import family_of
-from .experts import ExpertSchedule, ExpertSplit, expert_split, search_experts
+from .experts import ExpertSchedule, ExpertSplit, boundary_routed, check_expert_schedule, search_experts
 from .schedules import in_process, pipeline_schedule, pipeline_teacher
 from .settings import current_settings, guidance_scale, model_id, resolution, warn_settings
 
@@ -195,21 +195,17 @@ def _search_experts(inputs: PipelineInputs, noise: torch.Tensor, steps: int, hig
 
 
 def expert_model(pipe: Any, model: Any, schedule: Schedule) -> Any:
-    """The model that runs `schedule`: with a searched two-expert schedule (metadata split_step), the step at
-    the boundary is the second expert's; a two-expert schedule for another boundary is refused."""
+    """The model that runs `schedule`: with a two-expert schedule (metadata split_step: searched, or a named one
+    put onto the boundary), the step at the boundary is the second expert's; one for another boundary is
+    refused."""
     if "split_step" not in schedule.metadata:
         return model
     split = getattr(model, "expert_split", None)
     boundary = None if split is None else split.boundary
     if boundary is None:
         raise OptimalStepsError(f"the schedule was searched for two experts; {type(pipe).__name__} has one")
-    if schedule.metadata.get("boundary") != boundary:
-        raise OptimalStepsError(f"the schedule's expert boundary {schedule.metadata.get('boundary')} is not this "
-                                f"pipeline's ({boundary:g})")
-    expert_split(schedule, boundary)  # its point on the boundary is still there
-    model = copy.copy(model)
-    model.boundary_owner = 2
-    return model
+    check_expert_schedule(schedule, boundary)
+    return boundary_routed(model)
 
 
 def sample_pipeline(pipe: Any, prompts: Prompts, schedule: Schedule, guidance_scale: Optional[float] = None,
