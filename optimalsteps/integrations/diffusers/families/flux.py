@@ -15,10 +15,10 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ....core.schedules import Schedule
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      guidance_embedding, lora_scale, per_sample, rows, sequence_length)
+                      guidance_embedding, lora_scale, sequence_length)
 from ..family import Family, Request
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, pixels
 from ..prompts import has_negative, negatives
 
 # inputs of the Flux variants that change what the transformer sees: a pipeline taking them is one of the
@@ -75,18 +75,8 @@ class FluxModel(PipelineModel):
         return out[:, : x.shape[1]]
 
 
-class FluxInpaintModel(FluxModel):
-    """Flux Inpaint: after each step the pipeline puts the unmasked latents back on the line from the image's
-    latents to the drawn noise, s noise + (1 - s) image. On that line the flow velocity is (x - image) / s,
-    whose x0 prediction is the image itself, so the model predicts it there and the network's guided velocity
-    where the mask repaints (the mask is binary): every solver then keeps the unmasked region on the line, and
-    euler steps give the pipeline's latents (up to float rounding)."""
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        velocity = super().__call__(x, t, **cond)
-        repaint = rows(cond["inpaint_mask"], x.shape[0]).to(velocity.dtype)
-        line = (x - rows(cond["inpaint_image"], x.shape[0])) / per_sample(t, x)
-        return repaint * velocity + (1 - repaint) * line.to(velocity.dtype)
+class FluxInpaintModel(KeepUnmasked, FluxModel):
+    """Flux Inpaint's model: the unmasked latents stay on the image's noising line (see `img2img`)."""
 
 
 class Flux(Family):
@@ -160,14 +150,8 @@ class Flux(Family):
                                     device_of(pipe), generator)[0]
 
 
-class FluxImg2Img(Flux):
-    """FluxImg2ImgPipeline: the loop starts from the image's latents noised to the first sigma s of its run,
-    s noise + (1 - s) image latents, and `strength` keeps the last int(N strength) or so of its N sigmas.
-
-    A schedule for it covers [s, 0] (its first time is where the image is noised to). `pipeline_kwargs` hands the
-    pipeline those sigmas with strength 1.0, which keeps them all and noises the image to the first one, so
-    `pipe(...)` runs exactly the schedule `sample_pipeline` runs; the teacher is the pipeline's own N-step run
-    at the call's strength: its shifted grid from the index the pipeline's get_timesteps starts at."""
+class FluxImg2Img(ImageToImage, Flux):
+    """FluxImg2ImgPipeline: img2img (see `img2img`); its image is pixels the VAE encodes, or latents."""
 
     label = "Flux.1 Img2Img (FluxImg2ImgPipeline: image and strength)"
 
@@ -175,56 +159,16 @@ class FluxImg2Img(Flux):
     def fits(pipe: Any) -> bool:
         return _img2img(pipe)
 
-    def check_options(self, pipe: Any, options: CallOptions) -> None:
-        if options.image is None:
-            raise OptimalStepsError(f"{type(pipe).__name__} needs an image (pixels, or latents with "
-                                    f"{pipe.latent_channels} channels)")
-        call_strength(pipe, options)
+    def latent_size(self, pipe: Any, inputs: Any) -> tuple[int, int, int]:
+        return (latent_channels(pipe),) + super().latent_size(pipe, inputs)[1:]
 
-    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
-        request.extras["image"] = request.options.image  # noised into the first latents by `start`
-        request.extras["strength"] = call_strength(pipe, request.options)  # recorded with the schedule
-        return super().encode(pipe, request)
-
-    def teacher(self, pipe: Any, grid: Schedule, options: CallOptions) -> Schedule:
-        strength, steps = call_strength(pipe, options), grid.steps
-        first = int(max(steps - min(steps * strength, steps), 0))  # as the pipeline's get_timesteps
-        if first >= steps:
-            raise OptimalStepsError(f"strength {strength} leaves no step of a {steps}-step teacher")
-        return Schedule(grid.times[first:], grid.process, grid.solver, {**grid.metadata, "strength": strength})
-
-    def schedule_extras(self, pipe: Any, info: dict, steps: int) -> dict[str, Any]:
-        # strength 1.0 keeps every handed sigma; the schedule's first sigma already is the strength's start
-        return {**super().schedule_extras(pipe, info, steps), "strength": 1.0}
-
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return self.start(pipe, inputs, generator, 1.0)
-
-    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
-        return self.noised(pipe, inputs, generator, sigma_start)[0]
-
-    def noised(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the packed start latents s noise + (1 - s) image, the packed image latents), drawn as the pipeline
-        draws them: the image's VAE latents first, then the noise."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        device, dtype, channels = device_of(pipe), inputs.dtype, latent_channels(pipe)
-        h, w = 2 * (inputs.height // (pipe.vae_scale_factor * 2)), 2 * (inputs.width // (pipe.vae_scale_factor * 2))
-        image = _image_latents(pipe, inputs.extras["image"], inputs.height, inputs.width, dtype, generator)
-        if inputs.batch % image.shape[0]:
-            raise OptimalStepsError(f"cannot share {image.shape[0]} images among {inputs.batch} prompts x images")
-        image = image.repeat(inputs.batch // image.shape[0], 1, 1, 1)
-        noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device, dtype=dtype)
-        sigma = torch.tensor(sigma_start, dtype=torch.float32).to(dtype)  # the scheduler's float32 sigma, cast
-        return tuple(pipe._pack_latents(z, inputs.batch, channels, h, w)
-                     for z in (sigma * noise + (1.0 - sigma) * image, image))
+    def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return _image_latents(pipe, image, inputs, generator)
 
 
-class FluxInpaint(FluxImg2Img):
-    """FluxInpaintPipeline: img2img (image, strength) whose steps repaint only where `mask_image` is white;
-    after each step the pipeline puts the rest back on the line s noise + (1 - s) image (FluxInpaintModel keeps
-    it there as a velocity, so a schedule runs with any solver). Image and mask are pixels (the pipeline masks the
-    pixel image), so it needs its VAE; the image's sampled latents are drawn with the noise, per seed."""
+class FluxInpaint(Inpainting, FluxImg2Img):
+    """FluxInpaintPipeline: inpainting (see `img2img`). Image and mask are pixels (the pipeline masks the pixel
+    image), so it needs its VAE; the image's sampled latents are drawn with the noise, per seed."""
 
     label = "Flux.1 Inpaint (FluxInpaintPipeline: image, mask_image, strength)"
     model_class = FluxInpaintModel
@@ -233,27 +177,6 @@ class FluxInpaint(FluxImg2Img):
     def fits(pipe: Any) -> bool:
         net = pipe.transformer.config
         return _masked(pipe) and (net.out_channels or net.in_channels) == net.in_channels
-
-    def check_options(self, pipe: Any, options: CallOptions) -> None:
-        cls = type(pipe).__name__
-        if options.image is None or options.mask_image is None:
-            raise OptimalStepsError(f"{cls} needs image= and mask_image= (white is repainted)")
-        if getattr(pipe, "vae", None) is None:
-            raise OptimalStepsError(f"{cls} needs its VAE: it masks the image in pixels")
-        if _is_latents(pipe, options.image):
-            raise OptimalStepsError(f"{cls} takes image= as pixels, not latents: it masks the image in pixels")
-        call_strength(pipe, options)
-
-    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
-        cond = super().encode(pipe, request)
-        request.extras["mask_image"] = request.options.mask_image
-        return cond
-
-    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
-        latents, image = self.noised(pipe, inputs, generator, sigma_start)
-        inputs.cond["inpaint_image"] = image  # drawn with the seed: the VAE samples it
-        inputs.cond["inpaint_mask"] = _latent_mask(pipe, inputs, latents.dtype)
-        return latents
 
 
 class FluxFill(FluxInpaint):
@@ -355,26 +278,16 @@ class FluxControlNet(FluxControl):
         return Flux.start(self, pipe, inputs, generator, sigma_start)
 
 
-def call_strength(pipe: Any, options: CallOptions) -> float:
-    """The call's strength (the user's, else the __call__ default), refused in one line unless in (0, 1]."""
-    value = options.strength if options.strength is not None else call_default(pipe, "strength")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise OptimalStepsError(f"strength must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _image_latents(pipe: Any, image: Any, height: int, width: int, dtype: torch.dtype, generator: Any) -> torch.Tensor:
+def _image_latents(pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
     """The img2img image's unpacked latents as the pipeline makes them: a tensor with the VAE's latent channels
     as is, anything else preprocessed and encoded by the VAE (drawing from `generator` first, as it does)."""
-    device = device_of(pipe)
     if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels:
-        return image.to(device=device, dtype=dtype)
+        return image
     if getattr(pipe, "vae", None) is None:
         raise OptimalStepsError(f"encoding an img2img image needs the pipeline's VAE; pass latents "
                                 f"[B, {pipe.latent_channels}, h, w] instead")
-    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
     with torch.no_grad():
-        return pipe._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generator)
+        return pipe._encode_vae_image(image=pixels(pipe, image, inputs), generator=generator)
 
 
 def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tuple[int, int], torch.Tensor]:
@@ -390,10 +303,6 @@ def latent_channels(pipe: Any) -> int:
     """Channels of the unpacked noisy latents: what the transformer predicts (Fill and Control take more in)."""
     net = pipe.transformer.config
     return (net.out_channels or net.in_channels) // 4
-
-
-def _is_latents(pipe: Any, image: Any) -> bool:
-    return isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels
 
 
 def _masked(pipe: Any) -> bool:
@@ -413,18 +322,6 @@ def _check_control(pipe: Any, options: CallOptions) -> None:
         raise OptimalStepsError(f"{cls} needs control_image=")
     if getattr(pipe, "vae", None) is None:
         raise OptimalStepsError(f"{cls} needs its VAE to encode the control image")
-
-
-def _latent_mask(pipe: Any, inputs: Any, dtype: torch.dtype) -> torch.Tensor:
-    """FluxInpaint's packed mask: binarised, resized (nearest) to the latents, one value per latent channel."""
-    vsf, channels = pipe.vae_scale_factor, latent_channels(pipe)
-    h, w = 2 * (inputs.height // (vsf * 2)), 2 * (inputs.width // (vsf * 2))
-    mask = pipe.mask_processor.preprocess(inputs.extras["mask_image"], height=inputs.height, width=inputs.width)
-    mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(device=device_of(pipe), dtype=dtype)
-    if inputs.batch % mask.shape[0]:
-        raise OptimalStepsError(f"cannot share {mask.shape[0]} masks among {inputs.batch} prompts x images")
-    mask = mask.repeat(inputs.batch // mask.shape[0], channels, 1, 1)
-    return pipe._pack_latents(mask, inputs.batch, channels, h, w)
 
 
 def _control_latents(pipe: Any, inputs: Any, generator: Any, encode: bool = True) -> torch.Tensor:
