@@ -17,6 +17,7 @@ A family's variant mixes `ImageToImage` or `Inpainting` in before the family and
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -25,6 +26,11 @@ from ...core.errors import OptimalStepsError
 from ...core.schedules import Schedule
 from .common import CallOptions, call_default, device_of, per_sample, rows
 from .family import Request
+
+
+def noises_an_image(pipe: Any) -> bool:
+    """An img2img-style pipeline: its prepare_latents noises an image to a timestep."""
+    return tuple(inspect.signature(pipe.prepare_latents).parameters)[:2] == ("image", "timestep")
 
 
 def call_strength(pipe: Any, options: CallOptions) -> float:

@@ -765,3 +765,76 @@ def ltx2_i2v() -> TinyCase:
 
 
 CASES.update({"ltx2-i2v": ltx2_i2v})
+
+
+# ----------------------------------------- img2img and inpainting of QwenImage, Chroma, Z-Image (pixels through a VAE)
+
+def qwenimage_vae() -> Any:
+    """A QwenImage VAE with 4 latent channels and four downsamplings (scale factor 16), its latents normalised."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=0,
+                                            temperal_downsample=[False, True, True, True],
+                                            latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                            latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+
+
+def _qwenimage_variant(cls: Any) -> Any:
+    base = qwenimage().pipe
+    return _quiet(cls(scheduler=base.scheduler, vae=qwenimage_vae(), text_encoder=None, tokenizer=None,
+                      transformer=base.transformer))
+
+
+def qwenimage_img2img() -> TinyCase:
+    """QwenImage Img2Img: a 128 x 128 picture through the tiny VAE (8 x 8 latents, 16 tokens), strength 0.7."""
+    import diffusers
+
+    return TinyCase("QwenImage Img2Img, pixel image through a VAE, strength 0.7, mu, true CFG 3, text masks",
+                    _qwenimage_variant(diffusers.QwenImageImg2ImgPipeline), qwenimage().prompts,
+                    dict(height=128, width=128, true_cfg_scale=3.0, strength=0.7, image=_picture(_gen(21), 128)))
+
+
+def qwenimage_inpaint() -> TinyCase:
+    """QwenImage Inpaint: a 128 x 128 picture and a half mask through the tiny VAE, strength 0.8."""
+    import diffusers
+
+    return TinyCase("QwenImage Inpaint, pixel image + mask through a VAE, strength 0.8, mu, true CFG 3, text masks",
+                    _qwenimage_variant(diffusers.QwenImageInpaintPipeline), qwenimage().prompts,
+                    dict(height=128, width=128, true_cfg_scale=3.0, strength=0.8, image=_picture(_gen(22), 128),
+                         mask_image=_half_mask(128)))
+
+
+CASES.update({"qwenimage-img2img": qwenimage_img2img, "qwenimage-inpaint": qwenimage_inpaint})
+
+
+def _chroma_variant(cls: Any) -> Any:
+    parts = chroma().pipe.components
+    return _quiet(cls(**{k: parts[k] for k in ("scheduler", "text_encoder", "tokenizer", "transformer")},
+                      vae=flux_vae()))
+
+
+def chroma_img2img() -> TinyCase:
+    """Chroma Img2Img: a 16 x 16 picture through the tiny Flux-style VAE (8 x 8 latents, 16 tokens), strength 0.7."""
+    import diffusers
+
+    return TinyCase("Chroma Img2Img, pixel image through a VAE, strength 0.7, mu, CFG 3, text masks",
+                    _chroma_variant(diffusers.ChromaImg2ImgPipeline), chroma().prompts,
+                    dict(height=16, width=16, guidance_scale=3.0, strength=0.7, image=_picture(_gen(23))))
+
+
+def chroma_inpaint() -> TinyCase:
+    """Chroma Inpaint: a 16 x 16 picture and a half mask through the tiny Flux-style VAE, strength 0.8."""
+    import diffusers
+
+    pipe = _chroma_variant(diffusers.ChromaInpaintPipeline)
+    # diffusers 0.42.1's ChromaInpaintPipeline reads transformer.config.guidance_embeds, which the Chroma
+    # transformer's config lacks (it has no guidance embedding: False is what it means)
+    pipe.transformer.register_to_config(guidance_embeds=False)
+    return TinyCase("Chroma Inpaint, pixel image + mask through a VAE, strength 0.8, mu, CFG 3, text masks",
+                    pipe, chroma().prompts,
+                    dict(height=16, width=16, guidance_scale=3.0, strength=0.8, image=_picture(_gen(24)),
+                         mask_image=_half_mask()))
+
+
+CASES.update({"chroma-img2img": chroma_img2img, "chroma-inpaint": chroma_inpaint})

@@ -18,7 +18,7 @@ from ....core.errors import OptimalStepsError
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
                       guidance_embedding, lora_scale, sequence_length)
 from ..family import Family, Request
-from ..img2img import ImageToImage, Inpainting, KeepUnmasked, pixels
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, noises_an_image, pixels
 from ..prompts import has_negative, negatives
 
 # inputs of the Flux variants that change what the transformer sees: a pipeline taking them is one of the
@@ -295,7 +295,9 @@ def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tup
     pipelines build them."""
     vsf = pipe.vae_scale_factor
     h, w = request.height // (vsf * 2), request.width // (vsf * 2)
-    img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
+    ids = pipe._prepare_latent_image_ids
+    batch = (1,) if "batch_size" in inspect.signature(ids).parameters else ()  # Chroma Img2Img's takes none
+    img_ids = ids(*batch, h, w, device_of(pipe), dtype)
     return (h * w, 4 * latent_channels(pipe)), img_ids
 
 
@@ -340,8 +342,7 @@ def _control_latents(pipe: Any, inputs: Any, generator: Any, encode: bool = True
 
 def _img2img(pipe: Any) -> bool:
     """A plain img2img pipeline: prepare_latents noises an image to a timestep, and no mask or control input."""
-    first_two = tuple(inspect.signature(pipe.prepare_latents).parameters)[:2]
-    return first_two == ("image", "timestep") and not {"mask_image", "control_image"} & set(call_parameters(pipe))
+    return noises_an_image(pipe) and not {"mask_image", "control_image"} & set(call_parameters(pipe))
 
 
 def _kontext(pipe: Any) -> bool:
