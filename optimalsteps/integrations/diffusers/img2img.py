@@ -18,7 +18,7 @@ A family's variant mixes `ImageToImage` or `Inpainting` in before the family and
 from __future__ import annotations
 
 import inspect
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -111,13 +111,17 @@ class ImageToImage:
         from diffusers.utils.torch_utils import randn_tensor
 
         channels, h, w = self.latent_size(pipe, inputs)
+        dtype = self.start_dtype(pipe, inputs)
         image = self.encode_image(pipe, inputs.extras["image"], inputs, generator)
-        image = repeat_to(image.to(device=device_of(pipe), dtype=inputs.dtype), inputs.batch, "images")
-        noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device_of(pipe),
-                             dtype=inputs.dtype)
+        image = repeat_to(image.to(device=device_of(pipe), dtype=dtype), inputs.batch, "images")
+        noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device_of(pipe), dtype=dtype)
         return self.pack(pipe, noised(image, noise, sigma_start), inputs), self.pack(pipe, image, inputs)
 
     # ------------------------------------------------------------------ what the family says
+    def start_dtype(self, pipe: Any, inputs: Any) -> torch.dtype:
+        """The dtype the pipeline encodes, noises and blends the image in (Z-Image: its prompt embeddings')."""
+        return inputs.dtype
+
     def latent_size(self, pipe: Any, inputs: Any) -> tuple[int, int, int]:
         """[C, h, w] of the unpacked noisy latents at the call's size (2 x 2 patches: h, w even)."""
         vsf = self.vae_scale_factor(pipe)
@@ -156,7 +160,7 @@ class Inpainting(ImageToImage):
     def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
         latents, image = self.noised(pipe, inputs, generator, sigma_start)
         inputs.cond["inpaint_image"] = image  # drawn with the seed: the VAE samples it
-        inputs.cond["inpaint_mask"] = self.latent_mask(pipe, inputs, latents.dtype)
+        inputs.cond["inpaint_mask"] = self.latent_mask(pipe, inputs, self.start_dtype(pipe, inputs))
         return latents
 
     def latent_mask(self, pipe: Any, inputs: Any, dtype: torch.dtype) -> torch.Tensor:
@@ -174,12 +178,14 @@ def check_pixels(pipe: Any, image: Any) -> None:
     cls = type(pipe).__name__
     if getattr(pipe, "vae", None) is None:
         raise OptimalStepsError(f"{cls} needs its VAE to encode the image")
-    if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels:
+    config = pipe.vae.config
+    channels = getattr(pipe, "latent_channels", None) or config.get("latent_channels", config.get("z_dim"))
+    if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == channels:
         raise OptimalStepsError(f"{cls} takes image= as pixels, not latents")
 
 
-def pixels(pipe: Any, image: Any, inputs: Any) -> torch.Tensor:
-    """The image preprocessed as the pipelines do it: resized to the call's size, in [-1, 1], float32 on the
-    pipeline's device in the latents' dtype."""
+def pixels(pipe: Any, image: Any, inputs: Any, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """The image preprocessed as the pipelines do it: resized to the call's size, in [-1, 1], float32, then on the
+    pipeline's device in `dtype` (default: the latents')."""
     out = pipe.image_processor.preprocess(image, height=inputs.height, width=inputs.width).to(torch.float32)
-    return out.to(device=device_of(pipe), dtype=inputs.dtype)
+    return out.to(device=device_of(pipe), dtype=inputs.dtype if dtype is None else dtype)

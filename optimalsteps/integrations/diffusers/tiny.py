@@ -838,3 +838,31 @@ def chroma_inpaint() -> TinyCase:
 
 
 CASES.update({"chroma-img2img": chroma_img2img, "chroma-inpaint": chroma_inpaint})
+
+
+def _zimage_variant(cls: Any) -> Any:
+    parts = zimage().pipe.components
+    return _quiet(cls(**{k: parts[k] for k in ("scheduler", "text_encoder", "tokenizer", "transformer")},
+                      vae=flux_vae()))
+
+
+def zimage_img2img() -> TinyCase:
+    """Z-Image Img2Img: a 16 x 16 picture (the call's size) through the tiny Flux-style VAE, strength 0.7."""
+    import diffusers
+
+    return TinyCase("Z-Image Img2Img, pixel image through a VAE, strength 0.7, mu, CFG 2, list embeddings",
+                    _zimage_variant(diffusers.ZImageImg2ImgPipeline), zimage().prompts,
+                    dict(height=16, width=16, guidance_scale=2.0, strength=0.7, image=_picture(_gen(25))))
+
+
+def zimage_inpaint() -> TinyCase:
+    """Z-Image Inpaint: a 16 x 16 picture and a half mask through the tiny Flux-style VAE, strength 0.8."""
+    import diffusers
+
+    return TinyCase("Z-Image Inpaint, pixel image + mask through a VAE, strength 0.8, mu, CFG 2, list embeddings",
+                    _zimage_variant(diffusers.ZImageInpaintPipeline), zimage().prompts,
+                    dict(height=16, width=16, guidance_scale=2.0, strength=0.8, image=_picture(_gen(26)),
+                         mask_image=_half_mask()))
+
+
+CASES.update({"zimage-img2img": zimage_img2img, "zimage-inpaint": zimage_inpaint})
