@@ -866,3 +866,23 @@ def zimage_inpaint() -> TinyCase:
 
 
 CASES.update({"zimage-img2img": zimage_img2img, "zimage-inpaint": zimage_inpaint})
+
+
+def qwenimage_edit_inpaint() -> TinyCase:
+    """QwenImage Edit Inpaint: the Edit case's 4:3 picture (run at its resized 1184 x 896: 1036 noisy tokens, then
+    as many reference ones) and a mask repainting its right half, strength 0.8."""
+    import diffusers
+    from PIL import Image
+
+    edit = qwenimage_edit()
+    # the scheduler's own sequence lengths (256 .. 4096 tokens): 1036 tokens shift by e^0.63, not the tiny one's e^12
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = _quiet(diffusers.QwenImageEditInpaintPipeline(**{**edit.pipe.components, "scheduler": scheduler}))
+    mask = Image.new("L", edit.call["image"].size, 0)
+    mask.paste(255, (mask.size[0] // 2, 0, mask.size[0], mask.size[1]))
+    call = {k: v for k, v in edit.call.items() if k not in ("height", "width")}
+    return TinyCase("QwenImage Edit Inpaint, picture + mask through a VAE at its resized size, strength 0.8, mu, "
+                    "true CFG 3", pipe, edit.prompts, dict(call, strength=0.8, mask_image=mask))
+
+
+CASES.update({"qwenimage-edit-inpaint": qwenimage_edit_inpaint})

@@ -112,8 +112,7 @@ class QwenImageImg2Img(ImageToImage, QwenImage):
     pixels_only = True
 
     def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        with torch.no_grad():  # one video frame in, one out
-            return pipe._encode_vae_image(image=pixels(pipe, image, inputs).unsqueeze(2), generator=generator)[:, :, 0]
+        return vae_frame_latents(pipe, image, inputs, generator)
 
 
 class QwenImageInpaint(Inpainting, QwenImageImg2Img):
@@ -121,3 +120,10 @@ class QwenImageInpaint(Inpainting, QwenImageImg2Img):
 
     label = "QwenImage Inpaint (QwenImageInpaintPipeline: image, mask_image, strength)"
     model_class = QwenImageInpaintModel
+
+
+def vae_frame_latents(pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+    """An img2img image's latents [B, C, h, w] as the QwenImage pipelines encode it: one video frame through the
+    VAE, sampled from `generator`, normalised by the latents' mean and std."""
+    with torch.no_grad():
+        return pipe._encode_vae_image(image=pixels(pipe, image, inputs).unsqueeze(2), generator=generator)[:, :, 0]
