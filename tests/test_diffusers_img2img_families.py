@@ -108,3 +108,17 @@ def test_text_to_image_pipelines_take_no_image_inputs():
         case = tiny.CASES[name]()
         with pytest.raises(OptimalStepsError, match=rf"{type(case.pipe).__name__} takes no (strength|mask_image)"):
             od.pipeline_inputs(case.pipe, case.prompts, **case.call, strength=0.5)
+
+
+def test_other_image_pipelines_of_the_families_are_refused_naming_the_supported_ones():
+    case = tiny.qwenimage()
+
+    class ControlledQwenImage(type(case.pipe)):  # a text-to-image loop taking a control picture
+        def __call__(self, prompt=None, control_image=None, height=None, width=None, true_cfg_scale=4.0, **call):
+            return super().__call__(prompt, height=height, width=width, true_cfg_scale=true_cfg_scale, **call)
+
+    pipe = ControlledQwenImage(**case.pipe.components)
+    with pytest.raises(OptimalStepsError, match=r"^ControlledQwenImage takes image inputs, which the qwenimage family "
+                                                r"does not reproduce yet; supported: QwenImage \(.*"
+                                                r"QwenImageInpaintPipeline\)$"):
+        od.pipeline_inputs(pipe, case.prompts, **case.call)

@@ -24,13 +24,29 @@ import torch
 
 from ...core.errors import OptimalStepsError
 from ...core.schedules import Schedule
-from .common import CallOptions, call_default, device_of, per_sample, rows
+from .common import CallOptions, call_default, call_parameters, device_of, per_sample, rows
 from .family import Request
 
 
 def noises_an_image(pipe: Any) -> bool:
     """An img2img-style pipeline: its prepare_latents noises an image to a timestep."""
     return tuple(inspect.signature(pipe.prepare_latents).parameters)[:2] == ("image", "timestep")
+
+
+def image_variant(pipe: Any, family: Any, img2img: type, inpaint: type) -> Any:
+    """The family's img2img or inpainting variant for a pipeline that noises an image (with no control input or
+    reference image), else the family itself."""
+    params = set(call_parameters(pipe))
+    if noises_an_image(pipe) and not {"control_image", "image_reference"} & params:
+        return inpaint() if "mask_image" in params else img2img()
+    return family
+
+
+def refuse_image_pipelines(pipe: Any, family: Any) -> None:
+    """Refuse, in one line naming the supported pipelines, another pipeline of the family taking pictures."""
+    if {"image", "control_image"} & set(call_parameters(pipe)):
+        raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the {family.name} family does not "
+                                f"reproduce yet; supported: {family.label}")
 
 
 def call_strength(pipe: Any, options: CallOptions) -> float:

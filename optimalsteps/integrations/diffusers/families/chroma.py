@@ -9,11 +9,9 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ....core.errors import OptimalStepsError
-from ..common import (CallOptions, Guidance, PipelineModel, call_parameters, device_of, given_embeddings, lora_scale,
-                      sequence_length)
+from ..common import CallOptions, Guidance, PipelineModel, device_of, given_embeddings, lora_scale, sequence_length
 from ..family import Family, Request
-from ..img2img import ImageToImage, Inpainting, KeepUnmasked, noises_an_image, pixels
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, image_variant, pixels, refuse_image_pipelines
 from ..prompts import check_unconditional, negatives
 from .flux import packed_latents
 
@@ -49,16 +47,11 @@ class Chroma(Family):
     float_mask: ClassVar[bool] = False  # the pipeline hands the transformer its text mask in the latents' dtype
 
     def variant(self, pipe: Any) -> Family:
-        if noises_an_image(pipe) and "control_image" not in call_parameters(pipe):
-            return ChromaInpaint() if "mask_image" in call_parameters(pipe) else ChromaImg2Img()
-        return self
+        return image_variant(pipe, self, ChromaImg2Img, ChromaInpaint)
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         super().check_options(pipe, options)
-        if {"image", "control_image"} & set(call_parameters(pipe)):
-            raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the chroma family does not "
-                                    "reproduce yet (ChromaPipeline, ChromaImg2ImgPipeline and ChromaInpaintPipeline "
-                                    "are supported)")
+        refuse_image_pipelines(pipe, self)
 
     def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
         c, cfg, options = request.conditioning, request.kind == "cfg", request.options

@@ -9,11 +9,10 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
-from ....core.errors import OptimalStepsError
-from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
+from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, device_of,
                       guidance_embedding, sequence_length)
 from ..family import Family, Request
-from ..img2img import ImageToImage, Inpainting, KeepUnmasked, noises_an_image, pixels
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, image_variant, pixels, refuse_image_pipelines
 from ..prompts import has_negative, negatives
 
 
@@ -54,16 +53,11 @@ class QwenImage(Family):
     model_class: ClassVar[type[QwenImageModel]] = QwenImageModel
 
     def variant(self, pipe: Any) -> Family:
-        if noises_an_image(pipe) and not {"control_image", "image_reference"} & set(call_parameters(pipe)):
-            return QwenImageInpaint() if "mask_image" in call_parameters(pipe) else QwenImageImg2Img()
-        return self
+        return image_variant(pipe, self, QwenImageImg2Img, QwenImageInpaint)
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         super().check_options(pipe, options)
-        if {"image", "control_image"} & set(call_parameters(pipe)):
-            raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the qwenimage family does not "
-                                    "reproduce yet (QwenImagePipeline, QwenImageImg2ImgPipeline and "
-                                    "QwenImageInpaintPipeline are supported)")
+        refuse_image_pipelines(pipe, self)
 
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"

@@ -13,9 +13,9 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import CallOptions, Guidance, PipelineModel, call_parameters, device_of, image_list, sequence_length
+from ..common import CallOptions, Guidance, PipelineModel, device_of, image_list, sequence_length
 from ..family import Family, Request
-from ..img2img import ImageToImage, Inpainting, KeepUnmasked, noises_an_image, pixels
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, image_variant, pixels, refuse_image_pipelines
 from ..prompts import Conditioning, check_negative, text_conditioning
 
 
@@ -57,16 +57,11 @@ class ZImage(Family):
     model_class: ClassVar[type[ZImageModel]] = ZImageModel
 
     def variant(self, pipe: Any) -> Family:
-        if noises_an_image(pipe) and "control_image" not in call_parameters(pipe):
-            return ZImageInpaint() if "mask_image" in call_parameters(pipe) else ZImageImg2Img()
-        return self
+        return image_variant(pipe, self, ZImageImg2Img, ZImageInpaint)
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         super().check_options(pipe, options)
-        if {"image", "control_image"} & set(call_parameters(pipe)):
-            raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the zimage family does not "
-                                    "reproduce yet (ZImagePipeline, ZImageImg2ImgPipeline and ZImageInpaintPipeline "
-                                    "are supported)")
+        refuse_image_pipelines(pipe, self)
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 1024, 1024  # the pipeline's own default
