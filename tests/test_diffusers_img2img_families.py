@@ -1,4 +1,4 @@
-"""Img2img and inpainting beyond Flux (QwenImage, QwenImage Edit, Chroma, Z-Image) on tiny random pipelines built
+"""Img2img and inpainting beyond Flux's first variants (QwenImage, QwenImage Edit, Chroma, Z-Image, Flux Kontext) on tiny random pipelines built
 in code (pixels through tiny VAEs, no downloads): the search's teacher is the pipeline's own run at the call's
 strength, `pipe(..., **pipeline_kwargs(schedule, pipe))` equals `sample_pipeline(...)` for the same seed, and the
 image, the mask and the strength change both sides the same way."""
@@ -23,7 +23,8 @@ from test_diffusers_flux_variants import TOL, check_variant, same_run  # noqa: E
 IMG2IMG = {"qwenimage-img2img": "QwenImageImg2Img", "chroma-img2img": "ChromaImg2Img",
            "zimage-img2img": "ZImageImg2Img"}
 INPAINT = {"qwenimage-inpaint": "QwenImageInpaint", "chroma-inpaint": "ChromaInpaint",
-           "zimage-inpaint": "ZImageInpaint", "qwenimage-edit-inpaint": "QwenImageEditInpaint"}
+           "zimage-inpaint": "ZImageInpaint", "qwenimage-edit-inpaint": "QwenImageEditInpaint",
+           "flux-kontext-inpaint": "FluxKontextInpaint"}
 
 
 def other_picture(case):
@@ -93,6 +94,13 @@ def test_zimage_img2img_runs_at_its_image_size():
     with pytest.raises(OptimalStepsError, match=r"^ZImageImg2ImgPipeline runs at its image's size 16x16 \(it does "
                                                 r"not resize it\), not 32x32$"):
         od.pipeline_inputs(case.pipe, case.prompts, **{**case.call, "height": 32, "width": 32})
+
+
+def test_kontext_inpaint_runs_at_the_kontext_resolution():
+    case = tiny.flux_kontext_inpaint()
+    assert (od.pipeline_inputs(case.pipe, case.prompts, **case.call).height) == 1024
+    with pytest.raises(OptimalStepsError, match=r"runs at its image's Kontext resolution 1024x1024, not 64x64$"):
+        od.pipeline_inputs(case.pipe, case.prompts, **case.call, height=64, width=64)
 
 
 def test_edit_inpaint_refuses_another_size_and_tensors():

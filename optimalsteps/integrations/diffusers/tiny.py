@@ -886,3 +886,27 @@ def qwenimage_edit_inpaint() -> TinyCase:
 
 
 CASES.update({"qwenimage-edit-inpaint": qwenimage_edit_inpaint})
+
+
+def flux_kontext_inpaint() -> TinyCase:
+    """Flux Kontext Inpaint: a square picture, which the pipeline resizes to its 1024 x 1024 Kontext resolution,
+    through a 7-block AutoencoderKL (scale factor 64: 16 x 16 latents, 64 noisy then 64 reference tokens), a mask
+    repainting its right half, strength 0.8, true CFG 2."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4,) * 7,
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 7,
+                                  up_block_types=("UpDecoderBlock2D",) * 7, layers_per_block=1, shift_factor=0.1,
+                                  scaling_factor=1.5).eval()
+    # the scheduler's own sequence lengths (256 .. 4096 tokens), as Kontext's
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = _flux_variant(diffusers.FluxKontextInpaintPipeline, flux_transformer(), vae=vae, scheduler=scheduler)
+    prompts = {**flux_embeds(2, 27), **{"negative_" + k: v for k, v in flux_embeds(2, 28).items()}}
+    return TinyCase("Flux Kontext Inpaint, picture + mask through a VAE at its Kontext resolution, reference tokens, "
+                    "strength 0.8, mu, guidance 3.5, true CFG 2", pipe, prompts,
+                    dict(guidance_scale=3.5, true_cfg_scale=2.0, strength=0.8, image=_picture(_gen(29), 128),
+                         mask_image=_half_mask(128)))
+
+
+CASES.update({"flux-kontext-inpaint": flux_kontext_inpaint})

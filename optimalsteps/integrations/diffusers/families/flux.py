@@ -24,7 +24,7 @@ from ..prompts import has_negative, negatives
 # inputs of the Flux variants that change what the transformer sees: a pipeline taking them is one of the
 # variants below, or refused
 _VARIANT_INPUTS = ("mask_image", "control_image", "strength")
-_VARIANTS = "FluxImg2Img, FluxInpaint, FluxFill, FluxControl and FluxControlNet pipelines"
+_VARIANTS = "FluxImg2Img, FluxInpaint, FluxKontextInpaint, FluxFill, FluxControl and FluxControlNet pipelines"
 
 
 @dataclass(frozen=True)
@@ -82,13 +82,14 @@ class FluxInpaintModel(KeepUnmasked, FluxModel):
 class Flux(Family):
     name = "flux"
     label = ("Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline, "
-             "FluxInpaintPipeline, FluxFillPipeline, FluxControlPipeline, FluxControlNetPipeline)")
+             "FluxInpaintPipeline, FluxKontextInpaintPipeline, FluxFillPipeline, FluxControlPipeline, "
+             "FluxControlNetPipeline)")
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
     model_class: ClassVar[type[FluxModel]] = FluxModel
 
     def variant(self, pipe: Any) -> Family:
-        for variant in (FluxControlNet, FluxFill, FluxInpaint, FluxControl, FluxImg2Img):
+        for variant in (FluxControlNet, FluxKontextInpaint, FluxFill, FluxInpaint, FluxControl, FluxImg2Img):
             if variant.fits(pipe):
                 return variant()
         return self
@@ -132,7 +133,7 @@ class Flux(Family):
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
         shape, img_ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
-        if "image_latents" in cond:
+        if "image_ids" in request.extras:  # Kontext: the reference tokens' ids after the noisy ones'
             img_ids = torch.cat([img_ids, request.extras["image_ids"]], dim=0)
         embedded = request.scale if pipe.transformer.config.guidance_embeds else None
         return self.flow_model(self.model_class, pipe, request, cond, Guidance(_true_cfg(request.options)), shape,
@@ -177,6 +178,42 @@ class FluxInpaint(Inpainting, FluxImg2Img):
     def fits(pipe: Any) -> bool:
         net = pipe.transformer.config
         return _masked(pipe) and (net.out_channels or net.in_channels) == net.in_channels
+
+
+class FluxKontextInpaint(FluxInpaint):
+    """FluxKontextInpaintPipeline without `image_reference`: inpainting (see `img2img`) at the preferred Kontext
+    resolution nearest the image's aspect ratio (whatever height / width say); the image's VAE sample (from the
+    seed) is both the image the unmasked region keeps and the reference tokens after the noisy ones (position ids
+    with first coordinate 1)."""
+
+    label = "Flux.1 Kontext Inpaint (FluxKontextInpaintPipeline: image, mask_image, strength)"
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        return _kontext_inpaint(pipe)
+
+    def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
+        return _kontext_size(pipe, options.image)
+
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        own = _kontext_size(pipe, options.image)
+        if (height or own[0], width or own[1]) != own:
+            # the pipeline generates at the image's Kontext resolution whatever the call says
+            raise OptimalStepsError(f"{type(pipe).__name__} runs at its image's Kontext resolution {own[0]}x{own[1]}, "
+                                    f"not {height}x{width}")
+        return own
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        cond = super().encode(pipe, request)
+        _, ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
+        request.extras["image_ids"] = ids.clone().index_fill_(1, torch.tensor([0], device=ids.device), 1)
+        return cond
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        latents = super().start(pipe, inputs, generator, sigma_start)
+        inputs.cond["image_latents"] = inputs.cond["inpaint_image"]  # the reference tokens: the same sample
+        return latents
 
 
 class FluxFill(FluxInpaint):
@@ -307,6 +344,12 @@ def latent_channels(pipe: Any) -> int:
     return (net.out_channels or net.in_channels) // 4
 
 
+def _kontext_inpaint(pipe: Any) -> bool:
+    params = set(call_parameters(pipe))
+    return {"mask_image", "strength", "image_reference"} <= params and "control_image" not in params \
+        and not _controlnet(pipe) and noises_an_image(pipe)
+
+
 def _masked(pipe: Any) -> bool:
     """An inpainting pipeline (mask and strength) with no control input or Kontext reference."""
     params = set(call_parameters(pipe))
@@ -368,14 +411,19 @@ def _kontext_latents(pipe: Any, request: Request, embeds: torch.Tensor) -> tuple
     return latents, ids
 
 
-def _kontext_pixels(pipe: Any, image: Any) -> torch.Tensor:
+def _kontext_size(pipe: Any, image: Any) -> tuple[int, int]:
+    """(height, width) a Kontext pipeline resizes an image to: the preferred resolution nearest its aspect ratio."""
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     first = image[0] if isinstance(image, list) else image
     h, w = pipe.image_processor.get_default_height_width(first)
     _, w, h = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
     multiple = pipe.vae_scale_factor * 2
-    h, w = h // multiple * multiple, w // multiple * multiple
+    return h // multiple * multiple, w // multiple * multiple
+
+
+def _kontext_pixels(pipe: Any, image: Any) -> torch.Tensor:
+    h, w = _kontext_size(pipe, image)
     return pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
 
 
