@@ -366,6 +366,3 @@ def test_qwenimage_edit_reference_picture():
         od.sample_pipeline(pipe, embeds, result.schedule, **{**call, "image": torch.zeros(1, 3, 64, 64)})
     with pytest.raises(OptimalStepsError, match="QwenImagePipeline takes no image"):
         od.sample_pipeline(tiny.qwenimage().pipe, embeds, result.schedule, **call)
-    inpaint = diffusers.QwenImageEditInpaintPipeline(**pipe.components)  # a mask and strength: refused
-    with pytest.raises(OptimalStepsError, match="QwenImageEditInpaintPipeline is not reproduced yet"):
-        od.pipeline_inputs(inpaint, embeds, **call)

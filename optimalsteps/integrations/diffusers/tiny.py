@@ -765,3 +765,148 @@ def ltx2_i2v() -> TinyCase:
 
 
 CASES.update({"ltx2-i2v": ltx2_i2v})
+
+
+# ----------------------------------------- img2img and inpainting of QwenImage, Chroma, Z-Image (pixels through a VAE)
+
+def qwenimage_vae() -> Any:
+    """A QwenImage VAE with 4 latent channels and four downsamplings (scale factor 16), its latents normalised."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1, 1, 1, 1, 1], num_res_blocks=0,
+                                            temperal_downsample=[False, True, True, True],
+                                            latents_mean=[0.1, -0.2, 0.0, 0.3],
+                                            latents_std=[1.5, 0.8, 1.0, 2.0]).eval()
+
+
+def _qwenimage_variant(cls: Any) -> Any:
+    base = qwenimage().pipe
+    return _quiet(cls(scheduler=base.scheduler, vae=qwenimage_vae(), text_encoder=None, tokenizer=None,
+                      transformer=base.transformer))
+
+
+def qwenimage_img2img() -> TinyCase:
+    """QwenImage Img2Img: a 128 x 128 picture through the tiny VAE (8 x 8 latents, 16 tokens), strength 0.7."""
+    import diffusers
+
+    return TinyCase("QwenImage Img2Img, pixel image through a VAE, strength 0.7, mu, true CFG 3, text masks",
+                    _qwenimage_variant(diffusers.QwenImageImg2ImgPipeline), qwenimage().prompts,
+                    dict(height=128, width=128, true_cfg_scale=3.0, strength=0.7, image=_picture(_gen(21), 128)))
+
+
+def qwenimage_inpaint() -> TinyCase:
+    """QwenImage Inpaint: a 128 x 128 picture and a half mask through the tiny VAE, strength 0.8."""
+    import diffusers
+
+    return TinyCase("QwenImage Inpaint, pixel image + mask through a VAE, strength 0.8, mu, true CFG 3, text masks",
+                    _qwenimage_variant(diffusers.QwenImageInpaintPipeline), qwenimage().prompts,
+                    dict(height=128, width=128, true_cfg_scale=3.0, strength=0.8, image=_picture(_gen(22), 128),
+                         mask_image=_half_mask(128)))
+
+
+CASES.update({"qwenimage-img2img": qwenimage_img2img, "qwenimage-inpaint": qwenimage_inpaint})
+
+
+def _chroma_variant(cls: Any) -> Any:
+    parts = chroma().pipe.components
+    return _quiet(cls(**{k: parts[k] for k in ("scheduler", "text_encoder", "tokenizer", "transformer")},
+                      vae=flux_vae()))
+
+
+def chroma_img2img() -> TinyCase:
+    """Chroma Img2Img: a 16 x 16 picture through the tiny Flux-style VAE (8 x 8 latents, 16 tokens), strength 0.7."""
+    import diffusers
+
+    return TinyCase("Chroma Img2Img, pixel image through a VAE, strength 0.7, mu, CFG 3, text masks",
+                    _chroma_variant(diffusers.ChromaImg2ImgPipeline), chroma().prompts,
+                    dict(height=16, width=16, guidance_scale=3.0, strength=0.7, image=_picture(_gen(23))))
+
+
+def chroma_inpaint() -> TinyCase:
+    """Chroma Inpaint: a 16 x 16 picture and a half mask through the tiny Flux-style VAE, strength 0.8."""
+    import diffusers
+
+    pipe = _chroma_variant(diffusers.ChromaInpaintPipeline)
+    # diffusers 0.42.1's ChromaInpaintPipeline reads transformer.config.guidance_embeds, which the Chroma
+    # transformer's config lacks (it has no guidance embedding: False is what it means)
+    pipe.transformer.register_to_config(guidance_embeds=False)
+    return TinyCase("Chroma Inpaint, pixel image + mask through a VAE, strength 0.8, mu, CFG 3, text masks",
+                    pipe, chroma().prompts,
+                    dict(height=16, width=16, guidance_scale=3.0, strength=0.8, image=_picture(_gen(24)),
+                         mask_image=_half_mask()))
+
+
+CASES.update({"chroma-img2img": chroma_img2img, "chroma-inpaint": chroma_inpaint})
+
+
+def _zimage_variant(cls: Any) -> Any:
+    parts = zimage().pipe.components
+    return _quiet(cls(**{k: parts[k] for k in ("scheduler", "text_encoder", "tokenizer", "transformer")},
+                      vae=flux_vae()))
+
+
+def zimage_img2img() -> TinyCase:
+    """Z-Image Img2Img: a 16 x 16 picture (the call's size) through the tiny Flux-style VAE, strength 0.7."""
+    import diffusers
+
+    return TinyCase("Z-Image Img2Img, pixel image through a VAE, strength 0.7, mu, CFG 2, list embeddings",
+                    _zimage_variant(diffusers.ZImageImg2ImgPipeline), zimage().prompts,
+                    dict(height=16, width=16, guidance_scale=2.0, strength=0.7, image=_picture(_gen(25))))
+
+
+def zimage_inpaint() -> TinyCase:
+    """Z-Image Inpaint: a 16 x 16 picture and a half mask through the tiny Flux-style VAE, strength 0.8."""
+    import diffusers
+
+    return TinyCase("Z-Image Inpaint, pixel image + mask through a VAE, strength 0.8, mu, CFG 2, list embeddings",
+                    _zimage_variant(diffusers.ZImageInpaintPipeline), zimage().prompts,
+                    dict(height=16, width=16, guidance_scale=2.0, strength=0.8, image=_picture(_gen(26)),
+                         mask_image=_half_mask()))
+
+
+CASES.update({"zimage-img2img": zimage_img2img, "zimage-inpaint": zimage_inpaint})
+
+
+def qwenimage_edit_inpaint() -> TinyCase:
+    """QwenImage Edit Inpaint: the Edit case's 4:3 picture (run at its resized 1184 x 896: 1036 noisy tokens, then
+    as many reference ones) and a mask repainting its right half, strength 0.8."""
+    import diffusers
+    from PIL import Image
+
+    edit = qwenimage_edit()
+    # the scheduler's own sequence lengths (256 .. 4096 tokens): 1036 tokens shift by e^0.63, not the tiny one's e^12
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = _quiet(diffusers.QwenImageEditInpaintPipeline(**{**edit.pipe.components, "scheduler": scheduler}))
+    mask = Image.new("L", edit.call["image"].size, 0)
+    mask.paste(255, (mask.size[0] // 2, 0, mask.size[0], mask.size[1]))
+    call = {k: v for k, v in edit.call.items() if k not in ("height", "width")}
+    return TinyCase("QwenImage Edit Inpaint, picture + mask through a VAE at its resized size, strength 0.8, mu, "
+                    "true CFG 3", pipe, edit.prompts, dict(call, strength=0.8, mask_image=mask))
+
+
+CASES.update({"qwenimage-edit-inpaint": qwenimage_edit_inpaint})
+
+
+def flux_kontext_inpaint() -> TinyCase:
+    """Flux Kontext Inpaint: a square picture, which the pipeline resizes to its 1024 x 1024 Kontext resolution,
+    through a 7-block AutoencoderKL (scale factor 64: 16 x 16 latents, 64 noisy then 64 reference tokens), a mask
+    repainting its right half, strength 0.8, true CFG 2."""
+    import diffusers
+
+    torch.manual_seed(0)
+    vae = diffusers.AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(4,) * 7,
+                                  norm_num_groups=4, down_block_types=("DownEncoderBlock2D",) * 7,
+                                  up_block_types=("UpDecoderBlock2D",) * 7, layers_per_block=1, shift_factor=0.1,
+                                  scaling_factor=1.5).eval()
+    # the scheduler's own sequence lengths (256 .. 4096 tokens), as Kontext's
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15)
+    pipe = _flux_variant(diffusers.FluxKontextInpaintPipeline, flux_transformer(), vae=vae, scheduler=scheduler)
+    prompts = {**flux_embeds(2, 27), **{"negative_" + k: v for k, v in flux_embeds(2, 28).items()}}
+    return TinyCase("Flux Kontext Inpaint, picture + mask through a VAE at its Kontext resolution, reference tokens, "
+                    "strength 0.8, mu, guidance 3.5, true CFG 2", pipe, prompts,
+                    dict(guidance_scale=3.5, true_cfg_scale=2.0, strength=0.8, image=_picture(_gen(29), 128),
+                         mask_image=_half_mask(128)))
+
+
+CASES.update({"flux-kontext-inpaint": flux_kontext_inpaint})

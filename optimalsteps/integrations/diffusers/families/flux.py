@@ -15,16 +15,16 @@ from typing import Any, ClassVar, Optional
 import torch
 
 from ....core.errors import OptimalStepsError
-from ....core.schedules import Schedule
 from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
-                      guidance_embedding, lora_scale, per_sample, rows, sequence_length)
+                      guidance_embedding, lora_scale, sequence_length)
 from ..family import Family, Request
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, noises_an_image, pixels
 from ..prompts import has_negative, negatives
 
 # inputs of the Flux variants that change what the transformer sees: a pipeline taking them is one of the
 # variants below, or refused
 _VARIANT_INPUTS = ("mask_image", "control_image", "strength")
-_VARIANTS = "FluxImg2Img, FluxInpaint, FluxFill, FluxControl and FluxControlNet pipelines"
+_VARIANTS = "FluxImg2Img, FluxInpaint, FluxKontextInpaint, FluxFill, FluxControl and FluxControlNet pipelines"
 
 
 @dataclass(frozen=True)
@@ -75,30 +75,21 @@ class FluxModel(PipelineModel):
         return out[:, : x.shape[1]]
 
 
-class FluxInpaintModel(FluxModel):
-    """Flux Inpaint: after each step the pipeline puts the unmasked latents back on the line from the image's
-    latents to the drawn noise, s noise + (1 - s) image. On that line the flow velocity is (x - image) / s,
-    whose x0 prediction is the image itself, so the model predicts it there and the network's guided velocity
-    where the mask repaints (the mask is binary): every solver then keeps the unmasked region on the line, and
-    euler steps give the pipeline's latents (up to float rounding)."""
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
-        velocity = super().__call__(x, t, **cond)
-        repaint = rows(cond["inpaint_mask"], x.shape[0]).to(velocity.dtype)
-        line = (x - rows(cond["inpaint_image"], x.shape[0])) / per_sample(t, x)
-        return repaint * velocity + (1 - repaint) * line.to(velocity.dtype)
+class FluxInpaintModel(KeepUnmasked, FluxModel):
+    """Flux Inpaint's model: the unmasked latents stay on the image's noising line (see `img2img`)."""
 
 
 class Flux(Family):
     name = "flux"
     label = ("Flux.1 (FluxTransformer2DModel: FluxPipeline, FluxKontextPipeline, FluxImg2ImgPipeline, "
-             "FluxInpaintPipeline, FluxFillPipeline, FluxControlPipeline, FluxControlNetPipeline)")
+             "FluxInpaintPipeline, FluxKontextInpaintPipeline, FluxFillPipeline, FluxControlPipeline, "
+             "FluxControlNetPipeline)")
     denoisers = ("FluxTransformer2DModel",)
     pooled = True
     model_class: ClassVar[type[FluxModel]] = FluxModel
 
     def variant(self, pipe: Any) -> Family:
-        for variant in (FluxControlNet, FluxFill, FluxInpaint, FluxControl, FluxImg2Img):
+        for variant in (FluxControlNet, FluxKontextInpaint, FluxFill, FluxInpaint, FluxControl, FluxImg2Img):
             if variant.fits(pipe):
                 return variant()
         return self
@@ -142,7 +133,7 @@ class Flux(Family):
 
     def build(self, pipe: Any, request: Request, cond: dict) -> tuple[Any, torch.dtype]:
         shape, img_ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
-        if "image_latents" in cond:
+        if "image_ids" in request.extras:  # Kontext: the reference tokens' ids after the noisy ones'
             img_ids = torch.cat([img_ids, request.extras["image_ids"]], dim=0)
         embedded = request.scale if pipe.transformer.config.guidance_embeds else None
         return self.flow_model(self.model_class, pipe, request, cond, Guidance(_true_cfg(request.options)), shape,
@@ -160,14 +151,8 @@ class Flux(Family):
                                     device_of(pipe), generator)[0]
 
 
-class FluxImg2Img(Flux):
-    """FluxImg2ImgPipeline: the loop starts from the image's latents noised to the first sigma s of its run,
-    s noise + (1 - s) image latents, and `strength` keeps the last int(N strength) or so of its N sigmas.
-
-    A schedule for it covers [s, 0] (its first time is where the image is noised to). `pipeline_kwargs` hands the
-    pipeline those sigmas with strength 1.0, which keeps them all and noises the image to the first one, so
-    `pipe(...)` runs exactly the schedule `sample_pipeline` runs; the teacher is the pipeline's own N-step run
-    at the call's strength: its shifted grid from the index the pipeline's get_timesteps starts at."""
+class FluxImg2Img(ImageToImage, Flux):
+    """FluxImg2ImgPipeline: img2img (see `img2img`); its image is pixels the VAE encodes, or latents."""
 
     label = "Flux.1 Img2Img (FluxImg2ImgPipeline: image and strength)"
 
@@ -175,56 +160,16 @@ class FluxImg2Img(Flux):
     def fits(pipe: Any) -> bool:
         return _img2img(pipe)
 
-    def check_options(self, pipe: Any, options: CallOptions) -> None:
-        if options.image is None:
-            raise OptimalStepsError(f"{type(pipe).__name__} needs an image (pixels, or latents with "
-                                    f"{pipe.latent_channels} channels)")
-        call_strength(pipe, options)
+    def latent_size(self, pipe: Any, inputs: Any) -> tuple[int, int, int]:
+        return (latent_channels(pipe),) + super().latent_size(pipe, inputs)[1:]
 
-    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
-        request.extras["image"] = request.options.image  # noised into the first latents by `start`
-        request.extras["strength"] = call_strength(pipe, request.options)  # recorded with the schedule
-        return super().encode(pipe, request)
-
-    def teacher(self, pipe: Any, grid: Schedule, options: CallOptions) -> Schedule:
-        strength, steps = call_strength(pipe, options), grid.steps
-        first = int(max(steps - min(steps * strength, steps), 0))  # as the pipeline's get_timesteps
-        if first >= steps:
-            raise OptimalStepsError(f"strength {strength} leaves no step of a {steps}-step teacher")
-        return Schedule(grid.times[first:], grid.process, grid.solver, {**grid.metadata, "strength": strength})
-
-    def schedule_extras(self, pipe: Any, info: dict, steps: int) -> dict[str, Any]:
-        # strength 1.0 keeps every handed sigma; the schedule's first sigma already is the strength's start
-        return {**super().schedule_extras(pipe, info, steps), "strength": 1.0}
-
-    def draw(self, pipe: Any, inputs: Any, generator: Any) -> torch.Tensor:
-        return self.start(pipe, inputs, generator, 1.0)
-
-    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
-        return self.noised(pipe, inputs, generator, sigma_start)[0]
-
-    def noised(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the packed start latents s noise + (1 - s) image, the packed image latents), drawn as the pipeline
-        draws them: the image's VAE latents first, then the noise."""
-        from diffusers.utils.torch_utils import randn_tensor
-
-        device, dtype, channels = device_of(pipe), inputs.dtype, latent_channels(pipe)
-        h, w = 2 * (inputs.height // (pipe.vae_scale_factor * 2)), 2 * (inputs.width // (pipe.vae_scale_factor * 2))
-        image = _image_latents(pipe, inputs.extras["image"], inputs.height, inputs.width, dtype, generator)
-        if inputs.batch % image.shape[0]:
-            raise OptimalStepsError(f"cannot share {image.shape[0]} images among {inputs.batch} prompts x images")
-        image = image.repeat(inputs.batch // image.shape[0], 1, 1, 1)
-        noise = randn_tensor((inputs.batch, channels, h, w), generator=generator, device=device, dtype=dtype)
-        sigma = torch.tensor(sigma_start, dtype=torch.float32).to(dtype)  # the scheduler's float32 sigma, cast
-        return tuple(pipe._pack_latents(z, inputs.batch, channels, h, w)
-                     for z in (sigma * noise + (1.0 - sigma) * image, image))
+    def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return _image_latents(pipe, image, inputs, generator)
 
 
-class FluxInpaint(FluxImg2Img):
-    """FluxInpaintPipeline: img2img (image, strength) whose steps repaint only where `mask_image` is white;
-    after each step the pipeline puts the rest back on the line s noise + (1 - s) image (FluxInpaintModel keeps
-    it there as a velocity, so a schedule runs with any solver). Image and mask are pixels (the pipeline masks the
-    pixel image), so it needs its VAE; the image's sampled latents are drawn with the noise, per seed."""
+class FluxInpaint(Inpainting, FluxImg2Img):
+    """FluxInpaintPipeline: inpainting (see `img2img`). Image and mask are pixels (the pipeline masks the pixel
+    image), so it needs its VAE; the image's sampled latents are drawn with the noise, per seed."""
 
     label = "Flux.1 Inpaint (FluxInpaintPipeline: image, mask_image, strength)"
     model_class = FluxInpaintModel
@@ -234,25 +179,40 @@ class FluxInpaint(FluxImg2Img):
         net = pipe.transformer.config
         return _masked(pipe) and (net.out_channels or net.in_channels) == net.in_channels
 
-    def check_options(self, pipe: Any, options: CallOptions) -> None:
-        cls = type(pipe).__name__
-        if options.image is None or options.mask_image is None:
-            raise OptimalStepsError(f"{cls} needs image= and mask_image= (white is repainted)")
-        if getattr(pipe, "vae", None) is None:
-            raise OptimalStepsError(f"{cls} needs its VAE: it masks the image in pixels")
-        if _is_latents(pipe, options.image):
-            raise OptimalStepsError(f"{cls} takes image= as pixels, not latents: it masks the image in pixels")
-        call_strength(pipe, options)
+
+class FluxKontextInpaint(FluxInpaint):
+    """FluxKontextInpaintPipeline without `image_reference`: inpainting (see `img2img`) at the preferred Kontext
+    resolution nearest the image's aspect ratio (whatever height / width say); the image's VAE sample (from the
+    seed) is both the image the unmasked region keeps and the reference tokens after the noisy ones (position ids
+    with first coordinate 1)."""
+
+    label = "Flux.1 Kontext Inpaint (FluxKontextInpaintPipeline: image, mask_image, strength)"
+
+    @staticmethod
+    def fits(pipe: Any) -> bool:
+        return _kontext_inpaint(pipe)
+
+    def call_size(self, pipe: Any, height: int, width: int, options: CallOptions) -> tuple[int, int]:
+        return _kontext_size(pipe, options.image)
+
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        own = _kontext_size(pipe, options.image)
+        if (height or own[0], width or own[1]) != own:
+            # the pipeline generates at the image's Kontext resolution whatever the call says
+            raise OptimalStepsError(f"{type(pipe).__name__} runs at its image's Kontext resolution {own[0]}x{own[1]}, "
+                                    f"not {height}x{width}")
+        return own
 
     def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
         cond = super().encode(pipe, request)
-        request.extras["mask_image"] = request.options.mask_image
+        _, ids = packed_latents(pipe, request, cond["prompt_embeds"].dtype)
+        request.extras["image_ids"] = ids.clone().index_fill_(1, torch.tensor([0], device=ids.device), 1)
         return cond
 
     def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
-        latents, image = self.noised(pipe, inputs, generator, sigma_start)
-        inputs.cond["inpaint_image"] = image  # drawn with the seed: the VAE samples it
-        inputs.cond["inpaint_mask"] = _latent_mask(pipe, inputs, latents.dtype)
+        latents = super().start(pipe, inputs, generator, sigma_start)
+        inputs.cond["image_latents"] = inputs.cond["inpaint_image"]  # the reference tokens: the same sample
         return latents
 
 
@@ -355,26 +315,16 @@ class FluxControlNet(FluxControl):
         return Flux.start(self, pipe, inputs, generator, sigma_start)
 
 
-def call_strength(pipe: Any, options: CallOptions) -> float:
-    """The call's strength (the user's, else the __call__ default), refused in one line unless in (0, 1]."""
-    value = options.strength if options.strength is not None else call_default(pipe, "strength")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value <= 1.0:
-        raise OptimalStepsError(f"strength must be a number in (0, 1], got {value!r}")
-    return float(value)
-
-
-def _image_latents(pipe: Any, image: Any, height: int, width: int, dtype: torch.dtype, generator: Any) -> torch.Tensor:
+def _image_latents(pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
     """The img2img image's unpacked latents as the pipeline makes them: a tensor with the VAE's latent channels
     as is, anything else preprocessed and encoded by the VAE (drawing from `generator` first, as it does)."""
-    device = device_of(pipe)
     if isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels:
-        return image.to(device=device, dtype=dtype)
+        return image
     if getattr(pipe, "vae", None) is None:
         raise OptimalStepsError(f"encoding an img2img image needs the pipeline's VAE; pass latents "
                                 f"[B, {pipe.latent_channels}, h, w] instead")
-    pixels = pipe.image_processor.preprocess(image, height=height, width=width).to(torch.float32)
     with torch.no_grad():
-        return pipe._encode_vae_image(image=pixels.to(device=device, dtype=dtype), generator=generator)
+        return pipe._encode_vae_image(image=pixels(pipe, image, inputs), generator=generator)
 
 
 def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tuple[int, int], torch.Tensor]:
@@ -382,7 +332,9 @@ def packed_latents(pipe: Any, request: Request, dtype: torch.dtype) -> tuple[tup
     pipelines build them."""
     vsf = pipe.vae_scale_factor
     h, w = request.height // (vsf * 2), request.width // (vsf * 2)
-    img_ids = pipe._prepare_latent_image_ids(1, h, w, device_of(pipe), dtype)
+    ids = pipe._prepare_latent_image_ids
+    batch = (1,) if "batch_size" in inspect.signature(ids).parameters else ()  # Chroma Img2Img's takes none
+    img_ids = ids(*batch, h, w, device_of(pipe), dtype)
     return (h * w, 4 * latent_channels(pipe)), img_ids
 
 
@@ -392,8 +344,10 @@ def latent_channels(pipe: Any) -> int:
     return (net.out_channels or net.in_channels) // 4
 
 
-def _is_latents(pipe: Any, image: Any) -> bool:
-    return isinstance(image, torch.Tensor) and image.dim() == 4 and image.shape[1] == pipe.latent_channels
+def _kontext_inpaint(pipe: Any) -> bool:
+    params = set(call_parameters(pipe))
+    return {"mask_image", "strength", "image_reference"} <= params and "control_image" not in params \
+        and not _controlnet(pipe) and noises_an_image(pipe)
 
 
 def _masked(pipe: Any) -> bool:
@@ -415,18 +369,6 @@ def _check_control(pipe: Any, options: CallOptions) -> None:
         raise OptimalStepsError(f"{cls} needs its VAE to encode the control image")
 
 
-def _latent_mask(pipe: Any, inputs: Any, dtype: torch.dtype) -> torch.Tensor:
-    """FluxInpaint's packed mask: binarised, resized (nearest) to the latents, one value per latent channel."""
-    vsf, channels = pipe.vae_scale_factor, latent_channels(pipe)
-    h, w = 2 * (inputs.height // (vsf * 2)), 2 * (inputs.width // (vsf * 2))
-    mask = pipe.mask_processor.preprocess(inputs.extras["mask_image"], height=inputs.height, width=inputs.width)
-    mask = torch.nn.functional.interpolate(mask, size=(h, w)).to(device=device_of(pipe), dtype=dtype)
-    if inputs.batch % mask.shape[0]:
-        raise OptimalStepsError(f"cannot share {mask.shape[0]} masks among {inputs.batch} prompts x images")
-    mask = mask.repeat(inputs.batch // mask.shape[0], channels, 1, 1)
-    return pipe._pack_latents(mask, inputs.batch, channels, h, w)
-
-
 def _control_latents(pipe: Any, inputs: Any, generator: Any, encode: bool = True) -> torch.Tensor:
     """The control image as the Control / ControlNet pipelines prepare it: repeated to the batch, then (unless
     `encode` is False) sampled by the VAE from `generator`, normalised and packed."""
@@ -443,8 +385,7 @@ def _control_latents(pipe: Any, inputs: Any, generator: Any, encode: bool = True
 
 def _img2img(pipe: Any) -> bool:
     """A plain img2img pipeline: prepare_latents noises an image to a timestep, and no mask or control input."""
-    first_two = tuple(inspect.signature(pipe.prepare_latents).parameters)[:2]
-    return first_two == ("image", "timestep") and not {"mask_image", "control_image"} & set(call_parameters(pipe))
+    return noises_an_image(pipe) and not {"mask_image", "control_image"} & set(call_parameters(pipe))
 
 
 def _kontext(pipe: Any) -> bool:
@@ -470,14 +411,19 @@ def _kontext_latents(pipe: Any, request: Request, embeds: torch.Tensor) -> tuple
     return latents, ids
 
 
-def _kontext_pixels(pipe: Any, image: Any) -> torch.Tensor:
+def _kontext_size(pipe: Any, image: Any) -> tuple[int, int]:
+    """(height, width) a Kontext pipeline resizes an image to: the preferred resolution nearest its aspect ratio."""
     from diffusers.pipelines.flux.pipeline_flux_kontext import PREFERRED_KONTEXT_RESOLUTIONS
 
     first = image[0] if isinstance(image, list) else image
     h, w = pipe.image_processor.get_default_height_width(first)
     _, w, h = min((abs(w / h - pw / ph), pw, ph) for pw, ph in PREFERRED_KONTEXT_RESOLUTIONS)
     multiple = pipe.vae_scale_factor * 2
-    h, w = h // multiple * multiple, w // multiple * multiple
+    return h // multiple * multiple, w // multiple * multiple
+
+
+def _kontext_pixels(pipe: Any, image: Any) -> torch.Tensor:
+    h, w = _kontext_size(pipe, image)
     return pipe.image_processor.preprocess(pipe.image_processor.resize(image, h, w), h, w)
 
 

@@ -1,16 +1,18 @@
 """QwenImage: packed latents [B, seq, 4C] with per-token text masks; true CFG (`true_cfg_scale`, default 4,
-on when a negative prompt is given) as a second call, rescaled to the conditional prediction's norm."""
+on when a negative prompt is given) as a second call, rescaled to the conditional prediction's norm.
+QwenImage Img2Img and Inpaint: img2img and inpainting as `img2img` writes them, their image encoded by the
+QwenImage VAE as one video frame (its sample, normalised by the latents' mean and std)."""
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from ....core.errors import OptimalStepsError
-from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, call_parameters, device_of,
+from ..common import (CFG_THRESHOLD, CallOptions, Guidance, PipelineModel, call_default, device_of,
                       guidance_embedding, sequence_length)
 from ..family import Family, Request
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, image_variant, pixels, refuse_image_pipelines
 from ..prompts import has_negative, negatives
 
 
@@ -39,16 +41,23 @@ def true_cfg(pipe: Any, options: CallOptions) -> float:
     return 1.0 if value is None else float(value)
 
 
+class QwenImageInpaintModel(KeepUnmasked, QwenImageModel):
+    """QwenImage Inpaint's model: the unmasked latents stay on the image's noising line (see `img2img`)."""
+
+
 class QwenImage(Family):
     name = "qwenimage"
-    label = "QwenImage (QwenImageTransformer2DModel, text-to-image)"
+    label = ("QwenImage (QwenImageTransformer2DModel: QwenImagePipeline, QwenImageImg2ImgPipeline, "
+             "QwenImageInpaintPipeline)")
     denoisers = ("QwenImageTransformer2DModel",)
+    model_class: ClassVar[type[QwenImageModel]] = QwenImageModel
+
+    def variant(self, pipe: Any) -> Family:
+        return image_variant(pipe, self, QwenImageImg2Img, QwenImageInpaint)
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
         super().check_options(pipe, options)
-        if "image" in call_parameters(pipe):
-            raise OptimalStepsError(f"{type(pipe).__name__} takes image inputs, which the qwenimage family does not "
-                                    "reproduce yet (QwenImagePipeline is supported)")
+        refuse_image_pipelines(pipe, self)
 
     def guidance(self, pipe: Any, scale: float, options: CallOptions) -> str:
         return "distilled" if pipe.transformer.config.guidance_embeds else "none"
@@ -86,5 +95,29 @@ class QwenImage(Family):
         config = pipe.transformer.config
         embedded = request.scale if config.guidance_embeds else None
         guidance = Guidance(true_cfg(pipe, request.options), renorm=True)
-        return self.flow_model(QwenImageModel, pipe, request, cond, guidance, (h * w, config.in_channels), embedded,
+        return self.flow_model(self.model_class, pipe, request, cond, guidance, (h * w, config.in_channels), embedded,
                                [(1, h, w)] + request.extras.get("image_shapes", []))
+
+
+class QwenImageImg2Img(ImageToImage, QwenImage):
+    """QwenImageImg2ImgPipeline: img2img (see `img2img`); its image is pixels the VAE encodes."""
+
+    label = "QwenImage Img2Img (QwenImageImg2ImgPipeline: image and strength)"
+    pixels_only = True
+
+    def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return vae_frame_latents(pipe, image, inputs, generator)
+
+
+class QwenImageInpaint(Inpainting, QwenImageImg2Img):
+    """QwenImageInpaintPipeline: inpainting (see `img2img`); the image and mask are pixels."""
+
+    label = "QwenImage Inpaint (QwenImageInpaintPipeline: image, mask_image, strength)"
+    model_class = QwenImageInpaintModel
+
+
+def vae_frame_latents(pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+    """An img2img image's latents [B, C, h, w] as the QwenImage pipelines encode it: one video frame through the
+    VAE, sampled from `generator`, normalised by the latents' mean and std."""
+    with torch.no_grad():
+        return pipe._encode_vae_image(image=pixels(pipe, image, inputs).unsqueeze(2), generator=generator)[:, :, 0]

@@ -8,7 +8,11 @@ generates at the picture's resized size.
 QwenImage Edit Plus (a pipeline whose prepare_latents takes `images`): one prompt with one or more pictures.
 Each is encoded by the VAE at about 1024 x 1024 pixels and its tokens follow the noisy ones, in order (one
 `img_shapes` entry each); the text encoder sees them at about 384 x 384. Without height / width the call
-generates at the last picture's resized size."""
+generates at the last picture's resized size.
+
+QwenImage Edit Inpaint (QwenImageEditInpaintPipeline): inpainting (see `img2img`) of the picture, at its resized
+size whatever height / width say; the picture's VAE latents (sampled from the seed) are both the reference tokens
+and the image the unmasked region keeps."""
 
 from __future__ import annotations
 
@@ -21,8 +25,9 @@ import torch
 from ....core.errors import OptimalStepsError
 from ..common import CallOptions, call_parameters, device_of, image_list
 from ..family import Family, Request
+from ..img2img import Inpainting, call_strength, noises_an_image
 from ..prompts import Conditioning
-from .qwenimage import QwenImage
+from .qwenimage import QwenImage, QwenImageInpaintModel, vae_frame_latents
 
 # the pipeline resizes the reference picture to this many pixels, on multiples of this many
 _AREA, _ROUND = 1024 * 1024, 32
@@ -42,13 +47,15 @@ def reference_size(image: Any, area: int = _AREA) -> tuple[int, int]:
 class QwenImageEdit(QwenImage):
     name = "qwenimage-edit"
     label = ("QwenImage Edit (QwenImageTransformer2DModel with a processor: QwenImageEditPipeline, "
-             "QwenImageEditPlusPipeline)")
+             "QwenImageEditPlusPipeline, QwenImageEditInpaintPipeline)")
 
     def matches(self, components: dict[str, set[str]]) -> bool:
         return super().matches(components) and "processor" in components
 
     def variant(self, pipe: Any) -> Family:
         several = tuple(inspect.signature(pipe.prepare_latents).parameters)[:1] == ("images",)
+        if noises_an_image(pipe) and "mask_image" in call_parameters(pipe):
+            return QwenImageEditInpaint()
         return QwenImageEditPlus() if several else self
 
     def check_options(self, pipe: Any, options: CallOptions) -> None:
@@ -134,8 +141,46 @@ class QwenImageEditPlus(QwenImageEdit):
         return cond
 
 
+class QwenImageEditInpaint(Inpainting, QwenImageEdit):
+    """QwenImageEditInpaintPipeline: one PIL picture and a mask; the call runs at the picture's resized size."""
+
+    label = "QwenImage Edit Inpaint (QwenImageEditInpaintPipeline: image, mask_image, strength)"
+    model_class = QwenImageInpaintModel
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        Inpainting.check_options(self, pipe, options)
+        if not isinstance(getattr(options.image, "size", None), tuple):
+            raise OptimalStepsError(f"{type(pipe).__name__} takes image= as a PIL image, got "
+                                    f"{type(options.image).__name__}")
+
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        own = reference_size(options.image)
+        if (height or own[0], width or own[1]) != own:
+            # the pipeline generates at the picture's resized size whatever the call says
+            raise OptimalStepsError(f"{type(pipe).__name__} runs at its picture's resized size {own[0]}x{own[1]}, "
+                                    f"not {height}x{width}")
+        return own
+
+    def encode(self, pipe: Any, request: Request) -> dict[str, torch.Tensor]:
+        resized = pipe.image_processor.resize(request.options.image, request.height, request.width)
+        vsf = self.vae_scale_factor(pipe)
+        request.extras.update(prompt_image=resized, image=resized, mask_image=request.options.mask_image,
+                              strength=call_strength(pipe, request.options),
+                              image_shapes=[(1, request.height // vsf // 2, request.width // vsf // 2)])
+        return QwenImage.encode(self, pipe, request)
+
+    def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        return vae_frame_latents(pipe, image, inputs, generator)
+
+    def start(self, pipe: Any, inputs: Any, generator: Any, sigma_start: float) -> torch.Tensor:
+        latents = super().start(pipe, inputs, generator, sigma_start)
+        inputs.cond["image_latents"] = inputs.cond["inpaint_image"]  # the reference tokens: the same sample
+        return latents
+
 
 def refuse_variants(pipe: Any) -> None:
     if any(name in call_parameters(pipe) for name in _VARIANT_INPUTS):
         raise OptimalStepsError(f"{type(pipe).__name__} is not reproduced yet; of the QwenImage Edit pipelines, "
-                                "QwenImageEditPipeline and QwenImageEditPlusPipeline are supported")
+                                "QwenImageEditPipeline, QwenImageEditPlusPipeline and QwenImageEditInpaintPipeline "
+                                "are supported")

@@ -1,17 +1,21 @@
 """Z-Image: latents [B, C, H, W] handed to the transformer as a list of [C, 1, H, W]; prompt embeddings are a
 list of per-prompt tensors of their own lengths (kept here padded, with their lengths, as per-sample
 conditions); the network takes the reversed time (1000 - t) / 1000 and predicts minus the velocity; CFG
-(`guidance_scale` > 0) is `pos + s (pos - neg)`, batched, i.e. the usual form with scale 1 + s."""
+(`guidance_scale` > 0) is `pos + s (pos - neg)`, batched, i.e. the usual form with scale 1 + s.
+Z-Image Img2Img and Inpaint: img2img and inpainting as `img2img` writes them. The pipeline does not resize its
+image: the call runs at the image's size (multiples of 16 pixels, rounded down), and the image is encoded by the
+VAE (its sample, shifted and scaled), noised and blended in the prompt embeddings' dtype."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar, Optional
 
 import torch
 
 from ....core.errors import OptimalStepsError
-from ..common import CallOptions, Guidance, PipelineModel, device_of, sequence_length
+from ..common import CallOptions, Guidance, PipelineModel, device_of, image_list, sequence_length
 from ..family import Family, Request
+from ..img2img import ImageToImage, Inpainting, KeepUnmasked, image_variant, pixels, refuse_image_pipelines
 from ..prompts import Conditioning, check_negative, text_conditioning
 
 
@@ -40,12 +44,24 @@ def _as_list(name: str, value: Any) -> list[torch.Tensor]:
     return list(items)
 
 
+class ZImageInpaintModel(KeepUnmasked, ZImageModel):
+    """Z-Image Inpaint's model: the unmasked latents stay on the image's noising line (see `img2img`)."""
+
+
 class ZImage(Family):
     name = "zimage"
-    label = "Z-Image (ZImageTransformer2DModel)"
+    label = "Z-Image (ZImageTransformer2DModel: ZImagePipeline, ZImageImg2ImgPipeline, ZImageInpaintPipeline)"
     denoisers = ("ZImageTransformer2DModel",)
     batched_cfg = True
     packed = False
+    model_class: ClassVar[type[ZImageModel]] = ZImageModel
+
+    def variant(self, pipe: Any) -> Family:
+        return image_variant(pipe, self, ZImageImg2Img, ZImageInpaint)
+
+    def check_options(self, pipe: Any, options: CallOptions) -> None:
+        super().check_options(pipe, options)
+        refuse_image_pipelines(pipe, self)
 
     def default_size(self, pipe: Any) -> tuple[int, int]:
         return 1024, 1024  # the pipeline's own default
@@ -96,6 +112,40 @@ class ZImage(Family):
         vsf = pipe.vae_scale_factor
         shape = (pipe.transformer.in_channels, 2 * (request.height // (vsf * 2)), 2 * (request.width // (vsf * 2)))
         guidance = Guidance(1.0 + request.scale, batched=True, positive_first=True)
-        return self.flow_model(ZImageModel, pipe, request, cond, guidance, shape, latents_dtype=torch.float32)
+        return self.flow_model(self.model_class, pipe, request, cond, guidance, shape, latents_dtype=torch.float32)
 
 
+
+
+class ZImageImg2Img(ImageToImage, ZImage):
+    """ZImageImg2ImgPipeline: img2img (see `img2img`) at its image's size; the image is pixels the VAE encodes."""
+
+    label = "Z-Image Img2Img (ZImageImg2ImgPipeline: image and strength)"
+    pixels_only = True
+
+    def requested_size(self, pipe: Any, height: Optional[int], width: Optional[int],
+                       options: CallOptions) -> tuple[Optional[int], Optional[int]]:
+        if options.image is None:
+            return height, width
+        own = tuple(pipe.image_processor.get_default_height_width(image_list(options.image)[0]))
+        if (height or own[0], width or own[1]) != own:
+            # the pipeline noises the unresized image's latents: any other size fails there
+            raise OptimalStepsError(f"{type(pipe).__name__} runs at its image's size {own[0]}x{own[1]} (it does not "
+                                    f"resize it), not {height}x{width}")
+        return own
+
+    def start_dtype(self, pipe: Any, inputs: Any) -> torch.dtype:
+        return inputs.cond["prompt_embeds"].dtype
+
+    def encode_image(self, pipe: Any, image: Any, inputs: Any, generator: Any) -> torch.Tensor:
+        config = pipe.vae.config
+        with torch.no_grad():
+            latents = pipe.vae.encode(pixels(pipe, image, inputs, self.start_dtype(pipe, inputs))).latent_dist
+            return (latents.sample(generator=generator) - config.shift_factor) * config.scaling_factor
+
+
+class ZImageInpaint(Inpainting, ZImageImg2Img):
+    """ZImageInpaintPipeline: inpainting (see `img2img`) at its image's size; the image and mask are pixels."""
+
+    label = "Z-Image Inpaint (ZImageInpaintPipeline: image, mask_image, strength)"
+    model_class = ZImageInpaintModel
