@@ -187,7 +187,12 @@ def _check_compare_inputs(steps: Sequence[int], solvers: Sequence[str], schedule
 def _selection(schedule: Schedule) -> list[dict] | None:
     """A validated schedule's candidates and their validation scores (optimize/select.py), else None."""
     rows = schedule.metadata.get("selection")
-    return [{k: r[k] for k in ("name", "score", "mse", "p99", "search_nfe")} for r in rows] if rows else None
+    if not rows:
+        return None
+    keys = ("name", "score", "mse", "p99", "far_tail", "tail_uniform_ratio", "data", "data_ratio", "eligible",
+            "failed", "search_nfe")
+    winner = schedule.metadata.get("winner")
+    return [{**{k: r.get(k) for k in keys}, "won": r["name"] == winner} for r in rows]
 
 
 def _solver_specific(name: str) -> bool:
