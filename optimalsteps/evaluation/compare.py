@@ -406,16 +406,19 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
 
 
 def selection_sections(rows: list[dict]) -> list[str]:
-    """Each validated schedule's candidates with their validation scores (the winner first, marked)."""
+    """Each validated schedule's candidates with their validation scores and guard ratios (the winner bold;
+    a candidate a guard ruled out lists the guards it failed)."""
     parts = []
     for row in rows:
         if not row.get("selection"):
             continue
         ranked = sorted(row["selection"], key=lambda c: c["score"])
         parts += [f"### Candidates of {row['schedule']} ({row['solver']}, {row['steps']} steps), on validation", "",
-                  "| candidate | objective | MSE | p99 err | search NFE |", "|---|---:|---:|---:|---:|"]
-        parts += [f"| {'**' + c['name'] + '**' if i == 0 else c['name']} | {_fmt(c['score'])} | {_fmt(c['mse'])} "
-                  f"| {_fmt(c['p99'])} | {c['search_nfe']} |" for i, c in enumerate(ranked)]
+                  "| candidate | objective | MSE | p99 err | far tail / uniform | data / closest | failed | search NFE |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        parts += [f"| {'**' + c['name'] + '**' if c.get('won') else c['name']} | {_fmt(c['score'])} | {_fmt(c['mse'])} "
+                  f"| {_fmt(c['p99'])} | {_fmt(c.get('tail_uniform_ratio'))} | {_fmt(c.get('data_ratio'))} "
+                  f"| {', '.join(c.get('failed') or []) or '–'} | {c['search_nfe']} |" for c in ranked]
         parts.append("")
     return parts
 
