@@ -126,6 +126,7 @@ def cells(rows: list[dict]) -> list[dict]:
             "mode_change": oss["mode_change"], "mode_change_uniform": uni["mode_change"],
             "mse": oss["mse"], "best_mse": min(r["mse"] for r in rivals),
             "psnr_dp": by[PLAIN]["psnr"] if PLAIN in by else None,
+            "chosen": next((r["name"] for r in oss.get("selection") or [] if r.get("won")), None),
         })
     return out
 
@@ -177,7 +178,8 @@ def missed(checks: list[dict]) -> str:
             why.append(f"p99 {c['p99'] / c['p99_uniform']:.2f}x uniform's (the best-PSNR baseline "
                        f"{c['best_psnr_by']}: {c['p99_best_psnr'] / c['p99_uniform']:.2f}x)")
         if why:
-            lines.append(f"- {c['bed']} / {c['solver']} / {c['steps']} steps: " + "; ".join(why))
+            chosen = f" [oss chose {c['chosen']}]" if c.get("chosen") else ""
+            lines.append(f"- {c['bed']} / {c['solver']} / {c['steps']} steps{chosen}: " + "; ".join(why))
     return "\n".join(lines) or "- none"
 
 

@@ -192,7 +192,12 @@ def _check_compare_inputs(steps: Sequence[int], solvers: Sequence[str], schedule
 def _selection(schedule: Schedule) -> list[dict] | None:
     """A validated schedule's candidates and their validation scores (optimize/select.py), else None."""
     rows = schedule.metadata.get("selection")
-    return [{k: r[k] for k in ("name", "score", "mse", "p99", "search_nfe")} for r in rows] if rows else None
+    if not rows:
+        return None
+    keys = ("name", "score", "mse", "p99", "far_tail", "tail_uniform_ratio", "data", "data_ratio", "eligible",
+            "failed", "search_nfe")
+    winner = schedule.metadata.get("winner")
+    return [{**{k: r.get(k) for k in keys}, "won": r["name"] == winner} for r in rows]
 
 
 def _solver_specific(name: str) -> bool:
@@ -406,16 +411,19 @@ def markdown_report(result: CompareResult, plot_names: list[str] | None = None) 
 
 
 def selection_sections(rows: list[dict]) -> list[str]:
-    """Each validated schedule's candidates with their validation scores (the winner first, marked)."""
+    """Each validated schedule's candidates with their validation scores and guard ratios (the winner bold;
+    a candidate a guard ruled out lists the guards it failed)."""
     parts = []
     for row in rows:
         if not row.get("selection"):
             continue
         ranked = sorted(row["selection"], key=lambda c: c["score"])
         parts += [f"### Candidates of {row['schedule']} ({row['solver']}, {row['steps']} steps), on validation", "",
-                  "| candidate | objective | MSE | p99 err | search NFE |", "|---|---:|---:|---:|---:|"]
-        parts += [f"| {'**' + c['name'] + '**' if i == 0 else c['name']} | {_fmt(c['score'])} | {_fmt(c['mse'])} "
-                  f"| {_fmt(c['p99'])} | {c['search_nfe']} |" for i, c in enumerate(ranked)]
+                  "| candidate | objective | MSE | p99 err | far tail / uniform | data / closest | failed | search NFE |",
+                  "|---|---:|---:|---:|---:|---:|---|---:|"]
+        parts += [f"| {'**' + c['name'] + '**' if c.get('won') else c['name']} | {_fmt(c['score'])} | {_fmt(c['mse'])} "
+                  f"| {_fmt(c['p99'])} | {_fmt(c.get('tail_uniform_ratio'))} | {_fmt(c.get('data_ratio'))} "
+                  f"| {', '.join(c.get('failed') or []) or '–'} | {c['search_nfe']} |" for c in ranked]
         parts.append("")
     return parts
 

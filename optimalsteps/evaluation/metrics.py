@@ -13,19 +13,15 @@ import numpy as np
 import torch
 from scipy.linalg import sqrtm
 
+# the sliced W2 lives in the core, where the validated search's data guard uses it too; re-exported here
+from ..core.distances import (flat_samples, random_projections, sliced_wasserstein,  # noqa: F401
+                              sliced_wasserstein_numpy)
 from ..core.errors import OptimalStepsError
 from ..optimize.objectives import per_sample_error
 
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    x = torch.as_tensor(x)
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise OptimalStepsError(f"metrics need samples [N, ...] with N >= 1, got shape {list(x.shape)}")
-    return x.detach().to(torch.float64).cpu().reshape(x.shape[0], -1)
-
-
 def _pair(x: torch.Tensor, ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    x, ref = _flat(x), _flat(ref)
+    x, ref = flat_samples(x), flat_samples(ref)
     if x.shape != ref.shape:
         raise OptimalStepsError(f"samples {list(x.shape)} and reference {list(ref.shape)} differ in shape")
     return x, ref
@@ -65,7 +61,7 @@ def mode_labels(model: Any, x: torch.Tensor) -> torch.Tensor | None:
     """Which mode each sample [N, ...] belongs to, as integer labels [N]: the most likely component of a
     Gaussian mixture (its exact density), the classifier's label for a digits model; None if neither."""
     if hasattr(model, "means") and hasattr(model, "stds") and hasattr(model, "weights"):
-        flat = _flat(x)
+        flat = flat_samples(x)
         means, stds = model.means.to(torch.float64), model.stds.to(torch.float64)  # [K, D]
         z = (flat[:, None, :] - means[None]) / stds[None]
         log_comp = -0.5 * z.pow(2).sum(-1) - torch.log(stds).sum(-1)[None] + torch.log(model.weights)[None]
@@ -90,44 +86,9 @@ def mode_change_rate(model: Any, x: torch.Tensor, ref: torch.Tensor) -> float | 
 # ---------------------------------------------------------------------------------- distributions
 
 
-def random_projections(dim: int, count: int, seed: int = 0) -> np.ndarray:
-    """`count` directions uniform on the unit sphere of R^dim, as columns [dim, count] (deterministic)."""
-    directions = np.random.default_rng(seed).standard_normal((dim, count))
-    return directions / np.linalg.norm(directions, axis=0, keepdims=True)
-
-
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 256, seed: int = 0) -> float:
-    """Sliced Wasserstein-2 distance: sqrt of the mean over random directions of the squared 1-D W2 between
-    the projected sample sets (POT's `ot.sliced_wasserstein_distance` when installed, else numpy)."""
-    x, y = _flat(x), _flat(y)
-    if x.shape[1] != y.shape[1]:
-        raise OptimalStepsError(f"sample dimensions differ: {x.shape[1]} vs {y.shape[1]}")
-    theta = random_projections(x.shape[1], projections, seed)
-    try:
-        import ot
-    except ImportError:
-        return sliced_wasserstein_numpy(x.numpy(), y.numpy(), theta)
-    return float(ot.sliced_wasserstein_distance(x.numpy(), y.numpy(), projections=theta, p=2))
-
-
-def sliced_wasserstein_numpy(x: np.ndarray, y: np.ndarray, theta: np.ndarray) -> float:
-    """The same distance without POT: per direction, W2^2 between empirical measures with uniform weights is
-    the integral over quantile levels of the squared difference of the two quantile functions."""
-    px = np.sort(x @ theta, axis=0)
-    py = np.sort(y @ theta, axis=0)
-    # merge both sets of quantile breakpoints; on each piece both quantile functions are constant
-    levels = np.union1d(np.arange(1, len(px) + 1) / len(px), np.arange(1, len(py) + 1) / len(py))
-    widths = np.diff(np.concatenate([[0.0], levels]))
-    mid = levels - widths / 2
-    qx = px[np.minimum((mid * len(px)).astype(int), len(px) - 1)]
-    qy = py[np.minimum((mid * len(py)).astype(int), len(py) - 1)]
-    per_direction = (widths[:, None] * (qx - qy) ** 2).sum(0)
-    return float(math.sqrt(per_direction.mean()))
-
-
 def median_bandwidth(y: torch.Tensor) -> float:
     """The median distance between distinct pairs of samples: the usual RBF bandwidth heuristic."""
-    y = _flat(y)
+    y = flat_samples(y)
     d = torch.cdist(y, y)
     upper = d[torch.triu(torch.ones_like(d, dtype=torch.bool), diagonal=1)]
     return float(upper.median()) if upper.numel() else 1.0
@@ -138,7 +99,7 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> flo
 
     h defaults to the median pairwise distance of `y`, the reference set, so that comparing several sample
     sets against one reference uses one kernel. Can be slightly negative (unbiased) when x and y agree."""
-    x, y = _flat(x), _flat(y)
+    x, y = flat_samples(x), flat_samples(y)
     if x.shape[0] < 2 or y.shape[0] < 2:
         raise OptimalStepsError("MMD needs at least 2 samples in each set")
     h = median_bandwidth(y) if bandwidth is None else float(bandwidth)
@@ -160,12 +121,12 @@ def mixture_nll(mixture: Any, x: torch.Tensor) -> float:
     `GaussianMixture`): low for samples where the data are; not a divergence (a collapsed set can score well)."""
     if not hasattr(mixture, "log_prob"):
         raise OptimalStepsError("exact NLL needs a model with an exact log_prob (a Gaussian mixture)")
-    return float(-mixture.log_prob(_flat(x)).mean())
+    return float(-mixture.log_prob(flat_samples(x)).mean())
 
 
 def gaussian_statistics(features: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean [D] and covariance [D, D] (unbiased) of a feature set [N, D]."""
-    f = _flat(features).numpy()
+    f = flat_samples(features).numpy()
     if f.shape[0] < 2:
         raise OptimalStepsError("a covariance needs at least 2 feature vectors")
     return f.mean(0), np.atleast_2d(np.cov(f, rowvar=False))

@@ -12,10 +12,16 @@ drawn from the seed), then builds candidates and scores each on validation with 
 
 Every model call is counted against a budget of `budget` (default 2) times the plain DP's on the same
 settings (its teacher plus its DP); a candidate that does not fit is skipped, so the bound holds by
-construction. The winner has the lowest validation objective among the candidates whose worst tenth of
-validation errors is at most 1.1 times that of the best baseline (the fixed schedule with the lowest
-objective, itself eligible), hence is never worse there than that baseline or any eligible candidate; its
-metadata `selection` records every candidate's validation scores.
+construction. The validation set takes VALIDATION_SHARE of what is left after the full-grid DP.
+Refinement of the DP's schedule (optimize/refine.py) is a candidate only when the caller grants it model
+calls of its own (`refine_nfe`, on top of the budget).
+
+The winner has the lowest validation objective among the candidates that pass every guard: the worst tenth
+of its errors within TAIL_SLACK of the best baseline's (the fixed schedule with the lowest objective), its
+far tail (beyond the 99th percentile) within TAIL_SLACK of uniform's or the best baseline's, whichever is
+larger, and its sliced W2 to true data (when the model offers data samples) within DATA_SLACK of the
+closest fixed schedule's. The best baseline and uniform stay eligible, so the winner is never worse on
+validation than either; metadata `selection` records every candidate's scores, guard ratios and failures.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
+from ..core.distances import sliced_wasserstein
 from ..core.dm import dm
 from ..core.errors import OptimalStepsError
 from ..core.models import index_cond, model_process
@@ -36,6 +43,7 @@ from ..core.tables import table_schedule
 from .beam import beam_dp, beam_model_calls
 from .families import FAMILIES, fit_family
 from .objectives import OBJECTIVES, aggregate, check_objective, per_sample_error
+from .refine import refine_schedule
 from .result import SearchResult
 from .teacher import amplitude_statistics, run_teacher
 
@@ -45,7 +53,13 @@ DEFAULT_BUDGET = 2.0
 FIT_EVALUATIONS = 10  # samplings of the search noise per family, at most
 MIN_FIT_EVALUATIONS = 3
 FIT_SHARE = 0.4
-TAIL_SLACK = 1.1  # a candidate's worst tenth of validation errors may be this much worse than the best baseline's
+TAIL_SLACK = 1.1  # a candidate's tails may be this much worse than the best baseline's and uniform's
+DATA_SLACK = 1.05  # a candidate's distance to the data may be this much more than the closest fixed schedule's
+TAIL_LEVEL = 0.99  # the tail guard against uniform looks at this quantile of the validation errors ...
+MIN_TAIL_COUNT = 2  # ... as the mean of the errors beyond it, at least this many (robust on few samples)
+VALIDATION_SHARE = 0.5  # of the budget left after the main DP, for the validation set by default
+MAX_VALIDATION = 1024
+DATA_SAMPLES = 4096  # true data samples the data guard compares with (no model calls)
 TABLE_NAMES = ("ays-sd15", "ays-sdxl", "oss-flux", "oss-chroma")
 
 
@@ -88,8 +102,9 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
                      cond: dict | None = None, objective: str = "log", width: int = DEFAULT_WIDTH,
                      validation_samples: int | None = None, seed: int | None = None, candidates: int = 4,
                      budget: float = DEFAULT_BUDGET, max_batch: int = 4096, progress: bool = False,
-                     callback: Optional[Callable[[str, int, int], None]] = None):
-    """The validated schedule as an optimize.search.SearchResult (see the module docstring)."""
+                     callback: Optional[Callable[[str, int, int], None]] = None, refine_nfe: int | None = None):
+    """The validated schedule as an optimize.search.SearchResult (see the module docstring). `refine_nfe`:
+    model calls granted to refining the DP's schedule off the grid, on top of the budget (default: none)."""
     started = time.perf_counter()
     check_objective(objective)
     steps, solver = check_steps(steps), get_solver(solver).name
@@ -100,6 +115,8 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     batch, n = noise.shape[0], teacher.steps
     if validation_samples is not None and validation_samples < 1:
         raise OptimalStepsError(f"validation_samples must be at least 1, got {validation_samples}")
+    if refine_nfe is not None and (isinstance(refine_nfe, bool) or int(refine_nfe) != refine_nfe or refine_nfe < 1):
+        raise OptimalStepsError(f"refine_nfe must be a whole number >= 1 of model calls, got {refine_nfe!r}")
     seed = 0 if seed is None else int(seed)
     plain = plain_dp_calls(batch, n, steps, solver, candidates)
     money = _Budget(int(budget * plain))
@@ -113,10 +130,14 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     money.spend(main.nfe)
     pool = [_dp_candidate(f"dp-{objective}", main, teacher, solver)]
 
-    # the validation set: as many as asked (default 2 B, 8 to 32), as far as the budget runs a teacher on them
-    per_validation_sample = nfe_per_trajectory(solver, n) + nfe_per_trajectory(solver, steps)
-    count = validation_samples or max(8, min(2 * batch, 32))
-    count = max(1, min(count, (money.limit - money.spent) // per_validation_sample))
+    # the validation set: as many as asked, by default as many as VALIDATION_SHARE of the budget left pays
+    # for (a teacher run and every candidate's sampling each), at least the old 8 to 32; never past the budget
+    fixed = _fixed_schedules(model_process(model), steps, solver)
+    expected = 1 + len(fixed) + len(FAMILIES) + 3
+    count = validation_samples or validation_count(money.limit - money.spent, batch, nfe_per_trajectory(solver, n),
+                                                   nfe_per_trajectory(solver, steps), expected)
+    count = max(1, min(count, (money.limit - money.spent) // (nfe_per_trajectory(solver, n) +
+                                                             nfe_per_trajectory(solver, steps))))
     val_noise = validation_noise(noise, count, seed)
     val_cond = index_cond(cond, torch.arange(count) % batch)
     val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
@@ -124,7 +145,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     per_eval = count * nfe_per_trajectory(solver, steps)
     money.spend(per_eval)  # the main DP's validation
 
-    pool += _fixed_candidates(model_process(model), steps, solver, money, per_eval)
+    pool += _fixed_candidates(fixed, money, per_eval)
     # the families get at most FIT_SHARE of what is left, the DP variants the rest
     share = FIT_SHARE * (money.limit - money.spent) / len(FAMILIES) - per_eval
     evaluations = min(FIT_EVALUATIONS, int(share // (batch * nfe_per_trajectory(solver, steps))))
@@ -143,41 +164,113 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
         pool.append(Candidate(f"fit-{name}", fit.schedule, fit.nfe, search_score=fit.score))
     pool += _variant_candidates(model, search_teacher.states, teacher, steps, solver, objective, width, cond,
                                 candidates, max_batch, money, per_eval)
+    refined = None if refine_nfe is None else _refined_candidate(model, noise, pool[0], solver, teacher_end, cond,
+                                                                 int(refine_nfe) - per_eval, max_batch)
+    pool += [] if refined is None else [refined]
+    refine_spent = 0 if refined is None else refined.nfe + per_eval
 
     val_end = val_teacher.states[:, -1]
+    data = data_reference(model, seed)
     for c in pool:
         out = sample(model, val_noise, c.schedule, solver=solver, cond=val_cond).samples
         c.validation = _scores(per_sample_error(out, val_end), objective)
+        c.validation["data"] = None if data is None else data_distance(model, out, data)
     winner = _choose(pool)
     amplitude = amplitude_statistics(search_teacher.states)
     schedule = _winner_schedule(winner, pool, teacher, amplitude, {
-        "model": getattr(model, "spec", type(model).__name__), "nfe": money.spent, "search_nfe": money.spent,
-        "plain_dp_nfe": plain, "budget_nfe": money.limit, "teacher_nfe": search_teacher.nfe * batch,
+        "model": getattr(model, "spec", type(model).__name__), "nfe": money.spent + refine_spent,
+        "search_nfe": money.spent + refine_spent, "refine_nfe": refine_spent, "plain_dp_nfe": plain,
+        "budget_nfe": money.limit, "teacher_nfe": search_teacher.nfe * batch,
         "teacher_steps": n, "teacher_grid": teacher.metadata.get("baseline", "custom"), "solver": solver,
         "samples": batch, "seed": seed, "steps": steps, "objective": objective, "width": width,
         "validation_samples": count, "validation_seed": seed + VALIDATION_SEED_OFFSET,
         "search_seconds": round(time.perf_counter() - started, 4)})
     teacher_out = search_teacher.states[:, -1].to(dtype=torch.promote_types(noise.dtype, torch.float32))
     return SearchResult(schedule, list(winner.indices or []), None, None, torch.empty(0), float(
-        winner.validation["score"]), money.spent, search_teacher.nfe * batch, time.perf_counter() - started,
+        winner.validation["score"]), money.spent + refine_spent, search_teacher.nfe * batch, time.perf_counter() - started,
         teacher, teacher_out, amplitude)
 
 
 def _choose(pool: list[Candidate]) -> Candidate:
-    """The lowest validation objective among the candidates whose tail (the mean of the worst tenth of the
-    errors) is at most TAIL_SLACK times that of the best baseline (the best fixed schedule by the objective):
-    typical fidelity is not bought with more broken samples than the schedule it beats. That baseline is
-    itself eligible, so the winner is never worse than it. The first on ties: the DP, then the simplest."""
+    """The lowest validation objective among the candidates that pass every guard (`GUARD_LIMITS`); the
+    best baseline (the fixed schedule with the lowest objective) and uniform stay eligible whatever their
+    guards say, so the winner is never worse on validation than either. The first on ties: the DP, then the
+    simplest. Each candidate's guard ratios and failed guards are recorded in its `validation` scores."""
     fixed = [c for c in pool if c.nfe == 0 and c.indices is None]
-    eligible = pool
-    if fixed:
-        reference = min(fixed, key=lambda c: c.validation["score"])
-        limit = reference.validation["tail"] + math.log(TAIL_SLACK)
-        eligible = [c for c in pool if c.validation["tail"] <= limit]
-    chosen = {id(c) for c in eligible}
+    best = min(fixed, key=lambda c: c.validation["score"]) if fixed else None
+    uniform_run = next((c for c in fixed if c.name == "uniform"), None)
+    references = _guard_references(fixed, best, uniform_run)
     for c in pool:
-        c.validation["eligible"] = id(c) in chosen
-    return min(eligible, key=lambda c: c.validation["score"])
+        ratios = _guard_ratios(c.validation, references)
+        failed = [name for name, ratio in ratios.items() if ratio > GUARD_LIMITS[name]]
+        c.validation.update({f"{name}_ratio": ratio for name, ratio in ratios.items()})
+        c.validation["failed"] = failed
+        c.validation["eligible"] = not failed or c is best or c is uniform_run
+    return min((c for c in pool if c.validation["eligible"]), key=lambda c: c.validation["score"])
+
+
+# a candidate is ineligible when one of these ratios (its score over the guard's reference) exceeds its limit
+GUARD_LIMITS = {"tail_best": TAIL_SLACK, "tail_uniform": TAIL_SLACK, "data": DATA_SLACK}
+
+
+def _guard_references(fixed: list[Candidate], best: Optional[Candidate],
+                      uniform_run: Optional[Candidate]) -> dict[str, float]:
+    """What the guards compare with: the best baseline's worst tenth, uniform's far tail (or the best
+    baseline's, if larger), the data distance of the fixed schedule closest to the data (each absent when
+    there is nothing to compare with)."""
+    out = {}
+    if best is not None:
+        out["tail_best"] = best.validation["tail"]
+    if uniform_run is not None:
+        # where the best baseline breaks more samples than uniform already, holding candidates to uniform's
+        # tail only hands the win to that baseline (eligible anyway), which is no better in the tail and
+        # farther from the data (measured: docs/search.md); its far tail is then the reference
+        out["tail_uniform"] = max(uniform_run.validation["far_tail"],
+                                  best.validation["far_tail"] if best is not None else 0.0)
+    distances = [c.validation["data"] for c in fixed if c.validation.get("data") is not None]
+    if distances:
+        out["data"] = min(distances)
+    return out
+
+
+def _guard_ratios(scores: dict[str, Any], references: dict[str, float]) -> dict[str, float]:
+    """The ratios of a candidate's validation scores to the guards' references (1 = as good)."""
+    out = {}
+    if "tail_best" in references:  # the tail objective is a log: the ratio is exp of the difference
+        out["tail_best"] = math.exp(min(scores["tail"] - references["tail_best"], 700.0))
+    if "tail_uniform" in references:
+        out["tail_uniform"] = _ratio(scores["far_tail"], references["tail_uniform"])
+    if "data" in references and scores.get("data") is not None:
+        out["data"] = _ratio(scores["data"], references["data"])
+    return out
+
+
+def _ratio(value: float, reference: float) -> float:
+    if reference > 0:
+        return value / reference
+    return 1.0 if value <= reference else math.inf
+
+
+def far_tail(errors: torch.Tensor) -> float:
+    """The mean of the errors beyond the TAIL_LEVEL quantile, at least MIN_TAIL_COUNT of them: a p99 that
+    does not hang on a single sample when the validation set holds only a hundred or so."""
+    count = max(MIN_TAIL_COUNT, math.ceil(round((1.0 - TAIL_LEVEL) * errors.shape[-1], 9)))  # 0.01 * 300 is 3
+    return float(torch.topk(errors, min(count, errors.shape[-1])).values.mean())
+
+
+def data_reference(model: Any, seed: int) -> Optional[torch.Tensor]:
+    """True data samples to measure distances to (in the model's classifier features when it has them), or
+    None when the model offers no data samples. Drawing them costs no model calls."""
+    if not callable(getattr(model, "data_samples", None)):
+        return None
+    data = model.data_samples(DATA_SAMPLES, torch.Generator().manual_seed(int(seed) + VALIDATION_SEED_OFFSET))
+    return model.features(data) if callable(getattr(model, "features", None)) else data
+
+
+def data_distance(model: Any, samples: torch.Tensor, data: torch.Tensor) -> float:
+    """Sliced W2 between the samples (in the model's classifier features when it has them) and `data`."""
+    features = model.features(samples) if callable(getattr(model, "features", None)) else samples
+    return sliced_wasserstein(features, data)
 
 
 def _scores(errors: torch.Tensor, objective: str) -> dict[str, float]:
@@ -186,6 +279,7 @@ def _scores(errors: torch.Tensor, objective: str) -> dict[str, float]:
     out.update({name: float(aggregate(errors, name)) for name in OBJECTIVES})
     out["p90"] = float(torch.quantile(errors, 0.9))
     out["p99"] = float(torch.quantile(errors, 0.99))
+    out["far_tail"] = far_tail(errors)
     return out
 
 
@@ -199,22 +293,51 @@ def _dp_candidate(name: str, result: Any, teacher: Schedule, solver: str) -> Can
     return Candidate(name, schedule, result.nfe, list(indices), result.score)
 
 
-def _fixed_candidates(process: Any, steps: int, solver: str, money: _Budget, per_eval: int) -> list[Candidate]:
-    """The closed forms at their defaults, DM and the published tables, as far as the budget evaluates them."""
+def _fixed_schedules(process: Any, steps: int, solver: str) -> list[tuple[str, Schedule]]:
+    """The closed forms at their defaults, DM and the published tables (those this process reaches)."""
     makers = [(name, lambda name=name: CLOSED_FORMS[name](process, steps)) for name in CLOSED_FORMS]
     makers.append(("dm", lambda: dm(process, steps, solver=solver)))
     makers += [(name, lambda name=name: table_schedule(name, process, steps)) for name in TABLE_NAMES]
     out = []
     for name, make in makers:
-        if not money.fits(per_eval):
-            break
         try:
-            schedule = make()
+            out.append((name, make()))
         except OptimalStepsError:  # e.g. a table whose noise levels this process does not reach
             continue
+    return out
+
+
+def _fixed_candidates(fixed: list[tuple[str, Schedule]], money: _Budget, per_eval: int) -> list[Candidate]:
+    """The fixed schedules as candidates, as far as the budget evaluates them."""
+    out = []
+    for name, schedule in fixed:
+        if not money.fits(per_eval):
+            break
         money.spend(per_eval)
         out.append(Candidate(name, schedule, 0))
     return out
+
+
+def validation_count(left: int, batch: int, teacher_nfe: int, student_nfe: int, candidates: int) -> int:
+    """The default validation set size: VALIDATION_SHARE of the `left` model calls, each sample costing a
+    teacher run and `candidates` samplings; at least max(8, min(2 B, 32)), at most MAX_VALIDATION."""
+    affordable = int(VALIDATION_SHARE * left) // (teacher_nfe + candidates * student_nfe)
+    return min(MAX_VALIDATION, max(8, min(2 * batch, 32), affordable))
+
+
+def _refined_candidate(model: Any, noise: torch.Tensor, start: Candidate, solver: str, teacher_end: torch.Tensor,
+                       cond: dict | None, calls: int, max_batch: int) -> Optional[Candidate]:
+    """The DP's schedule refined off the grid (optimize/refine.py) within `calls` model calls; None when
+    refinement refuses (a budget too small for one pass, a model with discrete timesteps)."""
+    if calls < 1:
+        return None
+    result = refine_schedule(model, noise, {start.name: start.schedule}, solver, teacher_end, calls, cond,
+                             max_batch=max_batch, warn=False)
+    if result.stopped == "refused":
+        return None
+    schedule = result.schedule
+    schedule.metadata.pop("teacher_indices", None)  # off the grid now
+    return Candidate(f"{start.name}-refined", schedule, result.nfe, search_score=result.error_after)
 
 
 def _variant_candidates(model: Any, states: torch.Tensor, teacher: Schedule, steps: int, solver: str,
@@ -277,17 +400,26 @@ def _winner_schedule(winner: Candidate, pool: list[Candidate], teacher: Schedule
 
 
 def selection_table(schedule: Schedule) -> str:
-    """The candidates' validation scores of a validated schedule as a small text table (winner marked)."""
+    """The candidates' validation scores of a validated schedule as a small text table: the winner marked
+    `*`, a candidate a guard ruled out `-` with the guards it failed; the guard columns are ratios to the
+    guards' references (the best baseline's worst tenth, uniform's far tail, the closest data distance)."""
     rows = schedule.metadata.get("selection")
     if not rows:
         return ""
     objective = schedule.metadata.get("objective", "log")
-    lines = [f"{'candidate':<22} {'validation ' + objective:>16} {'mse':>10} {'p99':>10} {'search NFE':>11}"]
+    lines = [f"{'candidate':<22} {'validation ' + objective:>16} {'mse':>10} {'p99':>10} {'tail/best':>10} "
+             f"{'tail/unif':>10} {'data':>10} {'data/best':>10} {'search NFE':>11}  failed"]
     for row in sorted(rows, key=lambda r: r["score"]):
         mark = " *" if row["name"] == schedule.metadata.get("winner") else "" if row.get("eligible", True) else " -"
         lines.append(f"{row['name'] + mark:<22} {row['score']:>16.4g} {row['mse']:>10.3g} {row['p99']:>10.3g} "
-                     f"{row['search_nfe']:>11}")
+                     f"{_cell(row.get('tail_best_ratio'))} {_cell(row.get('tail_uniform_ratio'))} "
+                     f"{_cell(row.get('data'))} {_cell(row.get('data_ratio'))} {row['search_nfe']:>11}  "
+                     f"{','.join(row.get('failed', []))}".rstrip())
     return "\n".join(lines)
+
+
+def _cell(value: Optional[float]) -> str:
+    return f"{'–':>10}" if value is None else f"{value:>10.3g}"
 
 
 METHODS = ("validated", "dp")
