@@ -14,6 +14,7 @@ from optimalsteps.optimize import beam
 from optimalsteps.optimize.memory import estimate_beam_bytes
 from optimalsteps.optimize.options import DPOptions, Storage
 from optimalsteps.optimize.search import estimated_method, memory_estimate
+from optimalsteps.optimize.select import DATA_SAMPLES
 
 
 class LiveStorage(TorchDispatchMode):
@@ -79,13 +80,16 @@ def _case(dim, samples, dtype):
 ])
 def test_validated_search_estimate_bounds_the_measured_peak(solver, dtype, dim, samples, teacher_steps, steps):
     model, noise = _case(dim, samples, dtype)
-    estimate = memory_estimate(noise, teacher_steps, solver, steps=steps)
+    estimate = memory_estimate(noise, teacher_steps, solver, steps=steps, model=model)
     assert estimated_method(noise, DPOptions(), Storage(), solver) == "validated"
     with LiveStorage() as live:
         result = search(model, noise, steps=steps, teacher_steps=teacher_steps, solver=solver, seed=0)
     assert result.schedule.metadata["selection_method"] == "validated"
-    assert estimate["host"] == estimate["disk"] == 0
-    assert live.peak <= estimate["device"] <= SLACK * live.peak, (live.peak, estimate["device"])
+    # the data guard's true samples (float64, two copies) are on the host; on the CPU they share the pool with the
+    # search's tensors, so the measured peak is bounded by the sum, and the device part alone is tight
+    assert estimate["disk"] == 0 and estimate["host"] == 2 * DATA_SAMPLES * dim * 8
+    assert live.peak <= estimate["device"] + estimate["host"], (live.peak, estimate)
+    assert estimate["device"] <= SLACK * live.peak, (live.peak, estimate)
 
 
 @pytest.mark.parametrize("block", [beam.BLOCK_ELEMENTS, 3000])

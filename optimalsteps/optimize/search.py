@@ -24,13 +24,15 @@ from .dp import (DPContext, choose_path, cost_view, exact_dp, median_candidates,
 from .memory import check_fits, estimate_beam_bytes, estimate_search_bytes, estimate_validated_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
 from ..core.processes import NoiseProcess
-from ..core.schedules import Schedule, check_steps
+from ..core.schedules import CLOSED_FORMS, Schedule, check_steps
 from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
 from .objectives import aggregate, per_sample_error
 from .options import Checkpointing, DPOptions, Storage, from_flat
 from .result import SearchResult
 from . import beam
-from .select import DEFAULT_BUDGET, DEFAULT_WIDTH, METHODS, _grid_points, plain_dp_calls, search_hook
+from .families import FAMILIES
+from .select import (DATA_SAMPLES, DEFAULT_BUDGET, DEFAULT_WIDTH, METHODS, _grid_points, plain_dp_calls, search_hook,
+                     validation_count)
 from .teacher import Teacher, amplitude_statistics, run_teacher
 
 
@@ -315,10 +317,11 @@ def _measure_error(result: SearchResult, model: Any, noise: torch.Tensor, cond: 
 
 def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "euler", dp: DPOptions | None = None,
                     storage: Storage | None = None, *, steps: int = 1, method: str | None = None,
-                    checkpointing: Checkpointing | None = None) -> dict[str, int]:
+                    checkpointing: Checkpointing | None = None, model: Any = None) -> dict[str, int]:
     """Peak bytes this rank's share of a search of `noise` will hold, by place (device, host, disk), for the
     method `search` will run with these options (`estimated_method`): the plain DP (`estimate_search_bytes`),
-    the validated search (`estimate_validated_bytes`) or the beam DP of method "dp" with an objective or
+    the validated search (`estimate_validated_bytes`; given the `model`, with its data guard's true samples
+    on the host when the model offers them) or the beam DP of method "dp" with an objective or
     width (`estimate_beam_bytes` and its teacher). `steps` (M) sizes the beam DPs' layers (the default 1 is
     their largest)."""
     dp, storage = dp or DPOptions(), storage or Storage()
@@ -329,8 +332,13 @@ def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "eule
     if chosen == "validated":
         count, runs = _validated_plan(batch, teacher_steps, steps, solver_def.name,
                                       DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
-        return estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
-                                        beam.BLOCK_ELEMENTS, runs, solver_def.source_corrector)
+        out = estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
+                                       beam.BLOCK_ELEMENTS, runs, solver_def.source_corrector)
+        if callable(getattr(model, "data_samples", None)):
+            # the data guard: DATA_SAMPLES true samples in float64 and one set's flattened float64 copy (features
+            # are smaller than samples, so samples bound them)
+            out["host"] += 2 * DATA_SAMPLES * numel * 8
+        return out
     if chosen == "beam":
         run = estimate_beam_bytes(batch, numel, points, steps, dp.width or 1, solver_def.multistep, state_dtype,
                                   beam.BLOCK_ELEMENTS, solver_def.source_corrector)
@@ -363,7 +371,12 @@ def _validated_plan(batch: int, teacher_steps: int, steps: int, solver: str, wid
     plain = plain_dp_calls(batch, teacher_steps, steps, solver, candidates)
     left = int(DEFAULT_BUDGET * plain) - plain
     per_validation_sample = nfe_per_trajectory(solver, teacher_steps) + nfe_per_trajectory(solver, steps)
-    count = max(1, min(max(8, min(2 * batch, 32)), left // per_validation_sample))  # select's default set
+    # select's default set, for the fewest candidates it can have (no published table reaches the process):
+    # the largest set it draws
+    expected = 1 + len(CLOSED_FORMS) + 1 + len(FAMILIES) + 3
+    count = validation_count(left, batch, nfe_per_trajectory(solver, teacher_steps), nfe_per_trajectory(solver, steps),
+                             expected)
+    count = max(1, min(count, left // per_validation_sample))
     per_eval = count * nfe_per_trajectory(solver, steps)
     left -= count * nfe_per_trajectory(solver, teacher_steps) + per_eval
     variants = [("other", "mse", 1, False), ("free", "log", 1, True)] + ([("beam", "log", width, False)]

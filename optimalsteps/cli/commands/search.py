@@ -116,7 +116,7 @@ def run(args: argparse.Namespace) -> None:
     storage = Storage.from_args(args)
     method = args.method or ("dp" if refine else None)  # refinement starts from the plain DP
     estimate = memory_estimate(noise, args.teacher_steps, args.solver, dp, storage, steps=args.steps, method=method,
-                               checkpointing=checkpointing)
+                               checkpointing=checkpointing, model=model)
     if main_rank:
         what = ESTIMATED[estimated_method(noise, dp, storage, args.solver, method, checkpointing)]
         print(f"peak memory estimate ({what}): "
