@@ -223,3 +223,27 @@ def test_refinement_competes_on_validation_within_its_own_budget():
     assert won["score"] == min(r["score"] for r in rows.values() if r["eligible"])
     with pytest.raises(OptimalStepsError, match="refine_nfe must be a whole number"):
         validated_search(model, noise, 4, teacher, "dpmpp2m", refine_nfe=0)
+
+
+def test_refinement_as_a_candidate_through_osteps_search_and_the_cli(tmp_path):
+    """`refine` with method "validated" makes the refined DP schedule one more validated candidate, on its own
+    budget (the given one, else the plain DP's calls); refine_calls outside the validated search is refused."""
+    from optimalsteps.evaluation.baselines import oss_search
+    from optimalsteps.optimize.search import search
+    from optimalsteps.optimize.select import plain_dp_calls
+
+    model = GaussianMixture.random(dim=8, components=3, seed=1, process="flow")
+    noise = torch.randn(4, 8, generator=torch.Generator().manual_seed(0)).double()
+    result = oss_search(model, noise, 4, 30, "euler", refine=True, refine_budget=500, method="validated", seed=0)
+    meta = result.schedule.metadata
+    assert "dp-log-refined" in {r["name"] for r in meta["selection"]}
+    assert 0 < meta["refine_nfe"] <= 500 and meta["nfe"] - meta["refine_nfe"] <= meta["budget_nfe"]
+    default = oss_search(model, noise, 4, 30, "euler", refine=True, method="validated", seed=0).schedule.metadata
+    assert 0 < default["refine_nfe"] <= plain_dp_calls(4, 30, 4, "euler")
+    with pytest.raises(OptimalStepsError, match="refine_calls makes refinement a candidate"):
+        search(model, noise, 4, 30, "euler", method="dp", refine_calls=100)
+    out = tmp_path / "refined.json"
+    assert main(["search", "--model", "gmm:dim=8,components=3,seed=1,process=flow", "--samples", "4", "--steps", "4",
+                 "--teacher-steps", "30", "--method", "validated", "--refine", "--out", str(out)]) in (0, None)
+    saved = json.loads(out.read_text())
+    assert "dp-log-refined" in {r["name"] for r in saved["metadata"]["selection"]}

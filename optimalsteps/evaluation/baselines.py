@@ -34,6 +34,7 @@ from ..core.tables import TABLE_METHODS, TABLES, families, get_table, table_sche
 from ..optimize.options import FLAT_OPTIONS, Storage, from_flat
 from ..optimize.refine import Refinement, refine_search_result
 from ..optimize.search import SearchResult, search
+from ..optimize.select import plain_dp_calls
 from ..optimize.teacher import run_teacher
 
 # --------------------------------------------------------------------------- local-cost DP (GITS, BOSS)
@@ -327,7 +328,9 @@ def oss_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int =
     `options` are its keyword options: teacher_grid, dp, storage, checkpointing, progress, seed, callback, method,
     or their flat names, e.g. cost=, aggregate=, objective=, width=),
     then, with `refine` (True or a `Refinement`), the times optimised off the grid on the search samples from
-    the best of the DP's schedule and every baseline, within `refine_budget` model calls (docs/refine.md)."""
+    the best of the DP's schedule and every baseline, within `refine_budget` model calls (docs/refine.md).
+    With method "validated" and `refine`, the DP's schedule refined within `refine_budget` calls (default: the
+    plain DP's) is one more candidate of the validated choice (its default refinement settings)."""
     check_optional_int(refine_budget, "refine_budget", minimum=0)
     noise = as_noise(noise, model, "search noise")
     options = from_flat(options)  # flat option names (cost=, aggregate=, objective=, ...) are accepted too
@@ -336,6 +339,11 @@ def oss_search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int =
         raise OptimalStepsError("--refine works on the exact DP, not with --reference-compat")
     if refine and options.get("method") is None:
         options["method"] = "dp"
+    if refine and options["method"] == "validated":
+        # refinement as one more candidate of the validated choice, on a budget of its own (by default the plain
+        # DP's model calls); it wins only if it validates better
+        calls = refine_budget if refine_budget else plain_dp_calls(noise.shape[0], teacher_steps, steps, solver)
+        return search(model, noise, steps, teacher_steps, solver, cond, refine_calls=calls, **options)
     if refine and options["method"] != "dp":
         raise OptimalStepsError("refinement starts from the plain DP's schedule: pass method='dp' (--method dp) "
                                 "with it; the validated search chooses among candidates itself")

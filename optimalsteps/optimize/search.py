@@ -54,7 +54,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
            cond: dict | None = None, *, teacher_grid: Schedule | None = None, dp: DPOptions | None = None,
            storage: Storage | None = None, checkpointing: Checkpointing | None = None, progress: bool = False,
            seed: int | None = None, callback: Optional[Callable[[str, int, int], None]] = None,
-           method: str | None = None) -> SearchResult:
+           method: str | None = None, refine_calls: int | None = None) -> SearchResult:
     """Search an M-step schedule for `model` on the search `noise` [B, ...] (and per-sample `cond`).
 
     - `solver`: the student's (and teacher's) solver; the DP state carries what it needs.
@@ -82,10 +82,13 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     dp_only = _plain_dp_only(inputs.dp, inputs.storage, inputs.checkpointing, part.world)
     method = _resolve_method(method, inputs.dp, dp_only, inputs.solver)
+    if refine_calls is not None and method != "validated":
+        raise OptimalStepsError("refine_calls makes refinement a candidate of the validated search: it needs "
+                                f"method='validated', not {method!r}")
     if _beyond_plain_dp(method, inputs.dp):
         result = search_hook(method, model, noise, inputs.steps, inputs.teacher, inputs.solver.name, cond,
                              inputs.dp.objective, inputs.dp.width, inputs.dp.free_start, seed, inputs.dp.candidates,
-                             inputs.storage.max_batch, progress, callback, dp_only)
+                             inputs.storage.max_batch, progress, callback, dp_only, refine_calls)
         _measure_error(result, model, noise, cond, inputs.solver.name, inputs.storage.max_batch)
         return result
     progress = progress and part.is_main

@@ -427,9 +427,11 @@ METHODS = ("validated", "dp")
 
 def search_hook(method: str, model: Any, noise: torch.Tensor, steps: int, teacher: Schedule, solver: str,
                 cond: dict | None, objective: str | None, width: int | None, free_start: bool, seed: int | None,
-                candidates: int, max_batch: int, progress: bool, callback: Any, dp_only: list[str]):
+                candidates: int, max_batch: int, progress: bool, callback: Any, dp_only: list[str],
+                refine_calls: int | None = None):
     """search() for method "validated", or "dp" with a non-default objective or width (the beam DP on the
-    full grid); `dp_only` names the options given that only the plain DP takes."""
+    full grid); `dp_only` names the options given that only the plain DP takes; `refine_calls` (validated
+    only) grants refinement of the DP's schedule that many model calls, as one more candidate."""
     if method not in METHODS:
         raise OptimalStepsError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if method == "validated" and free_start:
@@ -441,7 +443,7 @@ def search_hook(method: str, model: Any, noise: torch.Tensor, steps: int, teache
     if method == "validated":
         return validated_search(model, noise, steps, teacher, solver, cond, objective or "log",
                                 DEFAULT_WIDTH if width is None else width, seed=seed, candidates=candidates,
-                                max_batch=max_batch, progress=progress, callback=callback)
+                                max_batch=max_batch, progress=progress, callback=callback, refine_nfe=refine_calls)
     return _beam_search_result(model, noise, steps, teacher, solver, cond, objective or "mse", width or 1,
                                free_start, seed, candidates, max_batch)
 
