@@ -105,6 +105,18 @@ def check_outputs(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
+    try:
+        _search(args)
+        if dist.is_initialized():
+            # every rank leaves together: a rank that exits while another still holds the group's connections
+            # can make gloo abort the process (SIGABRT) after the work is done
+            dist.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _search(args: argparse.Namespace) -> None:
     refine = refine_from_args(args)
     dp, checkpointing = DPOptions.from_args(args), Checkpointing.from_args(args)
     check_outputs(args)
