@@ -53,6 +53,19 @@ def same_run(case, schedule, seed, **change):
 
 # ----------------------------------------------------------------------------------------- Inpaint
 
+
+def assert_unmasked_ends_on_image(pipe, embeds, call, inputs, schedule, ours):
+    """Inpainting: the latents the mask keeps end on the image's (its VAE latents drawn from the seed), under the
+    searched solver and under Heun, while Heun's repainted part differs."""
+    od.draw_latents(pipe, inputs, gen(4), float(schedule.times[0]))
+    keep = (inputs.cond["inpaint_mask"] == 0).expand_as(ours)
+    image = inputs.cond["inpaint_image"].expand_as(ours)
+    assert 0 < int(keep.sum()) < keep.numel()
+    assert rel_err(ours[keep], image[keep]) < TOL
+    with pytest.warns(od.SettingsWarning, match="searched for euler"):
+        heun = od.sample_pipeline(pipe, embeds, schedule, generator=gen(4), solver="heun", **call)
+    assert rel_err(heun[keep], image[keep]) < TOL and rel_err(heun, ours) > 1e-3
+
 def test_flux_inpaint_keeps_the_unmasked_image():
     case = tiny.flux_inpaint()
     pipe, embeds, call = case.pipe, case.prompts, case.call
@@ -62,14 +75,7 @@ def test_flux_inpaint_keeps_the_unmasked_image():
     # the unmasked tokens end on the image's latents (sampled by the VAE from the seed), whatever the solver
     inputs = od.pipeline_inputs(pipe, embeds, **{k: v for k, v in call.items() if k not in ("height", "width")},
                                 height=16, width=16)
-    od.draw_latents(pipe, inputs, gen(4), float(result.schedule.times[0]))
-    keep = inputs.cond["inpaint_mask"] == 0
-    image = inputs.cond["inpaint_image"].expand_as(ours)
-    assert 0 < int(keep.sum()) < keep.numel()
-    assert rel_err(ours[keep], image[keep]) < TOL
-    with pytest.warns(od.SettingsWarning, match="searched for euler"):
-        heun = od.sample_pipeline(pipe, embeds, result.schedule, generator=gen(4), solver="heun", **call)
-    assert rel_err(heun[keep], image[keep]) < TOL and rel_err(heun, ours) > 1e-3
+    assert_unmasked_ends_on_image(pipe, embeds, call, inputs, result.schedule, ours)
     # another mask repaints elsewhere, on both sides alike
     other, theirs = same_run(case, result.schedule, 4, mask_image=1 - call["mask_image"])
     assert rel_err(other, theirs) < TOL and rel_err(other, ours) > 1e-3
