@@ -24,15 +24,13 @@ from .dp import (DPContext, choose_path, cost_view, exact_dp, median_candidates,
 from .memory import check_fits, estimate_beam_bytes, estimate_search_bytes, estimate_validated_bytes
 from ..core.models import check_cond, check_teacher_grid, index_cond, model_process, model_teacher_grid
 from ..core.processes import NoiseProcess
-from ..core.schedules import CLOSED_FORMS, Schedule, check_steps
+from ..core.schedules import Schedule, check_steps
 from ..core.solvers import Solver, get_solver, initial_state, nfe_per_trajectory, sample
 from .objectives import aggregate, per_sample_error
 from .options import Checkpointing, DPOptions, Storage, from_flat
 from .result import SearchResult
 from . import beam
-from .families import FAMILIES
-from .select import (DATA_SAMPLES, DEFAULT_BUDGET, DEFAULT_WIDTH, METHODS, _grid_points, plain_dp_calls, search_hook,
-                     validation_count)
+from .select import DATA_SAMPLES, DEFAULT_WIDTH, METHODS, search_hook, validated_plan
 from .teacher import Teacher, amplitude_statistics, run_teacher
 
 
@@ -81,7 +79,7 @@ def search(model: Any, noise: torch.Tensor, steps: int, teacher_steps: int = 200
     check_search_args(noise, inputs.dp.view.channels, inputs.dp.view.frames, seed)
     part = dd.shard(noise.shape[0], inputs.storage.distributed)
     dp_only = _plain_dp_only(inputs.dp, inputs.storage, inputs.checkpointing, part.world)
-    method = _resolve_method(method, inputs.dp, dp_only, inputs.solver)
+    method = _resolve_method(method, inputs.dp, dp_only)
     if refine_calls is not None and method != "validated":
         raise OptimalStepsError("refine_calls makes refinement a candidate of the validated search: it needs "
                                 f"method='validated', not {method!r}")
@@ -128,7 +126,7 @@ def _beyond_plain_dp(method: str, dp: DPOptions) -> bool:
     return not dp.reference_compat and (method != "dp" or not plain_objective or dp.width not in (None, 1))
 
 
-def _resolve_method(method: str | None, dp: DPOptions, dp_only: list[str], solver: Solver) -> str:
+def _resolve_method(method: str | None, dp: DPOptions, dp_only: list[str]) -> str:
     """The method asked for, or the default: "dp" when a plain-DP-only option or a free start is given."""
     if method is not None:
         return method
@@ -333,8 +331,8 @@ def memory_estimate(noise: torch.Tensor, teacher_steps: int, solver: str = "eule
     state_dtype = torch.promote_types(noise.dtype, torch.float32)
     batch, numel, points = noise.shape[0], noise[0].numel(), teacher_steps + 1
     if chosen == "validated":
-        count, runs = _validated_plan(batch, teacher_steps, steps, solver_def.name,
-                                      DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
+        count, runs = validated_plan(batch, teacher_steps, steps, solver_def.name,
+                                     DEFAULT_WIDTH if dp.width is None else dp.width, dp.candidates)
         out = estimate_validated_bytes(batch, count, numel, points, steps, solver_def.multistep, state_dtype,
                                        beam.BLOCK_ELEMENTS, runs, solver_def.source_corrector)
         if callable(getattr(model, "data_samples", None)):
@@ -359,37 +357,10 @@ def estimated_method(noise: torch.Tensor, dp: DPOptions, storage: Storage, solve
     width, on the full grid) or "dp" (the plain or reference DP)."""
     ranks = dd.shard(noise.shape[0], storage.distributed).world
     dp_only = _plain_dp_only(dp, storage, checkpointing or Checkpointing(), ranks)
-    chosen = _resolve_method(method, dp, dp_only, get_solver(solver))
+    chosen = _resolve_method(method, dp, dp_only)
     if not _beyond_plain_dp(chosen, dp):
         return "dp"
     return "validated" if chosen == "validated" else "beam"
-
-
-def _validated_plan(batch: int, teacher_steps: int, steps: int, solver: str, width: int,
-                    candidates: int) -> tuple[int, list[tuple[int, int]]]:
-    """(validation samples, (grid points, width) of each DP variant) of `validated_search` with these settings,
-    following its budget: the validation set it can pay for after the teacher and the main DP, and the
-    variants' sub-grid paid from what is left after that set and the main DP's validation. Fixed candidates
-    and family fits are not subtracted, so the grid is an upper bound of the one that runs."""
-    plain = plain_dp_calls(batch, teacher_steps, steps, solver, candidates)
-    left = int(DEFAULT_BUDGET * plain) - plain
-    per_validation_sample = nfe_per_trajectory(solver, teacher_steps) + nfe_per_trajectory(solver, steps)
-    # select's default set, for the fewest candidates it can have (no published table reaches the process):
-    # the largest set it draws
-    expected = 1 + len(CLOSED_FORMS) + 1 + len(FAMILIES) + 3
-    count = validation_count(left, batch, nfe_per_trajectory(solver, teacher_steps), nfe_per_trajectory(solver, steps),
-                             expected)
-    count = max(1, min(count, left // per_validation_sample))
-    per_eval = count * nfe_per_trajectory(solver, steps)
-    left -= count * nfe_per_trajectory(solver, teacher_steps) + per_eval
-    variants = [("other", "mse", 1, False), ("free", "log", 1, True)] + ([("beam", "log", width, False)]
-                                                                         if width > 1 else [])
-    while variants:
-        points = _grid_points(teacher_steps, steps, solver, variants, candidates, left, batch, per_eval)
-        if points is not None:
-            return count, [(points, w) for _, _, w, _ in variants]
-        variants.pop()
-    return count, []
 
 
 def _indices_schedule(indices: list[int], teacher: Schedule, solver: str, reference: bool) -> Schedule:

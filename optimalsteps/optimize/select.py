@@ -133,11 +133,7 @@ def validated_search(model: Any, noise: torch.Tensor, steps: int, teacher: Sched
     # the validation set: as many as asked, by default as many as VALIDATION_SHARE of the budget left pays
     # for (a teacher run and every candidate's sampling each), at least the old 8 to 32; never past the budget
     fixed = _fixed_schedules(model_process(model), steps, solver)
-    expected = 1 + len(fixed) + len(FAMILIES) + 3
-    count = validation_samples or validation_count(money.limit - money.spent, batch, nfe_per_trajectory(solver, n),
-                                                   nfe_per_trajectory(solver, steps), expected)
-    count = max(1, min(count, (money.limit - money.spent) // (nfe_per_trajectory(solver, n) +
-                                                             nfe_per_trajectory(solver, steps))))
+    count = _validation_size(validation_samples, money.limit - money.spent, batch, n, steps, solver, len(fixed))
     val_noise = validation_noise(noise, count, seed)
     val_cond = index_cond(cond, torch.arange(count) % batch)
     val_teacher = run_teacher(model, val_noise, teacher, solver, val_cond, False, max_batch, keep_x0=False)
@@ -318,6 +314,52 @@ def _fixed_candidates(fixed: list[tuple[str, Schedule]], money: _Budget, per_eva
     return out
 
 
+def _validation_size(asked: int | None, left: int, batch: int, teacher_steps: int, steps: int, solver: str,
+                     fixed: int) -> int:
+    """The validation set: `asked`, else `validation_count` for a pool with `fixed` fixed schedules; never more
+    than the `left` model calls pay a teacher run and one sampling for."""
+    teacher_nfe, student_nfe = nfe_per_trajectory(solver, teacher_steps), nfe_per_trajectory(solver, steps)
+    count = asked or validation_count(left, batch, teacher_nfe, student_nfe, 1 + fixed + len(FAMILIES) + 3)
+    return max(1, min(count, left // (teacher_nfe + student_nfe)))
+
+
+def _variants(objective: str, width: int) -> list[tuple[str, str, int, bool]]:
+    """The DP variants (name, objective, width, free start): the other objective, a free start, the beam."""
+    other = "mse" if objective != "mse" else "log"
+    out = [(f"dp-{other}", other, 1, False), (f"dp-{objective}-free", objective, 1, True)]
+    if width > 1:
+        out.append((f"dp-{objective}-w{width}", objective, width, False))
+    return out
+
+
+def _affordable_variants(variants: list, n: int, steps: int, solver: str, candidates: int, left: int, batch: int,
+                         per_eval: int) -> tuple[list, Optional[int]]:
+    """The variants `left` calls pay for, the last dropped until they fit, and their sub-grid's points."""
+    while variants:
+        points = _grid_points(n, steps, solver, variants, candidates, left, batch, per_eval)
+        if points is not None:
+            return variants, points
+        variants = variants[:-1]
+    return [], None
+
+
+def validated_plan(batch: int, teacher_steps: int, steps: int, solver: str, width: int,
+                   candidates: int) -> tuple[int, list[tuple[int, int]]]:
+    """(validation samples, (grid points, width) of each DP variant) of `validated_search` with these settings
+    and its default validation set, following its budget (for optimize/memory.py's estimate). The validation
+    set is sized for the fewest fixed schedules the pool can have (no published table reaching the process),
+    so it is the largest drawn; fixed candidates and family fits are not subtracted from what the variants
+    get, so their grid is an upper bound of the one that runs."""
+    left = int(DEFAULT_BUDGET * plain_dp_calls(batch, teacher_steps, steps, solver, candidates))
+    left -= plain_dp_calls(batch, teacher_steps, steps, solver, candidates)
+    count = _validation_size(None, left, batch, teacher_steps, steps, solver, len(CLOSED_FORMS) + 1)
+    per_eval = count * nfe_per_trajectory(solver, steps)
+    left -= count * nfe_per_trajectory(solver, teacher_steps) + per_eval
+    variants, points = _affordable_variants(_variants("log", width), teacher_steps, steps, solver, candidates, left,
+                                            batch, per_eval)
+    return count, [(points, w) for _, _, w, _ in variants]
+
+
 def validation_count(left: int, batch: int, teacher_nfe: int, student_nfe: int, candidates: int) -> int:
     """The default validation set size: VALIDATION_SHARE of the `left` model calls, each sample costing a
     teacher run and `candidates` samplings; at least max(8, min(2 B, 32)), at most MAX_VALIDATION."""
@@ -344,16 +386,9 @@ def _variant_candidates(model: Any, states: torch.Tensor, teacher: Schedule, ste
                         objective: str, width: int, cond: dict | None, candidates: int, max_batch: int,
                         money: _Budget, per_eval: int) -> list[Candidate]:
     """The DP's other settings on the finest sub-grid of the teacher's that the remaining budget pays for."""
-    other = "mse" if objective != "mse" else "log"
-    variants = [(f"dp-{other}", other, 1, False), (f"dp-{objective}-free", objective, 1, True)]
-    if width > 1:
-        variants.append((f"dp-{objective}-w{width}", objective, width, False))
     batch, n = states.shape[0], teacher.steps
-    while variants:
-        points = _grid_points(n, steps, solver, variants, candidates, money.limit - money.spent, batch, per_eval)
-        if points is not None:
-            break
-        variants.pop()
+    variants, points = _affordable_variants(_variants(objective, width), n, steps, solver, candidates,
+                                            money.limit - money.spent, batch, per_eval)
     out = []
     if not variants:
         return out
