@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import math
 from pathlib import Path
 from typing import Any
 
@@ -151,6 +152,11 @@ def diffusers_prompts(args: argparse.Namespace) -> list[str]:
             raise OptimalStepsError(f"cannot read --prompts-file {args.prompts_file}: {exc}") from None
         prompts += [line.strip() for line in lines if line.strip()]
     return prompts
+
+
+def images_per_prompt(args: argparse.Namespace, prompts: list[str]) -> int:
+    """Images per prompt that give at least --samples latents in all."""
+    return max(1, math.ceil(args.samples / len(prompts)))
 
 
 def check_diffusers_args(args: argparse.Namespace) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,7 @@ from ...evaluation.baselines import make_schedules
 from ..args import (add_diffusers_args, add_expert_args, add_model_args, add_noise_args, int_list, name_list,
                     parse_options, positive_int)
 from ..inputs import (check_high_steps, cond_from_args, diffusers_call_options, diffusers_inputs, diffusers_prompts,
-                      search_inputs, two_experts)
+                      images_per_prompt, search_inputs, two_experts)
 
 IMAGE_REPORT = ("results.json", "results.md", "grid.png")  # what --images writes to OUT/images
 
@@ -126,7 +125,7 @@ def compare_images(pipe: Any, model: Any, args: argparse.Namespace, result: Any)
                               height=args.height, width=args.width, seed=result.reference["eval_seed"],
                               metrics=default_image_metrics(device_of(pipe)), negative_prompt=args.negative_prompt,
                               num_frames=args.num_frames,
-                              images_per_prompt=max(1, math.ceil(args.samples / len(prompts))),
+                              images_per_prompt=images_per_prompt(args, prompts),
                               **diffusers_call_options(args, pipe))
     paths = write_comparison(images, Path(args.out) / "images", overwrite=args.force)
     for row in images.rows:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import math
 
 import torch
 
@@ -15,7 +14,8 @@ from ...core.solvers import SOLVERS, sample
 from ...optimize.calibration import AmplitudeCalibration
 from ..args import add_diffusers_args, add_model_args, add_noise_args, positive_int
 from ..inputs import (check_diffusers_args, cond_from_args, diffusers_call_options, diffusers_prompts, guided,
-                      load_model_from_args, noise_from_args, refuse_diffusers_only, save_array, schedule_from_args)
+                      images_per_prompt, load_model_from_args, noise_from_args, refuse_diffusers_only, save_array,
+                      schedule_from_args)
 
 DEFAULT_STEPS = 10  # with a built-in schedule name and no --steps
 
@@ -81,7 +81,7 @@ def run_pipeline(args: argparse.Namespace) -> None:
     latents = sample_pipeline(pipe, prompts, schedule, args.guidance, args.height, args.width,
                               generator=torch.Generator().manual_seed(args.seed), solver=args.solver,
                               negative_prompt=args.negative_prompt, num_frames=args.num_frames, progress=True,
-                              images_per_prompt=max(1, math.ceil(args.samples / len(prompts))),
+                              images_per_prompt=images_per_prompt(args, prompts),
                               **diffusers_call_options(args, pipe))
     if args.out:
         save_array(args.out, latents, args.force)
