@@ -53,9 +53,8 @@ from optimalsteps.optimize.beam import beam_dp
 from optimalsteps.optimize.search import search
 from optimalsteps.optimize.teacher import run_teacher
 from optimalsteps.testbeds.mixture import GaussianMixture
+from quality_targets import BASELINES, FLOW_TABLES, cells as target_checks  # the sibling script's baselines and checks
 
-BASELINES = ["uniform", "logsnr", "karras", "shift", "beta", "kl-optimal", "cosine", "dm", "ays-sd15", "gits", "boss"]
-FLOW_TABLES = ["oss-flux", "oss-chroma"]
 PENALTY = 200.0  # dB per unit of log-ratio by which a limit is missed: feasibility first, then PSNR
 BLENDS = (0.2, 0.4, 0.6, 0.8)
 DP_STRIDE = 2
@@ -239,8 +238,6 @@ def default_marks(paths: str | None) -> dict[tuple, str]:
     """The default schedule's target marks per cell, from benchmarks/quality_targets.py rows files."""
     if not paths:
         return {}
-    from quality_targets import cells as target_checks  # a sibling script: run from the repository root
-
     rows = [r for f in paths.split(",") for r in json.loads(Path(f).read_text())]
     return {(c["bed"], c["solver"], c["steps"]): "".join("✓" if c[k] else "✗" for k in ("psnr_ok", "data_ok", "p99_ok"))
             for c in target_checks(rows)}
