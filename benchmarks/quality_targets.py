@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 
@@ -183,19 +182,26 @@ def missed(checks: list[dict]) -> str:
     return "\n".join(lines) or "- none"
 
 
+def step_saving_setup(process: str, dim: int, args: argparse.Namespace) -> tuple:
+    """The step-saving check's mixture (seed 100), search and evaluation noise, exact solution, PSNR range and
+    goal (the PSNR to the exact solution of uniform Euler at 20 steps)."""
+    model = GaussianMixture.random(dim=dim, components=8, seed=100, process=process)
+    noise = draw_noise(model, args.samples, 0)
+    evaluation = draw_noise(model, args.eval_samples, EVAL_SEED_OFFSET)
+    exact = model.exact_solution(evaluation)
+    data = model.data_samples(args.eval_samples, torch.Generator().manual_seed(1))
+    data_range = float(data.max() - data.min())  # as compare sets it for a model without a data_range
+    goal = psnr(sample(model, evaluation, uniform(model.process, 20), "euler").samples, exact, data_range)
+    return model, noise, evaluation, exact, data_range, goal
+
+
 def step_saving(args: argparse.Namespace) -> str:
     """Per process: the fewest dpmpp2m steps at which oss matches uniform Euler at 20 steps (PSNR to the exact solution)."""
     lines = ["| process | uniform euler 20 steps PSNR (exact) | oss dpmpp2m steps to match | PSNR there | saving |",
              "|---|---:|---:|---:|---:|"]
     dim = int(args.dims.split(",")[0])
     for process in ("flow", "vp", "ve"):
-        model = GaussianMixture.random(dim=dim, components=8, seed=100, process=process)
-        noise = draw_noise(model, args.samples, 0)
-        evaluation = draw_noise(model, args.eval_samples, EVAL_SEED_OFFSET)
-        exact = model.exact_solution(evaluation)
-        data = model.data_samples(args.eval_samples, torch.Generator().manual_seed(1))
-        data_range = float(data.max() - data.min())  # as compare sets it for a model without a data_range
-        goal = psnr(sample(model, evaluation, uniform(model.process, 20), "euler").samples, exact, data_range)
+        model, noise, evaluation, exact, data_range, goal = step_saving_setup(process, dim, args)
         found = None
         for m in range(2, 21):
             schedule = search(model, noise, m, teacher_steps=args.teacher_steps, solver="dpmpp2m", seed=0).schedule

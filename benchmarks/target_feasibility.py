@@ -45,7 +45,7 @@ import torch
 from scipy.optimize import minimize
 
 from optimalsteps.core.models import draw_noise, model_process, model_teacher_grid
-from optimalsteps.core.schedules import Schedule, uniform
+from optimalsteps.core.schedules import Schedule
 from optimalsteps.core.solvers import sample
 from optimalsteps.evaluation.compare import EVAL_SEED_OFFSET, compare
 from optimalsteps.evaluation.metrics import error_quantiles, psnr, sliced_wasserstein
@@ -53,7 +53,7 @@ from optimalsteps.optimize.beam import beam_dp
 from optimalsteps.optimize.search import search
 from optimalsteps.optimize.teacher import run_teacher
 from optimalsteps.testbeds.mixture import GaussianMixture
-from quality_targets import BASELINES, FLOW_TABLES, cells as target_checks  # the sibling script's baselines and checks
+from quality_targets import BASELINES, FLOW_TABLES, step_saving_setup, cells as target_checks  # the sibling script's
 
 PENALTY = 200.0  # dB per unit of log-ratio by which a limit is missed: feasibility first, then PSNR
 BLENDS = (0.2, 0.4, 0.6, 0.8)
@@ -99,7 +99,8 @@ class Cell:
         self.evaluated: list[dict] = []
 
     def set_limits(self, rows: list[dict]) -> None:
-        """The three limits from the baselines' scores (compare's rows: schedule, psnr, sw2, mse_p99)."""
+        """The three limits from the baselines' scores (compare's rows: schedule, psnr, sw2, mse_p99); the
+        schedules scored so far are judged again against them."""
         by = {r["schedule"]: r for r in rows}
         best_psnr = max(rows, key=lambda r: r["psnr"])
         best_data = min(rows, key=lambda r: r["sw2"])
@@ -107,27 +108,40 @@ class Cell:
                        "p99": 1.1 * by["uniform"]["mse_p99"]}
         self.best = {"psnr": (best_psnr["schedule"], best_psnr["psnr"]), "data": (best_data["schedule"],
                      best_data["sw2"]), "uniform_p99": by["uniform"]["mse_p99"]}
+        for row in self.evaluated:
+            self._judge(row)
 
-    def set_limits_by_scoring(self, baselines: dict[str, list[float]]) -> None:
-        """The limits from the baselines scored on this cell's own noise (no compare run for it)."""
+    def score_baselines(self, baselines: dict[str, list[float]], set_limits: bool = False) -> list[dict]:
+        """The baselines scored on this cell's noise; `set_limits`: the limits come from these scores (no
+        compare run for this noise)."""
         rows = [self.score(times, name) for name, times in baselines.items()]
-        self.set_limits([{"schedule": r["name"], "psnr": r["psnr"], "sw2": r["data"], "mse_p99": r["p99"]}
-                         for r in rows])
-        self.evaluated = []
+        if set_limits:
+            self.set_limits([{"schedule": r["name"], "psnr": r["psnr"], "sw2": r["data"], "mse_p99": r["p99"]}
+                             for r in rows])
+        return rows
 
     def score(self, times, name: str) -> dict:
-        """PSNR / data / p99 of a schedule on the evaluation noise, as compare scores them."""
+        """PSNR / data / p99 of a schedule on this cell's noise, as compare scores them, judged on the limits."""
         schedule = Schedule(torch.as_tensor(np.asarray(times), dtype=torch.float64), self.process)
         out = sample(self.model, self.noise, schedule, solver=self.solver).samples
         row = {"name": name, "times": [float(t) for t in schedule.times],
                "psnr": psnr(out, self.reference, self.data_range), "data": sliced_wasserstein(out, self.data),
                "p99": error_quantiles(out, self.reference, (0.99,))[0]}
+        self._judge(row)
+        self.evaluated.append(row)
+        return row
+
+    def _judge(self, row: dict) -> None:
+        """Which limits a scored schedule meets, and its loss: -PSNR plus PENALTY per missed limit."""
         row["ok"] = {"psnr": row["psnr"] >= self.limits["psnr"], "data": row["data"] <= self.limits["data"],
                      "p99": row["p99"] <= self.limits["p99"]}
         missed = [row[k] / self.limits[k] for k in ("data", "p99") if row[k] > self.limits[k]]
         row["loss"] = -row["psnr"] + PENALTY * sum(math.log(ratio) for ratio in missed)
-        self.evaluated.append(row)
-        return row
+
+
+def strided(teacher_steps: int) -> list[int]:
+    """Every DP_STRIDE-th point of the teacher grid and its clean end: the oracle's DP grid."""
+    return list(range(0, teacher_steps, DP_STRIDE)) + [teacher_steps]
 
 
 def _logits(times: list[float], t0: float, t1: float) -> np.ndarray:
@@ -140,17 +154,15 @@ def _times(logits: np.ndarray, t0: float, t1: float) -> np.ndarray:
     return t0 + (t1 - t0) * np.concatenate([[0.0], np.cumsum(w) / w.sum()])
 
 
-def oracle(cell: Cell, baselines: dict[str, list[float]], polish: int) -> None:
-    """Every schedule the oracle tries is scored into cell.evaluated."""
-    for name, times in baselines.items():
-        cell.score(times, name)
+def oracle(cell: Cell, baselines: list[dict], polish: int) -> None:
+    """Every schedule the oracle tries is scored into cell.evaluated (`baselines`: their rows, scored there)."""
     dps = {}
     for objective in ("log", "mse"):
         found = beam_dp(cell.model, cell.teacher, cell.grid.times, cell.steps, cell.solver, objective, 1,
-                        grid=list(range(0, cell.grid.steps, DP_STRIDE)) + [cell.grid.steps])
+                        grid=strided(cell.grid.steps))
         dps[objective] = cell.grid.times[found.indices].tolist()
         cell.score(dps[objective], f"eval-dp-{objective}")
-    safe = [r for r in cell.evaluated[:len(baselines)] if r["ok"]["p99"]]
+    safe = [r for r in baselines if r["ok"]["p99"]]
     for r in safe:
         for a in BLENDS:
             mixed = a * np.asarray(dps["log"]) + (1 - a) * np.asarray(r["times"])
@@ -193,12 +205,11 @@ def run_bed(bed: str, model, args: argparse.Namespace, done: set) -> list[dict]:
             cell = Cell(model, solver, m, EVAL_SEED_OFFSET, args)  # compare's evaluation noise for seed 0
             cell.set_limits(group)
             if args.fit_seed is None:
-                oracle(cell, baselines, args.polish)
+                oracle(cell, cell.score_baselines(baselines), args.polish)
                 out.append(summary(cell, bed))
             else:  # fitted on other noise, judged on the evaluation noise: what a search could at best reach
                 fit = Cell(model, solver, m, args.fit_seed, args)
-                fit.set_limits_by_scoring(baselines)
-                oracle(fit, baselines, args.polish)
+                oracle(fit, fit.score_baselines(baselines, set_limits=True), args.polish)
                 out.append(summary(fit, bed))
                 chosen = fit_choice(out[-1])
                 held = cell.score(chosen["times"], chosen["name"])
@@ -239,8 +250,7 @@ def default_marks(paths: str | None) -> dict[tuple, str]:
     if not paths:
         return {}
     rows = [r for f in paths.split(",") for r in json.loads(Path(f).read_text())]
-    return {(c["bed"], c["solver"], c["steps"]): "".join("✓" if c[k] else "✗" for k in ("psnr_ok", "data_ok", "p99_ok"))
-            for c in target_checks(rows)}
+    return {(c["bed"], c["solver"], c["steps"]): marks({k: c[f"{k}_ok"] for k in TARGETS}) for c in target_checks(rows)}
 
 
 def report(cells: list[dict], defaults: dict[tuple, str] | None = None) -> str:
@@ -280,24 +290,17 @@ def step_saving(args: argparse.Namespace) -> str:
              "|---|---:|---:|---|---:|---:|"]
     dim = int(args.dims.split(",")[0])
     for process in (b[4:] for b in args.beds.split(",")):
-        model = GaussianMixture.random(dim=dim, components=8, seed=100, process=process)
-        noise = draw_noise(model, args.samples, 0)
-        evaluation = draw_noise(model, args.eval_samples, EVAL_SEED_OFFSET)
-        exact = model.exact_solution(evaluation)
-        data = model.data_samples(args.eval_samples, torch.Generator().manual_seed(1))
-        data_range = float(data.max() - data.min())  # as quality_targets.py's step saving sets it
+        model, noise, evaluation, exact, data_range, goal = step_saving_setup(process, dim, args)
 
         def score(schedule) -> float:
             return psnr(sample(model, evaluation, schedule, "dpmpp2m").samples, exact, data_range)
 
-        goal = psnr(sample(model, evaluation, uniform(model.process, 20), "euler").samples, exact, data_range)
         grid = model_teacher_grid(model, args.teacher_steps)
         fitted_on = run_teacher(model, evaluation[:256], grid, "dpmpp2m", keep_x0=False).states
         for steps in (int(m) for m in args.step_saving.split(",")):
             default = search(model, noise, steps, args.teacher_steps, "dpmpp2m", seed=0).schedule
             plain = search(model, noise, steps, args.teacher_steps, "dpmpp2m", seed=0, method="dp").schedule
-            found = beam_dp(model, fitted_on, grid.times, steps, "dpmpp2m", "log", 1,
-                            grid=list(range(0, grid.steps, DP_STRIDE)) + [grid.steps])
+            found = beam_dp(model, fitted_on, grid.times, steps, "dpmpp2m", "log", 1, grid=strided(grid.steps))
             oracle_schedule = Schedule(grid.times[found.indices], model_process(model))
             lines.append(f"| {process} (dim {dim}) | {goal:.2f} | {steps} | {score(default):.2f} "
                          f"({default.metadata.get('winner')}) | {score(plain):.2f} | {score(oracle_schedule):.2f} |")
